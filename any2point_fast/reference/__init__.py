@@ -1,0 +1,36 @@
+"""The oracle: a literal, readable implementation of DESIGN.md §1.
+
+Every fused op and fast path of the library is tested against these functions, and every
+benchmark compares with them. They favour clarity (dense masks, float32 throughout) but are
+vectorised over tokens and buckets.
+"""
+
+from .adapter import (
+    ReferenceAdapter,
+    ViewAttention,
+    ensemble_propagate,
+    ensemble_weights,
+    neighborhood_attention_pool,
+    segment_pool,
+)
+from .buckets import bucket_sort
+from .model import ReferenceModel
+from .projection import project_pe, voxel_ids
+from .sampling import farthest_point_sample, knn
+from .tokenizer import PointTokenizer
+
+__all__ = [
+    "PointTokenizer",
+    "ReferenceAdapter",
+    "ReferenceModel",
+    "ViewAttention",
+    "bucket_sort",
+    "ensemble_propagate",
+    "ensemble_weights",
+    "farthest_point_sample",
+    "knn",
+    "neighborhood_attention_pool",
+    "project_pe",
+    "segment_pool",
+    "voxel_ids",
+]
