@@ -84,7 +84,10 @@ def view_rotations(num_views: int) -> torch.Tensor:
 
 
 def line_directions(num_views: int) -> torch.Tensor:
-    """``[M, 3]`` float32 unit directions ``v_j = R_jᵀ d₀``, ``d₀ = normalize(-1, 0, 1)``."""
+    """``[M, 3]`` float32 unit directions ``v_j = R_jᵀ d₀``, ``d₀ = normalize(-1, 0, 1)``.
+
+    As in the published recipe, the six lines are not all distinct: lines 2 and 5 coincide.
+    """
     d0 = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) / math.sqrt(2.0)
     return torch.stack([_euler_xyz(*a).T @ d0 for a in VIEW_ANGLES[:num_views]]).float()
 

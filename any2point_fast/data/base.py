@@ -9,6 +9,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .errors import DatasetError
+from .mesh_io import read_geometry
+from .surface import sample_surface
 from .transforms import Resample, Transform
 
 SPLITS = ("train", "test")
@@ -65,6 +67,43 @@ class InMemoryDataset(PointCloudDataset):
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         return self.points[index], int(self.labels[index])
+
+
+class FileDataset(PointCloudDataset):
+    """A dataset of geometry files (any suffix in ``mesh_io.SUPPORTED_SUFFIXES``), read on access.
+
+    Point files are used as they are; meshes yield ``mesh_points`` area-weighted surface
+    samples (default: ``num_points``, or 2048 when that is None), drawn from
+    ``numpy.random.default_rng((seed, index))`` so an item is the same every time.
+    Subclasses fill ``files`` and ``labels`` (and set ``classes``) in their constructor.
+    """
+
+    def __init__(
+        self,
+        num_points: int | None,
+        transform: Transform | None,
+        mesh_points: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(num_points, transform)
+        self.mesh_points = mesh_points or num_points or 2048
+        self.seed = seed
+        self.files: list[Path] = []
+        self.labels: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> tuple[np.ndarray, int]:
+        path = self.files[index]
+        mesh = read_geometry(path)
+        if mesh.is_point_set:
+            return mesh.vertices, self.labels[index]
+        rng = np.random.default_rng((self.seed, index))
+        try:
+            return sample_surface(mesh, self.mesh_points, rng), self.labels[index]
+        except ValueError as err:
+            raise DatasetError(f"{path}: {err}") from err
 
 
 def check_split(split: str, allowed: tuple[str, ...] = SPLITS) -> str:

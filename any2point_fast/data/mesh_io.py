@@ -275,9 +275,7 @@ def parse_off(data: bytes) -> Mesh:
         raise ValueError(f"expected counts 'vertices faces [edges]' after 'OFF', found {counts}")
     num_vertices, num_faces = int(counts[0]), int(counts[1])
     if len(body) < num_vertices + num_faces:
-        raise ValueError(
-            f"expected {num_vertices} vertex and {num_faces} face lines, found {len(body)} lines"
-        )
+        raise ValueError(f"expected {num_vertices} vertex and {num_faces} face lines, found {len(body)} lines")
     vertex_rows = body[:num_vertices]
     if any(len(row) < 3 for row in vertex_rows):
         raise ValueError("expected every vertex line to have 3 coordinates")

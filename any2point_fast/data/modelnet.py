@@ -4,10 +4,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import InMemoryDataset, PointCloudDataset, check_split, dataset_dir, read_name_list
+from .base import FileDataset, InMemoryDataset, check_split, dataset_dir, read_name_list
 from .errors import DatasetError
 from .h5 import read_h5_clouds
-from .mesh_io import read_geometry
 from .transforms import Transform
 
 # The order of shape_names.txt in both distributions (alphabetical).
@@ -47,7 +46,7 @@ class ModelNet40H5(InMemoryDataset):
         self.labels = np.concatenate([labels for _, labels in parts])
 
 
-class ModelNet40Resampled(PointCloudDataset):
+class ModelNet40Resampled(FileDataset):
     """``modelnet40_normal_resampled/``: one ``x,y,z,nx,ny,nz`` text file per shape (xyz used).
 
     Layout: ``modelnet40_shape_names.txt`` (classes), ``modelnet40_{split}.txt`` (ids such as
@@ -68,23 +67,14 @@ class ModelNet40Resampled(PointCloudDataset):
         self.classes = read_name_list(names_file)
         label_of = {name: label for label, name in enumerate(self.classes)}
         list_file = folder / f"modelnet40_{check_split(split)}.txt"
-        self.files: list[Path] = []
-        self.labels: list[int] = []
         for shape_id in read_name_list(list_file):
             class_name = shape_id.rpartition("_")[0]
             if class_name not in label_of:
                 raise DatasetError(
-                    f"{list_file}: id {shape_id!r} names class {class_name!r}, "
-                    f"which is not listed in {names_file}"
+                    f"{list_file}: id {shape_id!r} names class {class_name!r}, which is not listed in {names_file}"
                 )
             path = folder / class_name / f"{shape_id}.txt"
             if not path.is_file():
                 raise DatasetError(f"{path}: file not found (listed in {list_file})")
             self.files.append(path)
             self.labels.append(label_of[class_name])
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, index: int) -> tuple[np.ndarray, int]:
-        return read_geometry(self.files[index]).vertices, self.labels[index]

@@ -13,7 +13,7 @@ from .adapter import (
     neighborhood_attention_pool,
     segment_pool,
 )
-from .buckets import bucket_sort
+from .buckets import bucket_sort, build_geometry
 from .model import ReferenceModel
 from .projection import project_pe, voxel_ids
 from .sampling import farthest_point_sample, knn
@@ -25,6 +25,7 @@ __all__ = [
     "ReferenceModel",
     "ViewAttention",
     "bucket_sort",
+    "build_geometry",
     "ensemble_propagate",
     "ensemble_weights",
     "farthest_point_sample",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..geometry import Segments
+from ..geometry import Geometry, ProjectionSpec, Segments, voxel_grid_size
+from .projection import project_pe, voxel_ids
 
 
 def bucket_sort(bucket_ids: torch.Tensor, num_buckets: int) -> Segments:
@@ -31,3 +32,20 @@ def bucket_sort(bucket_ids: torch.Tensor, num_buckets: int) -> Segments:
         view_offsets=tuple(view_offsets.tolist()),
         max_len=int(counts.max()),
     )
+
+
+def build_geometry(centers: torch.Tensor, pe_table: torch.Tensor, spec: ProjectionSpec,
+                   voxel_size: float) -> tuple[torch.Tensor, Geometry]:
+    """Everything the blocks need of the token centres, computed once per forward.
+
+    Args:
+        centers: ``[B, N, 3]`` token centres.
+        pe_table: the source model's PE, ``[L, C]`` or ``[Gh, Gw, C]``.
+
+    Returns:
+        The averaged PE ``[B, N, C]`` (Eq. 2) and the :class:`Geometry` of views and voxels.
+    """
+    pe, buckets = project_pe(centers, pe_table, spec)
+    views = bucket_sort(buckets, spec.buckets_per_view(pe_table.shape[0]))
+    voxels = bucket_sort(voxel_ids(centers, voxel_size), voxel_grid_size(voxel_size) ** 3)
+    return pe, Geometry(views=views, voxels=voxels)

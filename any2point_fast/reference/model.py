@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Any2PointConfig
-from ..geometry import Geometry, ProjectionSpec, voxel_grid_size
+from ..geometry import Geometry, ProjectionSpec
 from .adapter import ReferenceAdapter, ViewAttention
-from .buckets import bucket_sort
-from .projection import project_pe, voxel_ids
+from .buckets import build_geometry
 from .tokenizer import PointTokenizer
 
 
@@ -95,10 +94,7 @@ class ReferenceModel(nn.Module):
 
     def geometry(self, centers: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
         """Averaged PE ``[B, N, C]`` and the bucket geometry of the token centres ``[B, N, 3]``."""
-        pe, buckets = project_pe(centers, self.pe_table, self.spec)
-        views = bucket_sort(buckets, self.spec.buckets_per_view(self.config.pe_length))
-        voxels = bucket_sort(voxel_ids(centers, self.config.voxel_size), voxel_grid_size(self.config.voxel_size) ** 3)
-        return pe, Geometry(views=views, voxels=voxels)
+        return build_geometry(centers, self.pe_table, self.spec, self.config.voxel_size)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``points``: ``[B, P, 3]`` float → logits ``[B, num_classes]``."""
