@@ -1,6 +1,6 @@
 """Bucket geometry computed once per forward and carried through every block.
 
-Plain containers with no behaviour of their own, shared by ``reference``, ``torch_ops`` and the
+Plain containers (and the published view constants), shared by ``reference``, ``torch_ops`` and the
 Triton kernels so that every backend reads and writes the same layout.
 """
 
@@ -48,6 +48,11 @@ class Segments:
         """``[S]`` int64 items per segment."""
         return self.offsets[1:] - self.offsets[:-1]
 
+    def to(self, device: torch.device | str) -> Segments:
+        """The same segments with their tensors on ``device``."""
+        return Segments(self.segment_ids.to(device), self.perm.to(device), self.offsets.to(device),
+                        self.view_offsets, self.max_len)
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -60,6 +65,10 @@ class Geometry:
 
     views: Segments
     voxels: Segments
+
+    def to(self, device: torch.device | str) -> Geometry:
+        """The same geometry with its tensors on ``device``."""
+        return Geometry(self.views.to(device), self.voxels.to(device))
 
 
 def _euler_xyz(ax: float, ay: float, az: float) -> torch.Tensor:

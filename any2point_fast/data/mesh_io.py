@@ -197,12 +197,14 @@ class _BinaryPlyBody:
         if element.count == 0:
             return {p.name: [] for p in element.properties}
         lengths = self._first_list_lengths(element)
-        start = self.offset
         # Fast path: every list has the length of the first record's (e.g. all triangles).
-        records = self._array(self._record_dtype(element, lengths), element.count, element)
-        if all((records[name + "#len"] == length).all() for name, length in lengths.items()):
-            return {p.name: records[p.name] for p in element.properties}
-        self.offset = start
+        record = self._record_dtype(element, lengths)
+        end = self.offset + record.itemsize * element.count
+        if end <= len(self.body):
+            records = np.frombuffer(self.body, dtype=record, count=element.count, offset=self.offset)
+            if all((records[name + "#len"] == length).all() for name, length in lengths.items()):
+                self.offset = end
+                return {p.name: records[p.name] for p in element.properties}
         return self._read_variable(element)
 
     def _read_variable(self, element: _PlyElement) -> dict[str, list]:
@@ -323,6 +325,8 @@ def parse_npy(data: bytes) -> Mesh:
 def parse_point_text(data: bytes) -> Mesh:
     """Parse text rows of ``>=3`` numbers separated by whitespace or commas (xyz first)."""
     text = data.decode("utf-8").replace(",", " ")
+    if not text.strip():
+        raise ValueError("no vertices or points")
     return _points_from_table(np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2))
 
 

@@ -99,10 +99,9 @@ def _torus(rng: np.random.Generator) -> Mesh:
 
 def _capsule(rng: np.random.Generator) -> Mesh:
     radius, half_length = rng.uniform(0.35, 0.5), rng.uniform(0.8, 1.2)
-    bottom, top = _arc(np.pi, np.pi / 2), _arc(np.pi / 2, 0)
-    phi = np.concatenate([bottom, top])
-    heights = radius * np.cos(phi) + np.where(phi > np.pi / 2, -half_length, half_length)
-    return _revolve(radius * np.sin(phi), heights)
+    bottom, top = _arc(np.pi, np.pi / 2), _arc(np.pi / 2, 0)  # two half-circle profiles
+    heights = np.concatenate([radius * np.cos(bottom) - half_length, radius * np.cos(top) + half_length])
+    return _revolve(radius * np.sin(np.concatenate([bottom, top])), heights)
 
 
 def _disk(rng: np.random.Generator) -> Mesh:
@@ -162,7 +161,8 @@ def _random_rotation(rng: np.random.Generator, mode: str) -> np.ndarray:
         angle = rng.uniform(0, 2 * np.pi)
         c, s = np.cos(angle), np.sin(angle)
         return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-    w, x, y, z = (q := rng.normal(size=4)) / np.linalg.norm(q)  # uniform unit quaternion
+    quaternion = rng.normal(size=4)  # a normalised gaussian 4-vector is uniform on SO(3)
+    w, x, y, z = quaternion / np.linalg.norm(quaternion)
     return np.array(
         [
             [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],

@@ -1,0 +1,143 @@
+"""Adapter-only checkpoints, PEFT-style: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+The weights file holds every trainable parameter and the buffers of the trainable BatchNorm
+layers (running statistics), each tensor once: the view attention shared by all adapters is
+stored under its canonical name ``view_attention.*``. Nothing of the frozen backbone is stored;
+``adapter_config.json`` names it (``base_model_name_or_path``, ``model_type``, ``revision``,
+``commit_hash``) and fingerprints it (width, depth, PE shape and a hash of the PE values), so a
+checkpoint restored onto a different backbone is refused instead of silently producing garbage.
+
+Only safetensors is read or written; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+FORMAT = "any2point-adapter"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """An adapter checkpoint is missing, malformed, or does not fit the model."""
+
+
+class BackboneMismatchError(CheckpointError):
+    """An adapter checkpoint is being restored onto a backbone other than the one it was trained on."""
+
+
+def fingerprint(pe_table: torch.Tensor, hidden_size: int, num_layers: int) -> dict[str, Any]:
+    """What identifies a backbone to its adapters.
+
+    The PE hash is taken over the values rounded to bfloat16, so the same pretrained weights loaded
+    in float32 or bfloat16 give the same fingerprint, while other weights do not.
+    """
+    values = pe_table.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+    return {
+        "hidden_size": int(hidden_size),
+        "num_layers": int(num_layers),
+        "pe_shape": list(pe_table.shape),
+        "pe_sha256": hashlib.sha256(values.numpy().tobytes()).hexdigest(),
+    }
+
+
+def compare_fingerprints(saved: dict[str, Any], found: dict[str, Any] | str) -> list[str]:
+    """Human-readable differences (empty when the backbones match); ``found`` may be a reason string."""
+    if isinstance(found, str):
+        return [found]
+    labels = {"hidden_size": "hidden size", "num_layers": "layers", "pe_shape": "PE shape", "pe_sha256": "PE values"}
+    problems = []
+    for key, label in labels.items():
+        if saved.get(key) != found.get(key):
+            if key == "pe_sha256":
+                problems.append("PE values differ (different pretrained weights)")
+            else:
+                problems.append(f"{label} {saved.get(key)} in the checkpoint, {found.get(key)} in the backbone")
+    return problems
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters + buffers of trainable BatchNorm layers, each shared tensor once.
+
+    Names are those of ``model.named_parameters()`` / ``named_modules()``, which list a shared
+    tensor or module under the first name it was registered with.
+    """
+    state = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    for module_name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and all(p.requires_grad for p in own):
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                state[f"{module_name}.{buffer_name}"] = buffer
+    return state
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_config: dict[str, Any]) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory`` (created)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter_state_dict(model).items()}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **adapter_config}
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checked content of ``adapter_config.json``."""
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an Any2Point adapter config (format {data.get('format')!r})")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {data['format_version']}; this library reads "
+                              f"up to {FORMAT_VERSION}")
+    missing = [k for k in ("config", "backbone_fingerprint", "base_model_name_or_path", "model_type") if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}")
+    return data
+
+
+def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Copy ``adapter_model.safetensors`` into ``model``'s adapter state, strictly (same names, same shapes)."""
+    path = Path(directory) / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    loaded = load_file(str(path))
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(loaded) if expected[k].shape != loaded[k].shape)
+    if missing or unexpected or wrong:
+        details = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                   "shape mismatch " + ", ".join(f"{k}: {tuple(loaded[k].shape)} saved vs "
+                                                 f"{tuple(expected[k].shape)} in the model" for k in wrong)
+                   if wrong else ""]
+        raise CheckpointError(f"{path} does not fit this model: " + "; ".join(d for d in details if d))
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            expected[name].copy_(tensor)
+
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "BackboneMismatchError",
+    "CheckpointError",
+    "adapter_state_dict",
+    "compare_fingerprints",
+    "fingerprint",
+    "load_adapter_weights",
+    "read_adapter_config",
+    "save_adapter",
+]

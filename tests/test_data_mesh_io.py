@@ -1,0 +1,279 @@
+"""Geometry readers (PLY, OFF, OBJ, npy, txt) and area-weighted surface sampling."""
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from any2point_fast.data import DatasetError, Mesh, read_geometry, sample_surface
+
+# A unit square in the z=0 plane as two triangles, plus a quad face variant.
+SQUARE = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=np.float64)
+SQUARE_FAN = np.array([[0, 1, 2], [0, 2, 3]])
+
+
+def write_ply(path, vertices, faces=(), fmt="ascii", coord="float"):
+    """A PLY file with vertex x, y, z (+ an extra uchar property) and an optional face list."""
+    header = [
+        "ply",
+        f"format {fmt} 1.0",
+        "comment written by the test",
+        f"element vertex {len(vertices)}",
+        *(f"property {coord} {axis}" for axis in "xyz"),
+        "property uchar red",
+    ]
+    if len(faces):
+        header += [f"element face {len(faces)}", "property list uchar int vertex_indices"]
+    header.append("end_header")
+    if fmt == "ascii":
+        rows = [text_row(v) + " 7" for v in vertices]
+        rows += [" ".join(map(str, [len(face), *face])) for face in faces]
+        body = ("\n".join(rows) + "\n").encode()
+    else:
+        order = "<" if fmt == "binary_little_endian" else ">"
+        code = "f" if coord == "float" else "d"
+        body = b"".join(struct.pack(f"{order}{code * 3}B", *v, 7) for v in vertices)
+        body += b"".join(struct.pack(f"{order}B{len(f)}i", len(f), *f) for f in faces)
+    path.write_bytes(("\n".join(header) + "\n").encode() + body)
+    return path
+
+
+def text_row(values, separator=" "):
+    """Exact decimal text of a row of floats."""
+    return separator.join(repr(float(v)) for v in values)
+
+
+def random_vertices(count, seed=0):
+    return np.random.default_rng(seed).normal(size=(count, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# PLY
+
+
+@pytest.mark.parametrize("fmt", ["ascii", "binary_little_endian", "binary_big_endian"])
+@pytest.mark.parametrize("coord", ["float", "double"])
+def test_ply_point_cloud_values_round_trip(tmp_path, fmt, coord):
+    vertices = random_vertices(50)
+    mesh = read_geometry(write_ply(tmp_path / "cloud.ply", vertices, fmt=fmt, coord=coord))
+    expected = vertices.astype(np.float32) if coord == "float" and fmt != "ascii" else vertices
+    np.testing.assert_array_equal(mesh.vertices, expected.astype(np.float64))
+    assert mesh.is_point_set and mesh.faces.shape == (0, 3)
+
+
+@pytest.mark.parametrize("fmt", ["ascii", "binary_little_endian"])
+def test_ply_triangle_faces(tmp_path, fmt):
+    faces = [[0, 1, 2], [0, 2, 3], [3, 1, 0]]
+    mesh = read_geometry(write_ply(tmp_path / "m.ply", SQUARE, faces, fmt=fmt))
+    np.testing.assert_array_equal(mesh.vertices, SQUARE)
+    np.testing.assert_array_equal(mesh.faces, faces)
+    assert mesh.faces.dtype == np.int64
+
+
+@pytest.mark.parametrize("fmt", ["ascii", "binary_little_endian"])
+def test_ply_polygon_faces_become_fans(tmp_path, fmt):
+    vertices = np.vstack([SQUARE, [[2, 0, 0], [2, 1, 0]]])
+    faces = [[0, 1, 2, 3], [1, 4, 5], [1, 4, 5, 2]]  # quad, triangle, quad: variable lengths
+    mesh = read_geometry(write_ply(tmp_path / "m.ply", vertices, faces, fmt=fmt))
+    np.testing.assert_array_equal(mesh.faces, [[0, 1, 2], [0, 2, 3], [1, 4, 5], [1, 4, 5], [1, 5, 2]])
+
+
+def test_ply_suffix_is_case_insensitive(tmp_path):
+    mesh = read_geometry(write_ply(tmp_path / "UPPER.PLY", SQUARE, [[0, 1, 2]]))
+    np.testing.assert_array_equal(mesh.faces, [[0, 1, 2]])
+
+
+def test_ply_truncated_binary_body_is_an_error(tmp_path):
+    path = write_ply(tmp_path / "cut.ply", random_vertices(10), fmt="binary_little_endian")
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DatasetError, match=f"{path}.*ends inside PLY element 'vertex'"):
+        read_geometry(path)
+
+
+def test_ply_without_xyz_is_an_error(tmp_path):
+    path = tmp_path / "bad.ply"
+    path.write_text("ply\nformat ascii 1.0\nelement vertex 1\nproperty float a\nend_header\n1\n")
+    with pytest.raises(DatasetError, match=f"{path}.*expected vertex properties x, y, z, found \\['a'\\]"):
+        read_geometry(path)
+
+
+def test_ply_face_index_out_of_range_is_an_error(tmp_path):
+    path = write_ply(tmp_path / "bad.ply", SQUARE, [[0, 1, 9]], fmt="binary_little_endian")
+    with pytest.raises(DatasetError, match=f"{path}.*face index out of range"):
+        read_geometry(path)
+
+
+def test_not_a_ply_file_is_an_error(tmp_path):
+    path = tmp_path / "text.ply"
+    path.write_text("hello\n")
+    with pytest.raises(DatasetError, match=f"{path}.*'ply'"):
+        read_geometry(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# OFF
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["OFF\n4 2 0\n", "OFF4 2 0\n", "OFF 4 2 0\n", "# comment\nOFF\n# counts next\n4 2 0\n"],
+    ids=["standard", "malformed-glued", "same-line", "comments"],
+)
+def test_off_headers(tmp_path, header):
+    body = "".join(text_row(v) + "\n" for v in SQUARE) + "3 0 1 2\n3 0 2 3\n"
+    path = tmp_path / "m.off"
+    path.write_text(header + body)
+    mesh = read_geometry(path)
+    np.testing.assert_array_equal(mesh.vertices, SQUARE)
+    np.testing.assert_array_equal(mesh.faces, SQUARE_FAN)
+
+
+def test_off_quad_faces_and_colours(tmp_path):
+    path = tmp_path / "m.off"
+    path.write_text("OFF\n4 1 0\n0 0 0\n1 0 0\n1 1 0\n0 1 0\n4 0 1 2 3 255 0 0\n")
+    np.testing.assert_array_equal(read_geometry(path).faces, SQUARE_FAN)
+
+
+def test_off_with_missing_lines_is_an_error(tmp_path):
+    path = tmp_path / "short.off"
+    path.write_text("OFF\n4 2 0\n0 0 0\n1 0 0\n")
+    with pytest.raises(DatasetError, match=f"{path}.*expected 4 vertex and 2 face lines, found 2"):
+        read_geometry(path)
+
+
+def test_off_without_keyword_is_an_error(tmp_path):
+    path = tmp_path / "nokey.off"
+    path.write_text("4 2 0\n")
+    with pytest.raises(DatasetError, match=f"{path}.*'OFF'"):
+        read_geometry(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# OBJ
+
+
+def test_obj_vertices_faces_slashes_negative_indices(tmp_path):
+    path = tmp_path / "m.obj"
+    path.write_text(
+        "# exported\nmtllib m.mtl\no square\n"
+        + "".join(f"v {text_row(v)}\n" for v in SQUARE)
+        + "vt 0 0\nvn 0 0 1\ns off\n"
+        + "f 1/1/1 2/1/1 3/1/1\n"  # v/vt/vn
+        + "f 1//1 3//1 4//1\n"  # v//vn
+        + "f -4 -3 -2 -1\n"  # relative quad -> two triangles
+    )
+    mesh = read_geometry(path)
+    np.testing.assert_array_equal(mesh.vertices, SQUARE)
+    np.testing.assert_array_equal(mesh.faces, [[0, 1, 2], [0, 2, 3], [0, 1, 2], [0, 2, 3]])
+
+
+def test_obj_face_index_out_of_range_is_an_error(tmp_path):
+    path = tmp_path / "bad.obj"
+    path.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 4\n")
+    with pytest.raises(DatasetError, match=f"{path}.*face index out of range"):
+        read_geometry(path)
+
+
+def test_obj_face_with_two_vertices_is_an_error(tmp_path):
+    path = tmp_path / "bad.obj"
+    path.write_text("v 0 0 0\nv 1 0 0\nf 1 2\n")
+    with pytest.raises(DatasetError, match=f"{path}.*at least 3"):
+        read_geometry(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Point files
+
+
+def test_npy_uses_xyz_columns(tmp_path):
+    table = np.random.default_rng(1).normal(size=(30, 6)).astype(np.float32)
+    np.save(tmp_path / "p.npy", table)
+    mesh = read_geometry(tmp_path / "p.npy")
+    np.testing.assert_array_equal(mesh.vertices, table[:, :3].astype(np.float64))
+    assert mesh.is_point_set
+
+
+@pytest.mark.parametrize("separator", [",", " ", "\t", ", "])
+def test_text_points_any_separator(tmp_path, separator):
+    table = random_vertices(20, seed=2)
+    path = tmp_path / "p.txt"
+    path.write_text("".join(text_row([*row, 0.5], separator) + "\n" for row in table))
+    np.testing.assert_array_equal(read_geometry(path).vertices, table)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("p.npy", np.zeros((5, 2)), r"expected an array of shape \[n, >=3\], found shape \[5, 2\]"),
+        ("p.npy", np.zeros(5), r"found shape \[5\]"),
+        ("p.txt", "1 2 3\n4 5\n", "cannot read"),
+        ("p.txt", "1 2 nan\n", "non-finite"),
+        ("p.txt", "", "no vertices or points"),
+    ],
+)
+def test_malformed_point_files_are_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        np.save(path, content)
+    with pytest.raises(DatasetError, match=f"{path}.*{message}"):
+        read_geometry(path)
+
+
+def test_missing_and_unsupported_files_are_errors(tmp_path):
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'absent.off'}"):
+        read_geometry(tmp_path / "absent.off")
+    (tmp_path / "notes.md").write_text("hi")
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'notes.md'}: unsupported file type"):
+        read_geometry(tmp_path / "notes.md")
+
+
+# ---------------------------------------------------------------------------------------------
+# Surface sampling
+
+
+def test_sampling_is_proportional_to_area_and_on_the_surface():
+    # Triangle A (area 1) in the plane z=0, triangle B (area 3) in the plane z=5.
+    vertices = np.array([[0, 0, 0], [2, 0, 0], [0, 1, 0], [0, 0, 5], [3, 0, 5], [0, 2, 5]], float)
+    mesh = Mesh(vertices, np.array([[0, 1, 2], [3, 4, 5]]))
+    points = sample_surface(mesh, 20000, np.random.default_rng(0))
+    on_a, on_b = points[:, 2] == 0, points[:, 2] == 5
+    assert (on_a | on_b).all()
+    assert abs(on_a.mean() - 0.25) < 0.015
+    # Inside each right triangle: x / width + y / height <= 1 and x, y >= 0.
+    assert (points[:, :2] >= 0).all()
+    assert (points[on_a, 0] / 2 + points[on_a, 1] / 1 <= 1 + 1e-12).all()
+    assert (points[on_b, 0] / 3 + points[on_b, 1] / 2 <= 1 + 1e-12).all()
+    # Uniform inside a triangle: the centroid of the samples is the triangle's centroid.
+    np.testing.assert_allclose(points[on_b].mean(axis=0), [1, 2 / 3, 5], atol=0.03)
+
+
+def test_sampling_is_deterministic_given_the_rng():
+    mesh = Mesh(SQUARE, SQUARE_FAN)
+    first = sample_surface(mesh, 100, np.random.default_rng(3))
+    np.testing.assert_array_equal(first, sample_surface(mesh, 100, np.random.default_rng(3)))
+    assert not np.array_equal(first, sample_surface(mesh, 100, np.random.default_rng(4)))
+
+
+def test_sampling_a_zero_area_mesh_is_an_error():
+    line = Mesh(np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0.0]]), np.array([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="total area 0"):
+        sample_surface(line, 10, np.random.default_rng(0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(-10, 10), min_size=9, max_size=9), st.integers(0, 2**32 - 1))
+def test_samples_lie_inside_any_triangle(coords, seed):
+    triangle = np.asarray(coords, dtype=np.float64).reshape(3, 3)
+    a, b, c = triangle
+    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a))
+    if area < 1e-3:
+        return
+    points = sample_surface(Mesh(triangle, np.array([[0, 1, 2]])), 200, np.random.default_rng(seed))
+    # Barycentric coordinates by least squares; all in [0, 1] for a point of the triangle.
+    uv, *_ = np.linalg.lstsq(np.stack([b - a, c - a], axis=1), (points - a).T, rcond=None)
+    assert (uv >= -1e-6).all() and (uv.sum(axis=0) <= 1 + 1e-6).all()
+    np.testing.assert_allclose(a + (np.stack([b - a, c - a], axis=1) @ uv).T, points, atol=1e-6 * (1 + area))

@@ -1,0 +1,287 @@
+"""``Any2PointModel`` on tiny real ``transformers`` backbones: training, freezing, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from unittest import mock
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from any2point_fast import ops  # noqa: E402
+from any2point_fast.checkpoint import (  # noqa: E402
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    BackboneMismatchError,
+    CheckpointError,
+)
+from any2point_fast.config import Any2PointConfig, ConfigError  # noqa: E402
+from any2point_fast.model import Any2PointBlock, Any2PointModel  # noqa: E402
+
+from .test_backbones import ARCHITECTURES, SMALL_CONFIG, load_hf, save_tiny_backbone  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: intra-op threads only add contention on a 2-core runner; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_backbones")
+    return {t: save_tiny_backbone(t, root / t) for t in ARCHITECTURES}
+
+
+def clouds(seed: int = 0, batch: int = 2, points: int = 256) -> torch.Tensor:
+    return torch.randn(batch, points, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def build(directory, seed: int = 0, **kwargs) -> Any2PointModel:
+    torch.manual_seed(seed)
+    return Any2PointModel.from_pretrained(directory, **{"num_classes": 3, **SMALL_CONFIG, **kwargs})
+
+
+def train_step(model: Any2PointModel, seed: int = 0) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    labels = torch.tensor([0, 2])
+    loss = torch.nn.functional.cross_entropy(model(clouds(seed)), labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_train_step_changes_only_the_trainable_parts(tiny_dirs, model_type):
+    model = build(tiny_dirs[model_type])
+    assert model.backbone.embeddings is None
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".base_layer." in n or n.startswith(("backbone.", "input_norm.")) for n in frozen)
+    assert all(".base_layer." not in n for n in trainable)
+
+    logits = model(clouds())
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])).backward()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)  # all parameters offered
+    optimizer.step()
+
+    params = dict(model.named_parameters())
+    for name, before in frozen.items():
+        assert torch.equal(params[name], before), f"frozen {name} changed"
+    changed = {n for n, before in trainable.items() if not torch.equal(params[n], before)}
+    for block in range(2):
+        prefix = next(n for n in trainable if f".{block}.adapter.down.weight" in n).rsplit("down.weight", 1)[0]
+        assert {prefix + "down.weight", prefix + "up.weight"} <= changed
+    assert {"view_attention.qkv_weight", "cls_token", "head.mlp.0.weight"} <= changed
+    assert any(n.startswith("tokenizer.") for n in changed)
+
+
+def test_every_layer_is_wrapped_with_its_adapter(tiny_dirs):
+    model = build(tiny_dirs["vit"])
+    hf = load_hf(tiny_dirs["vit"])
+    assert len(model.blocks) == 2 and all(isinstance(b, Any2PointBlock) for b in model.blocks)
+    for block, layer in zip(model.blocks, hf.layers):
+        assert type(block.base_layer) is type(layer)
+        torch.testing.assert_close(block.base_layer.mlp.fc1.weight, layer.mlp.fc1.weight, rtol=0, atol=0)
+    assert all(a.view_attention is model.view_attention for a in model.adapters)
+    assert model.backbone.pooler is None
+
+
+@pytest.mark.parametrize("model_type", ["bert", "clip", "dinov2", "deit"])
+def test_neutral_adapter_leaves_the_block_unchanged(tiny_dirs, model_type):
+    """With Up = 0 and c = 0 the wrapped block is the frozen layer itself: the adapter sits exactly
+    where the residual sum of the FFN is (inside the output LN for post-LN BERT)."""
+    model = build(tiny_dirs[model_type]).eval()
+    hf = load_hf(tiny_dirs[model_type])
+    root = hf.text_model if model_type == "clip" else hf
+    layers = model.spec.layer_list(root)
+    tokens, centers = model.tokenizer(clouds())
+    _, geometry = model.geometry(centers)
+    x = torch.randn(2, model.num_prefix_tokens + 32, 32)
+    with torch.no_grad():
+        for block, layer in zip(model.blocks, layers):
+            block.adapter.up.weight.zero_()
+            block.adapter.up.bias.zero_()
+            block.adapter.coef = 0.0
+            expected = layer(x, None)
+            expected = expected[0] if isinstance(expected, tuple) else expected
+            torch.testing.assert_close(block(x, geometry, model.num_prefix_tokens), expected)
+            block.adapter.coef = 0.3
+            assert not torch.allclose(block(x, geometry, model.num_prefix_tokens), expected)
+
+
+def test_geometry_is_computed_once_per_forward(tiny_dirs):
+    model = build(tiny_dirs["dinov2"])
+    with mock.patch.object(ops, "bucket_sort", wraps=ops.bucket_sort) as sort, \
+         mock.patch.object(ops, "project_pe", wraps=ops.project_pe) as project:
+        model(clouds())
+    assert project.call_count == 1 and sort.call_count == 2  # views + voxels, for 2 blocks
+
+
+def test_bert_input_gets_its_embedding_norm_and_token_type(tiny_dirs):
+    model = build(tiny_dirs["bert"])
+    hf = load_hf(tiny_dirs["bert"])
+    torch.testing.assert_close(model.input_bias, hf.embeddings.token_type_embeddings.weight[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.input_norm.weight, hf.embeddings.LayerNorm.weight, rtol=0, atol=0)
+    assert not model.input_norm.weight.requires_grad
+    assert isinstance(build(tiny_dirs["vit"]).input_norm, torch.nn.Identity)
+
+
+def test_wraps_an_already_loaded_task_model(tiny_dirs):
+    task = transformers.ViTForImageClassification.from_pretrained(tiny_dirs["vit"], num_labels=4)
+    model = Any2PointModel(task, num_classes=5, **SMALL_CONFIG)
+    assert model.backbone is task.vit and model.config.num_classes == 5
+    assert model(clouds()).shape == (2, 5)
+    with pytest.raises(ValueError, match="already wrapped"):
+        Any2PointModel(task, num_classes=5, **SMALL_CONFIG)
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_comes_from_preset_user_and_backbone(tiny_dirs):
+    model = build(tiny_dirs["dinov2"])
+    assert model.config.modality == "vision" and model.config.canvas_size == (518, 518)
+    assert model.config.hidden_size == 32 and model.config.pe_grid == (4, 4)
+
+    audio = build(tiny_dirs["vit"], config="audio", ensemble_coef=0.9)
+    assert audio.config.canvas_size == (192, 304) and audio.config.ensemble_coef == 0.9
+    assert audio.config.pe_grid == (4, 4)
+
+    mine = Any2PointConfig.preset("language", pooling="max+mean", num_points=256, num_tokens=32, knn_k=8,
+                                  tokenizer_dim=16)
+    model = Any2PointModel.from_pretrained(tiny_dirs["bert"], num_classes=7, config=mine)
+    assert model.config.pooling == "max+mean" and model.config.num_classes == 7
+    assert model.config.hidden_size == 32 and model.config.pe_length == 64  # the backbone's, not the preset's
+
+    with pytest.raises(ConfigError, match="does not match the backbone's width 32"):
+        build(tiny_dirs["bert"], hidden_size=48)
+    with pytest.raises(ConfigError, match="1d PE"):
+        build(tiny_dirs["bert"], pe_kind="2d")
+
+
+def test_print_trainable_parameters(tiny_dirs, capsys):
+    model = build(tiny_dirs["deit"])
+    model.print_trainable_parameters()
+    lines = capsys.readouterr().out.splitlines()
+    match = re.fullmatch(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)", lines[0])
+    assert match
+    trainable, total = (int(g.replace(",", "")) for g in match.groups()[:2])
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert float(match.group(3)) == pytest.approx(100 * trainable / total, abs=1e-4)
+    groups = model.trainable_parameter_groups()
+    assert sum(groups.values()) == trainable
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["tokenizer", "adapters", "prefix tokens", "head"]
+    # the shared view attention is counted once
+    view = sum(p.numel() for p in model.view_attention.parameters())
+    per_adapter = sum(p.numel() for n, p in model.adapters[0].named_parameters() if "view_attention" not in n)
+    assert groups["adapters"] == view + 2 * per_adapter
+
+
+def test_published_recipe_size_at_vit_b_width():
+    """ViT-B (768 wide, 12 layers), vision recipe: tokenizer + adapters ≈ 0.87 M trainable parameters."""
+    with torch.device("meta"):  # structure only: no 86 M-parameter allocation
+        backbone = transformers.AutoModel.from_config(transformers.ViTConfig())
+    model = Any2PointModel(backbone, "vision", num_classes=15)
+    groups = model.trainable_parameter_groups()
+    c, layers, views, rank, d = 768, 12, 6, 16, 12
+    per_adapter = (c * rank + rank) + (rank * c + c) + 2 * c * (views + 1)  # down, up, 6 view BNs + voxel BN
+    view_attention = views * (2 * c + 3 * d * c + 3 * d + c * d + c)
+    assert groups["adapters"] == layers * per_adapter + view_attention == 668_568
+    assert groups["tokenizer"] == 197_040
+    assert 800_000 <= groups["tokenizer"] + groups["adapters"] <= 900_000
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("model_type", ["bert", "clip", "vit", "deit", "dinov2", "audio-spectrogram-transformer"])
+def test_save_load_round_trip_is_bit_identical(tiny_dirs, model_type, tmp_path):
+    model = build(tiny_dirs[model_type])
+    train_step(model)  # weights and BatchNorm statistics away from their initial values
+    model.eval()
+    with torch.no_grad():
+        expected = model(clouds(1))
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
+
+    torch.manual_seed(123)  # fresh trainable init differs; everything must come from the file
+    restored = Any2PointModel.from_pretrained(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(restored(clouds(1)), expected)
+    assert restored.config == model.config
+
+
+def test_checkpoint_holds_only_adapter_state(tiny_dirs, tmp_path):
+    model = build(tiny_dirs["bert"], revision=None)
+    train_step(model)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / ADAPTER_WEIGHTS_NAME))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= set(tensors)
+    extra = set(tensors) - trainable
+    assert extra and all(n.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked") for n in extra)
+    assert not any(".base_layer." in n or "pe_table" in n or "input_norm" in n for n in tensors)
+    assert sum(n.startswith("view_attention.") for n in tensors) == 6  # stored once, not once per adapter
+    assert not any(".adapter.view_attention." in n for n in tensors)
+    assert int(tensors["head.mlp.1.num_batches_tracked"]) == 1
+
+    saved = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+    assert saved["format"] == "any2point-adapter" and saved["model_type"] == "bert"
+    assert saved["base_model_name_or_path"] == str(tiny_dirs["bert"])
+    assert {"revision", "commit_hash"} <= set(saved)
+    assert saved["backbone_fingerprint"]["hidden_size"] == 32
+    assert saved["backbone_fingerprint"]["pe_shape"] == [64, 32]
+    assert Any2PointConfig.from_dict(saved["config"]) == model.config
+
+
+def test_restore_onto_an_explicit_backbone(tiny_dirs, tmp_path):
+    model = build(tiny_dirs["vit"]).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    copy = save_tiny_backbone("vit", tmp_path / "copy")  # same seed: same weights, another place
+    restored = Any2PointModel.from_pretrained(tmp_path / "adapter", backbone=copy).eval()
+    with torch.no_grad():
+        assert torch.equal(restored(clouds()), model(clouds()))
+    again = Any2PointModel.from_pretrained(tmp_path / "adapter", backbone=load_hf(copy)).eval()
+    with torch.no_grad():
+        assert torch.equal(again(clouds()), model(clouds()))
+
+
+def test_mismatched_backbone_is_refused(tiny_dirs, tmp_path):
+    build(tiny_dirs["bert"]).save_pretrained(tmp_path / "adapter")
+    other = save_tiny_backbone("bert", tmp_path / "other", seed=1)
+    with pytest.raises(BackboneMismatchError, match="PE values differ"):
+        Any2PointModel.from_pretrained(tmp_path / "adapter", backbone=other)
+    wider = save_tiny_backbone("bert", tmp_path / "wider", hidden_size=48)
+    with pytest.raises(BackboneMismatchError, match="hidden size 32 in the checkpoint, 48 in the backbone"):
+        Any2PointModel.from_pretrained(tmp_path / "adapter", backbone=wider)
+    with pytest.raises(BackboneMismatchError, match="has a 2d PE"):
+        Any2PointModel.from_pretrained(tmp_path / "adapter", backbone=tiny_dirs["vit"])
+    shorter = save_tiny_backbone("bert", tmp_path / "shorter", max_position_embeddings=32)
+    with pytest.raises(BackboneMismatchError, match="out of range"):
+        Any2PointModel.from_pretrained(tmp_path / "adapter", backbone=shorter)
+
+
+def test_checkpoint_errors(tiny_dirs, tmp_path):
+    model = build(tiny_dirs["vit"])
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="shape mismatch head"):
+        Any2PointModel.from_pretrained(tmp_path, num_classes=4)
+    with pytest.raises(ConfigError, match="saved config is used"):
+        Any2PointModel.from_pretrained(tmp_path, config="vision")
+    with pytest.raises(ValueError, match="holds no adapter_config.json"):
+        Any2PointModel.from_pretrained(tiny_dirs["vit"], backbone=tiny_dirs["vit"])
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="not an Any2Point adapter config"):
+        Any2PointModel.from_pretrained(tmp_path)
