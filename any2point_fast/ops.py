@@ -100,7 +100,8 @@ def _resolve(op: str, device: torch.device):
     raise BackendError(f"no backend can run {op} on {device} (backend {_backend!r}):\n" + "\n".join(refusals))
 
 
-def project_pe(centers: torch.Tensor, pe_table: torch.Tensor, spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
+               spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Averaged PE ``[B, N, C]`` and bucket ids ``[M, B, N]``; see :func:`reference.project_pe`."""
     return _resolve("project_pe", centers.device)(centers, pe_table, spec)
 

@@ -118,7 +118,8 @@ def interpolate_pe_2d(grid: torch.Tensor, rc: torch.Tensor, canvas_size: tuple[i
     return (top * (1 - wy) + bottom * wy).to(grid.dtype)
 
 
-def project_pe(centers: torch.Tensor, pe_table: torch.Tensor, spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
+               spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Averaged virtual-projection PE (Eq. 2) and per-view bucket ids.
 
     Args:
