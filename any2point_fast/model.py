@@ -38,6 +38,7 @@ from .reference import PointTokenizer, ViewAttention
 from .reference import ReferenceAdapter as BlockAdapter  # the one line to change for the fused adapter, see below
 from .reference.model import ClassificationHead
 from .reference.projection import voxel_ids
+from .validation import check_points
 
 # `BlockAdapter` is the adapter class of every block. For the fused one, replace its import with
 # ``from .adapter import Any2PointAdapter as BlockAdapter`` (same parameters, same forward signature).
@@ -237,7 +238,7 @@ class Any2PointModel(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``points``: ``[B, P, 3]`` float → logits ``[B, num_classes]``."""
-        tokens, centers = self.tokenizer(points)
+        tokens, centers = self.tokenizer(check_points(points, self.config.num_points))
         pe, geometry = self.geometry(centers)
         batch = tokens.shape[0]
         pos = torch.cat((self.cls_pos.expand(batch, -1, -1), pe.to(tokens.dtype)), dim=1)

@@ -18,6 +18,7 @@ from types import ModuleType
 import torch
 
 from .geometry import ProjectionSpec, Segments
+from .validation import InputError, check_segments
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 _MODULES = {"reference": "any2point_fast.reference", "torch": "any2point_fast.torch_ops",
@@ -100,20 +101,47 @@ def _resolve(op: str, device: torch.device):
     raise BackendError(f"no backend can run {op} on {device} (backend {_backend!r}):\n" + "\n".join(refusals))
 
 
+def _same_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise InputError(f"{op}: all tensors must be on one device, got " +
+                         ", ".join(f"{name} on {d}" for name, d in devices.items()))
+    return next(iter(devices.values()))
+
+
+def _expect_shape(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise InputError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
 def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
                spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Averaged PE ``[B, N, C]`` and bucket ids ``[M, B, N]``; see :func:`reference.project_pe`."""
-    return _resolve("project_pe", centers.device)(centers, pe_table, spec)
+    if centers.dim() != 3 or centers.shape[-1] != 3 or not centers.is_floating_point():
+        raise InputError(f"project_pe: centers must be float [B, N, 3], got {list(centers.shape)} {centers.dtype}")
+    rank = 2 if spec.kind == "1d" else 3
+    if pe_table.dim() != rank:
+        raise InputError(f"project_pe: a {spec.kind} projection needs a PE table of rank {rank}, "
+                         f"got shape {list(pe_table.shape)}")
+    device = _same_device("project_pe", centers=centers, pe_table=pe_table)
+    return _resolve("project_pe", device)(centers, pe_table, spec)
 
 
 def bucket_sort(bucket_ids: torch.Tensor, num_buckets: int) -> Segments:
     """Non-empty segments of ``[V, B, N]`` bucket ids; see :func:`reference.bucket_sort`."""
+    if bucket_ids.dim() != 3 or bucket_ids.dtype != torch.int64:
+        raise InputError(f"bucket_sort: bucket ids must be int64 [V, B, N], got {list(bucket_ids.shape)} "
+                         f"{bucket_ids.dtype}")
     return _resolve("bucket_sort", bucket_ids.device)(bucket_ids, num_buckets)
 
 
 def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:
     """``[T, C]`` rows pooled into ``[S, C]``; see :func:`reference.segment_pool`."""
-    return _resolve("segment_pool", values.device)(values, segment_ids, num_segments, pooling)
+    if values.dim() != 2 or segment_ids.shape != values.shape[:1]:
+        raise InputError(f"segment_pool: values must be [T, C] with segment ids [T], got {list(values.shape)} "
+                         f"and {list(segment_ids.shape)}")
+    device = _same_device("segment_pool", values=values, segment_ids=segment_ids)
+    return _resolve("segment_pool", device)(values, segment_ids, num_segments, pooling)
 
 
 def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
@@ -121,7 +149,21 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
                                 out_bias: torch.Tensor, num_heads: int, pooling: str,
                                 eps: float = 1e-5) -> torch.Tensor:
     """Bucket-local attention + pooling per view → ``[S, C]``; see :func:`reference.neighborhood_attention_pool`."""
-    return _resolve("neighborhood_attention_pool", x.device)(
+    op = "neighborhood_attention_pool"
+    if x.dim() != 3:
+        raise InputError(f"{op}: x must be [B, N, C], got {list(x.shape)}")
+    batch, tokens, channels = x.shape
+    check_segments(segments, batch, tokens, f"{op}: the segments")
+    views, width = segments.num_views, qkv_weight.shape[1] // 3
+    expected = {"ln_weight": (ln_weight, (views, channels)), "ln_bias": (ln_bias, (views, channels)),
+                "qkv_weight": (qkv_weight, (views, 3 * width, channels)), "qkv_bias": (qkv_bias, (views, 3 * width)),
+                "out_weight": (out_weight, (views, channels, width)), "out_bias": (out_bias, (views, channels))}
+    for name, (t, shape) in expected.items():
+        _expect_shape(op, name, t, shape)
+    if width % num_heads:
+        raise InputError(f"{op}: attention width {width} is not divisible by num_heads={num_heads}")
+    device = _same_device(op, x=x, segment_ids=segments.segment_ids, qkv_weight=qkv_weight)
+    return _resolve(op, device)(
         x, segments, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads, pooling, eps
     )
 
@@ -129,7 +171,18 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
 def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch.Tensor, view_rows: torch.Tensor,
                        view_ids: torch.Tensor, coef: float) -> torch.Tensor:
     """``x + c · Σ_j w_ij F_ij`` → ``[B, N, C]``; see :func:`reference.ensemble_propagate`."""
-    return _resolve("ensemble_propagate", x.device)(x, base_rows, base_ids, view_rows, view_ids, coef)
+    op = "ensemble_propagate"
+    if x.dim() != 3:
+        raise InputError(f"{op}: x must be [B, N, C], got {list(x.shape)}")
+    _expect_shape(op, "base_ids", base_ids, tuple(x.shape[:2]))
+    if view_ids.dim() != 3 or view_ids.shape[1:] != x.shape[:2]:
+        raise InputError(f"{op}: view_ids must be [M, B, N] = [M, {x.shape[0]}, {x.shape[1]}], "
+                         f"got {list(view_ids.shape)}")
+    for name, rows in (("base_rows", base_rows), ("view_rows", view_rows)):
+        if rows.dim() != 2 or rows.shape[1] != x.shape[2]:
+            raise InputError(f"{op}: {name} must be [S, {x.shape[2]}], got {list(rows.shape)}")
+    device = _same_device(op, x=x, base_rows=base_rows, base_ids=base_ids, view_rows=view_rows, view_ids=view_ids)
+    return _resolve(op, device)(x, base_rows, base_ids, view_rows, view_ids, coef)
 
 
 __all__ = [

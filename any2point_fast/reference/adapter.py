@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import Any2PointConfig
 from ..geometry import Geometry, Segments
+from ..validation import check_adapter_inputs
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +208,7 @@ class ReferenceAdapter(nn.Module):
     def forward(self, hidden: torch.Tensor, ffn_out: torch.Tensor, geometry: Geometry,
                 num_prefix_tokens: int = 1) -> torch.Tensor:
         """``hidden``, ``ffn_out``: ``[B, P + N, C]`` (``P`` prefix tokens) → ``[B, P + N, C]``."""
+        check_adapter_inputs(hidden, ffn_out, geometry, num_prefix_tokens)
         x = hidden + ffn_out + self.scale * self.up(quick_gelu(self.down(ffn_out)))
         prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
         views = self.pool_views(tokens, geometry.views)

