@@ -1,4 +1,18 @@
 """Triton kernels of the fused ops, installed as ``any2point_fast.kernels``.
 
-Imports nothing from the library above :mod:`any2point_fast.ops`'s shared layout types.
+Every op is layered like Liger-Kernel: ``@triton.jit`` kernels → a launcher → a
+``torch.autograd.Function`` (ops with a backward) → a function with exactly the signature of
+its :mod:`any2point_fast.reference` oracle, which is what :mod:`any2point_fast.ops` dispatches to.
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how it is tested).
+
+Imports nothing from the library except the shared layout types of
+:mod:`any2point_fast.geometry`.
 """
+
+from .attention import neighborhood_attention_pool
+from .buckets import bucket_sort
+from .ensemble import ensemble_propagate
+from .pooling import segment_pool
+from .projection import project_pe
+
+__all__ = ["bucket_sort", "ensemble_propagate", "neighborhood_attention_pool", "project_pe", "segment_pool"]

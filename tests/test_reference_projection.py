@@ -127,3 +127,13 @@ def test_voxel_ids_hand_computed():
     assert ids.shape == (1, 1, 4)
     cells = [(3, 2, 2), (0, 2, 2), (2, 3, 2), (2, 0, 2)]
     assert ids[0, 0].tolist() == [(x * 4 + y) * 4 + z for x, y, z in cells]
+
+
+def test_a_cloud_of_equal_points_normalises_to_zeros_at_any_offset():
+    from any2point_fast.reference.projection import normalize_cloud
+
+    for value in (0.0, 0.1, 3.7, 1234.5678, -9.8e5):
+        xyz = torch.full((1, 7, 3), value)
+        assert torch.equal(normalize_cloud(xyz), torch.zeros(1, 7, 3))
+    tiny = torch.randn(1, 50, 3, generator=torch.Generator().manual_seed(5)) * 1e-6 + 2.0e-3
+    torch.testing.assert_close(normalize_cloud(tiny).norm(dim=-1).amax(), torch.tensor(1.0))

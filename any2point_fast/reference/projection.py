@@ -30,10 +30,25 @@ def normalize_cloud(xyz: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, N, 3]`` float32; an all-equal cloud becomes all zeros.
     """
-    centred = xyz.float() - xyz.float().mean(dim=1, keepdim=True)
+    xyz = xyz.float()
+    centred = xyz - xyz.mean(dim=1, keepdim=True)
     radius = centred.norm(dim=-1).amax(dim=1)
-    radius = torch.where(radius > 0, radius, torch.ones_like(radius))
-    return centred / radius[:, None, None]
+    # all points equal: ``xyz − mean`` is a rounding residue of order eps·|xyz|, not a shape
+    residue = 8 * torch.finfo(torch.float32).eps * xyz.abs().amax(dim=(1, 2))
+    degenerate = radius <= residue
+    centred = torch.where(degenerate[:, None, None], torch.zeros_like(centred), centred)
+    return centred / torch.where(degenerate, torch.ones_like(radius), radius)[:, None, None]
+
+
+def line_coordinates(xyz: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: ``t_ij = v_j · (p_i − mean p)``, ``[B, N, 3]`` × ``[M, 3]`` → ``[M, B, N]`` float32."""
+    centred = xyz.float() - xyz.float().mean(dim=1, keepdim=True)
+    return torch.einsum("mc,bnc->mbn", directions.to(centred), centred)
+
+
+def view_coordinates(xyz: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """``q = R_j p`` of the normalised cloud, ``[B, N, 3]`` × ``[M, 3, 3]`` → ``[M, B, N, 3]`` float32."""
+    return torch.einsum("mij,bnj->mbni", rotations.to(xyz.device, torch.float32), normalize_cloud(xyz))
 
 
 def line_positions(xyz: torch.Tensor, directions: torch.Tensor, length: int) -> torch.Tensor:
@@ -48,8 +63,7 @@ def line_positions(xyz: torch.Tensor, directions: torch.Tensor, length: int) -> 
         ``[M, B, N]`` float32. A line on which every token projects to the same value maps
         all of them to ``(L−1)/2``.
     """
-    centred = xyz.float() - xyz.float().mean(dim=1, keepdim=True)
-    t = torch.einsum("mc,bnc->mbn", directions.to(centred), centred)
+    t = line_coordinates(xyz, directions)
     lo, hi = t.amin(dim=2, keepdim=True), t.amax(dim=2, keepdim=True)
     span = hi - lo
     degenerate = span <= 0
@@ -73,7 +87,7 @@ def canvas_positions(xyz: torch.Tensor, rotations: torch.Tensor, canvas_size: tu
         ``[M, B, N, 2]`` float32 ``(row, col)`` pixel positions.
     """
     height, width = canvas_size
-    q = torch.einsum("mij,bnj->mbni", rotations.to(xyz.device, torch.float32), normalize_cloud(xyz))
+    q = view_coordinates(xyz, rotations)
     depth = q[..., 2] + camera_distance
     col = ((q[..., 0] / depth + 1) / 2 * (width - 1)).clamp(0, width - 1)
     row = ((q[..., 1] / depth + 1) / 2 * (height - 1)).clamp(0, height - 1)
