@@ -29,7 +29,8 @@ FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
-    """An adapter checkpoint is missing, malformed, or does not fit the model."""
+    """A checkpoint (adapter-only or training) is missing, truncated, tampered with, malformed, or does
+    not fit the model. The message names the file."""
 
 
 class BackboneMismatchError(CheckpointError):
@@ -114,7 +115,10 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
     path = Path(directory) / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    loaded = load_file(str(path))
+    try:
+        loaded = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); it may be truncated") from error
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
     wrong = sorted(k for k in set(expected) & set(loaded) if expected[k].shape != loaded[k].shape)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops
+from .adapter import Any2PointAdapter
 from .attention import resolve_attn_implementation, set_attention_implementation
 from .backbones import BackboneSpec, get_backbone_spec, get_path, set_path
 from .checkpoint import (
@@ -33,15 +33,11 @@ from .checkpoint import (
     save_adapter,
 )
 from .config import Any2PointConfig, ConfigError
-from .geometry import Geometry, ProjectionSpec, voxel_grid_size
-from .reference import PointTokenizer, ViewAttention
-from .reference import ReferenceAdapter as BlockAdapter  # the one line to change for the fused adapter, see below
+from .geometry import Geometry, ProjectionSpec
+from .projection import build_geometry
+from .reference import PointTokenizer, ReferenceModel, ViewAttention
 from .reference.model import ClassificationHead
-from .reference.projection import voxel_ids
 from .validation import check_points
-
-# `BlockAdapter` is the adapter class of every block. For the fused one, replace its import with
-# ``from .adapter import Any2PointAdapter as BlockAdapter`` (same parameters, same forward signature).
 
 #: Fields describing the backbone rather than the method: always taken from the backbone; an
 #: explicit ``pe_length`` (1D) keeps the first positions, an explicit ``pe_grid`` (2D) resamples
@@ -206,7 +202,7 @@ class Any2PointModel(nn.Module):
         self.backbone = root
         layers = spec.layer_list(root)
         for index, layer in enumerate(layers):
-            layers[index] = Any2PointBlock(layer, BlockAdapter(cfg, self.view_attention), spec)
+            layers[index] = Any2PointBlock(layer, Any2PointAdapter(cfg, self.view_attention), spec)
         self.head = ClassificationHead(cfg)
         self.projection = ProjectionSpec.from_config(cfg)
         self.train()
@@ -230,11 +226,7 @@ class Any2PointModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def geometry(self, centers: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
         """Averaged PE ``[B, N, C]`` and the bucket geometry of the token centres ``[B, N, 3]``."""
-        cfg = self.config
-        pe, buckets = ops.project_pe(centers, self.pe_table, self.projection)
-        views = ops.bucket_sort(buckets, self.projection.buckets_per_view(cfg.pe_length))
-        voxels = ops.bucket_sort(voxel_ids(centers, cfg.voxel_size), voxel_grid_size(cfg.voxel_size) ** 3)
-        return pe, Geometry(views=views, voxels=voxels)
+        return build_geometry(centers, self.pe_table, self.projection, self.config.voxel_size)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``points``: ``[B, P, 3]`` float → logits ``[B, num_classes]``."""
@@ -382,4 +374,15 @@ def _probe_fingerprint(hf_model: nn.Module, saved: Any2PointConfig) -> dict[str,
     return fingerprint(pe, int(root.config.hidden_size), len(spec.layer_list(root)))
 
 
-__all__ = ["Any2PointBlock", "Any2PointModel", "BACKBONE_FIELDS", "load_backbone", "resolve_config"]
+class StandInModel(ReferenceModel):
+    """:class:`~any2point_fast.reference.ReferenceModel` (a small random frozen plain transformer
+    standing in for a pretrained backbone) with the fused adapter and geometry, so its ops follow
+    :func:`any2point_fast.ops.set_backend`. Same parameters and checkpoints as the reference model."""
+
+    adapter_class = Any2PointAdapter
+
+    def geometry(self, centers: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
+        return build_geometry(centers, self.pe_table, self.spec, self.config.voxel_size)
+
+
+__all__ = ["Any2PointBlock", "Any2PointModel", "StandInModel", "BACKBONE_FIELDS", "load_backbone", "resolve_config"]

@@ -59,10 +59,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import __version__, ops
 from .config import Any2PointConfig, ConfigError
-from .geometry import Geometry, voxel_grid_size
-from .reference import ReferenceModel
-from .reference.adapter import ReferenceAdapter
-from .reference.projection import voxel_ids
 from .train_state import (
     CheckpointError,
     atomic_write_bytes,
@@ -394,39 +390,13 @@ def model_config(run: RunConfig, num_classes: int) -> Any2PointConfig:
 
 
 # ================================================================================================ model
-class _OpsAdapter(ReferenceAdapter):
-    """The reference adapter with its three compute steps dispatched through :mod:`any2point_fast.ops`."""
-
-    def pool_views(self, tokens, segments):
-        return ops.neighborhood_attention_pool(tokens, segments, *self.view_attention.weights(),
-                                               self.view_attention.num_heads, self.pooling)
-
-    def pool_voxels(self, tokens, segments):
-        return ops.segment_pool(tokens.reshape(-1, tokens.shape[-1]), segments.segment_ids.flatten(),
-                                segments.num_segments, self.pooling)
-
-    def ensemble(self, tokens, base_rows, base_ids, view_rows, view_ids):
-        return ops.ensemble_propagate(tokens, base_rows, base_ids, view_rows, view_ids, self.coef)
-
-
-class StandInModel(ReferenceModel):
-    """:class:`ReferenceModel` (small random frozen transformer) whose fused ops follow ``ops.set_backend``."""
-
-    adapter_class = _OpsAdapter
-
-    def geometry(self, centers: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
-        pe, buckets = ops.project_pe(centers, self.pe_table, self.spec)
-        views = ops.bucket_sort(buckets, self.spec.buckets_per_view(self.pe_table.shape[0]))
-        size = self.config.voxel_size
-        voxels = ops.bucket_sort(voxel_ids(centers, size), voxel_grid_size(size) ** 3)
-        return pe, Geometry(views=views, voxels=voxels)
-
-
 def build_model(run: RunConfig, num_classes: int) -> nn.Module:
     """The classifier of ``run`` (points ``[B, P, 3]`` → logits): the one place models are built."""
     spec = run.model
     if spec.backbone == STAND_IN:
         config = model_config(run, num_classes)
+        from .model import StandInModel
+
         return StandInModel(config, num_layers=spec.layers, num_heads=spec.heads, seed=spec.backbone_seed)
     # ---- Hugging Face backbones: the single place they are built -------------------------------------
     try:
@@ -1075,7 +1045,7 @@ def find_run_dir(path: str | Path) -> Path:
 
 
 __all__ = [
-    "CheckpointError", "DataSettings", "DistInfo", "EpochItems", "ModelSettings", "RunConfig", "StandInModel",
+    "CheckpointError", "DataSettings", "DistInfo", "EpochItems", "ModelSettings", "RunConfig",
     "TrainConfig", "TrainResult", "apply_overrides", "build_datasets", "build_model", "evaluate",
     "evaluate_checkpoint", "find_run_dir", "format_accuracy", "init_distributed", "load_run_config",
     "load_trainable_state", "lr_factor", "model_config", "parameter_groups", "parse_value", "train",

@@ -39,15 +39,13 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from .checkpoint import CheckpointError
+
 FORMAT = "any2point-fast/train-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.safetensors"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, tampered with, or not one of ours. The message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------- atomic I/O

@@ -1,0 +1,69 @@
+"""``Any2PointAdapter``: the any-to-3D guided adapter of one block, on the fused ops.
+
+The adapter goes after the FFN of every frozen block of your backbone (DESIGN.md §1.4)::
+
+    from any2point_fast import Any2PointAdapter, Any2PointConfig, VirtualProjection, ViewAttention
+
+    config = Any2PointConfig.preset("vision", hidden_size=768)
+    projection = VirtualProjection(config, pe_table)  # your model's [Gh, Gw, C] patch PE grid
+    shared = ViewAttention(768, config.num_views, config.attn_dim, config.attn_heads)
+    adapters = nn.ModuleList(Any2PointAdapter(config, shared) for _ in blocks)
+
+    pe, geometry = projection(centers)  # once per forward; centers [B, N, 3]
+    for block, adapter in zip(blocks, adapters):
+        h = x + block.attn(block.norm1(x))
+        x = adapter(h, block.mlp(block.norm2(h)), geometry)  # replaces ``x = h + ffn(h)``
+
+``hidden`` and ``ffn_out`` are ``[B, P + N, C]`` with ``P`` prefix tokens (``[CLS]``, default 1)
+that skip the guided branch. The backend of the fused ops follows :mod:`any2point_fast.ops`
+(``ops.set_backend("torch")``, ``with ops.use_backend("reference"): ...``, or the
+``ANY2POINT_BACKEND`` environment variable; ``auto`` by default).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .geometry import Segments
+from .reference import ReferenceAdapter
+
+
+class Any2PointAdapter(ReferenceAdapter):
+    """The guided adapter of one block (paper §2.3, Fig. 4) computed with the fused ops.
+
+    A drop-in replacement of :class:`~any2point_fast.reference.ReferenceAdapter`: same
+    constructor, parameters and ``state_dict`` (checkpoints load either way), same
+    ``forward(hidden, ffn_out, geometry, num_prefix_tokens=1)``. Only the three heavy steps
+    are swapped for :mod:`any2point_fast.ops`, so they run on the selected backend:
+
+    - :meth:`pool_views` — bucket-local attention and pooling of every view
+      (``ops.neighborhood_attention_pool``): no ``N × N`` attention matrix, no per-view token
+      features kept for backward;
+    - :meth:`pool_voxels` — pooling of the 3D baseline branch (``ops.segment_pool``);
+    - :meth:`ensemble` — Eq. 3's weighted ensemble and residual (``ops.ensemble_propagate``).
+
+    ``view_attention`` (``LN_j`` and ``Attn_j`` of the ``M`` views) is shared by all the blocks
+    of a model: build it once and pass it to every adapter.
+
+    Args:
+        config: the method's hyper-parameters (:class:`~any2point_fast.Any2PointConfig`).
+        view_attention: the shared per-view attention; a new one when omitted.
+    """
+
+    def pool_views(self, tokens: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """``[B, N, C]`` tokens → ``[S, C]`` pooled rows of ``t_j = x + Attn_j(LN_j(x))`` per bucket."""
+        return ops.neighborhood_attention_pool(tokens, segments, *self.view_attention.weights(),
+                                               self.view_attention.num_heads, self.pooling)
+
+    def pool_voxels(self, tokens: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """``[B, N, C]`` tokens → ``[Sv, C]`` pooled rows of every voxel."""
+        return ops.segment_pool(tokens.reshape(-1, tokens.shape[-1]), segments.segment_ids.flatten(),
+                                segments.num_segments, self.pooling)
+
+    def ensemble(self, tokens, base_rows, base_ids, view_rows, view_ids) -> torch.Tensor:
+        """``tokens + c · Σ_j w_ij F_ij`` (Eq. 3), ``[B, N, C]``."""
+        return ops.ensemble_propagate(tokens, base_rows, base_ids, view_rows, view_ids, self.coef)
+
+
+__all__ = ["Any2PointAdapter"]

@@ -1,0 +1,27 @@
+"""The fused sorted-bucket algorithm in plain PyTorch: the production path on CPU.
+
+Every function has the name and signature of its oracle in :mod:`any2point_fast.reference`
+and returns the same values (within ``tests/tolerances.py``; :func:`bucket_sort` bitwise). What
+differs is how they are computed, the same way as the Triton kernels:
+
+- tokens are visited in the sorted order of :class:`~any2point_fast.geometry.Segments`, so every
+  bucket is a contiguous run and pooling is a segment reduction (``embedding_bag`` with
+  offsets, ``segment_reduce``), never a scatter over unsorted rows;
+- attention runs inside each bucket only: buckets are batched by length, short ones exactly
+  (no padding), long ones padded to a length class and handed to PyTorch's fused CPU flash
+  attention, so no ``N × N`` tensor per cloud is ever allocated;
+- ``neighborhood_attention_pool`` and ``ensemble_propagate`` are autograd Functions that keep
+  only small per-token tensors (``D = 12`` attention channels, ``M`` weights) for backward and
+  recompute the rest; no ``[M, B·N, C]`` tensor exists in forward or backward.
+
+Inputs may be float16/bfloat16 (computed in float32, returned in the input dtype), float32, or
+float64 (computed in float64, for ``gradcheck``), contiguous or not.
+"""
+
+from .attention import neighborhood_attention_pool
+from .buckets import bucket_sort
+from .ensemble import ensemble_propagate
+from .pooling import segment_pool
+from .projection import project_pe
+
+__all__ = ["bucket_sort", "ensemble_propagate", "neighborhood_attention_pool", "project_pe", "segment_pool"]

@@ -1,0 +1,450 @@
+"""``neighborhood_attention_pool``: bucket-local attention and pooling of every view, fused.
+
+For view ``j`` and bucket ``s`` the op computes ``t_j = x + Attn_j(LN_j(x))`` with attention
+among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only the pooled
+``[S, C]`` rows. The algorithm, shared with the Triton kernels:
+
+1. **LayerNorm folded into the projection.** ``LN_j(x) = x̂ ⊙ γ_j + β_j`` with ``x̂`` the
+   view-independent normalised tokens, so ``qkv_j = x̂ (W_j ⊙ γ_j)ᵀ + (W_j β_j + b_j)``: one
+   matmul ``[B·N, C] × [C, M·3D]`` gives the ``q, k, v`` of all views (``D = 12`` channels).
+2. **Attention on sorted items.** Items (token, view) in the order of
+   :class:`~any2point_fast.geometry.Segments` make every bucket a contiguous run. Buckets are
+   batched by length: singletons copy ``v``; lengths ≤ ``EXPLICIT_MAX_LEN`` run an explicit
+   softmax on exact lengths; longer ones are exact up to ``EXACT_MAX_LEN``, then padded to
+   ``CLASSES_PER_OCTAVE`` length classes per octave with a key mask (a bounded number of
+   batches, under 1/32 padding), and go to PyTorch's fused CPU flash attention — or, off the
+   CPU, to an explicit softmax over tiles of at most ``TILE_ELEMENTS`` logits. Memory is
+   ``O(items · D)`` plus one tile: no ``N × N`` tensor, however long a bucket.
+3. **Pooling without token features.** The mean is linear:
+   ``mean_s(t_j) = mean_s(x) + mean_s(Attn) W_oᵀ + b_o``, so it needs only one
+   ``embedding_bag`` over ``x`` (all views at once) and the ``D``-wide attention outputs; so
+   is the maximum of a singleton bucket (its token). The maximum of the other buckets needs
+   ``t_j`` itself: it is formed one view at a time for their tokens only (at most
+   ``[B·N, C]``) and reduced per bucket, never for all views at once.
+4. **Backward recomputes.** Saved are the ``D``-wide ``qkv`` and attention outputs, the
+   log-sum-exps of the long buckets and the LayerNorm statistics; ``t_j`` for the maximum is recomputed one view at
+   a time, and the maximum's gradient is shared equally among tied tokens, as in the reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..geometry import Segments
+from ._common import compute_dtype, grad_as
+
+#: Buckets up to this length use an explicit softmax on exact lengths (cheaper than the flash kernel).
+EXPLICIT_MAX_LEN = 6
+#: Buckets up to this length are batched with others of exactly the same length (no padding).
+EXACT_MAX_LEN = 64
+#: Longer buckets are padded to one of this many length classes per octave (≤ 1/32 padding).
+CLASSES_PER_OCTAVE = 32
+
+#: Elements of one ``[buckets, heads, queries, keys]`` logits tile where attention is explicit
+#: (off the CPU flash kernel): long buckets are processed in chunks of queries (and buckets).
+TILE_ELEMENTS = 1 << 18
+
+#: PyTorch's fused CPU flash attention (forward and backward, key masks, float32/float64).
+FLASH_ON_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+@dataclass
+class _Batch:
+    """Buckets of one length class, attended together as ``[S_c, H, L, d]``.
+
+    Attributes:
+        length: ``L``, the padded length of the class.
+        positions: ``[S_c·L]`` sorted positions of the items; padding repeats a bucket's first item.
+        keep: ``[K]`` indices into ``positions`` of the real items, ``None`` without padding.
+        valid: ``[S_c, L]`` bool, real items, ``None`` without padding.
+    """
+
+    length: int
+    positions: torch.Tensor
+    keep: torch.Tensor | None
+    valid: torch.Tensor | None
+
+    @property
+    def num_buckets(self) -> int:
+        return self.positions.numel() // self.length
+
+    def key_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[S_c, 1, 1, L]`` additive mask hiding the padded keys."""
+        if self.valid is None:
+            return None
+        mask = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
+        return mask.masked_fill_(~self.valid, float("-inf"))[:, None, None, :]
+
+
+@dataclass
+class _Plan:
+    """Integer bookkeeping of one ``Segments``, built once per call and kept for backward.
+
+    Attributes:
+        tokens: ``[T]`` token (``b·N + i``) of every sorted item, ``T = M·B·N``.
+        rows: ``[T]`` row ``token·M + view`` of every sorted item in the ``[B·N·M, 3D]`` qkv rows.
+        segment_of_position: ``[T]`` segment of every sorted item.
+        counts: ``[S]`` items per segment; ``starts``: ``[S]`` first sorted position.
+        batches: the length classes.
+    """
+
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    segment_of_position: torch.Tensor
+    counts: torch.Tensor
+    starts: torch.Tensor
+    batches: list[_Batch]
+
+
+def _padded_lengths(counts: torch.Tensor) -> torch.Tensor:
+    """Length class of every bucket: exact up to ``EXACT_MAX_LEN``, then ``CLASSES_PER_OCTAVE`` per octave."""
+    _, exponent = torch.frexp((counts - 1).clamp_min(1).double())  # 2^(e-1) ≤ count − 1 < 2^e
+    shift = (exponent - CLASSES_PER_OCTAVE.bit_length()).clamp_min(0)
+    step = torch.pow(2.0, shift.double()).long()
+    padded = torch.div(counts + step - 1, step, rounding_mode="floor") * step
+    return torch.where(counts > EXACT_MAX_LEN, padded, counts)
+
+
+def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
+    perm, offsets = segments.perm, segments.offsets
+    views = segments.num_views
+    counts = offsets[1:] - offsets[:-1]
+    starts = offsets[:-1]
+    tokens = perm % tokens_per_view
+    rows = tokens * views + torch.div(perm, tokens_per_view, rounding_mode="floor")
+    segment_of_position = torch.repeat_interleave(torch.arange(len(counts), device=perm.device), counts)
+    padded = _padded_lengths(counts)
+    order = torch.argsort(padded, stable=True)
+    lengths, sizes = torch.unique_consecutive(padded[order], return_counts=True)
+    batches, first = [], 0
+    for length, size in zip(lengths.tolist(), sizes.tolist()):
+        chosen = order[first:first + size]
+        first += size
+        steps = torch.arange(length, device=perm.device)
+        count = counts[chosen][:, None]
+        if length <= EXACT_MAX_LEN or bool((count == length).all()):
+            batches.append(_Batch(length, (starts[chosen][:, None] + steps).flatten(), None, None))
+            continue
+        valid = steps < count
+        positions = (starts[chosen][:, None] + torch.where(valid, steps, 0)).flatten()
+        batches.append(_Batch(length, positions, valid.flatten().nonzero().squeeze(1), valid))
+    return _Plan(tokens, rows, segment_of_position, counts, starts, batches)
+
+
+def _explicit_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.matmul(q, k.transpose(-1, -2)).mul_(scale).softmax(dim=-1)
+
+
+def _uses_flash(q: torch.Tensor) -> bool:
+    return FLASH_ON_CPU and q.device.type == "cpu"
+
+
+def _tiles(q: torch.Tensor):
+    """``(buckets, queries)`` slices covering ``[n, H, L, d]`` with logits tiles of ≤ ``TILE_ELEMENTS``."""
+    n, heads, length, _ = q.shape
+    row = heads * length  # one query of one bucket against all its keys
+    buckets = max(1, min(n, TILE_ELEMENTS // (row * length)))
+    queries = length if buckets > 1 else max(1, min(length, TILE_ELEMENTS // row))
+    for first in range(0, n, buckets):
+        for start in range(0, length, queries):
+            yield slice(first, first + buckets), slice(start, start + queries)
+
+
+def _logits(q, k, mask, scale, tile):
+    b, r = tile
+    s = torch.matmul(q[b, :, r], k[b].transpose(-1, -2)).mul_(scale)
+    return s if mask is None else s.add_(mask[b])
+
+
+def _attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention ``[n, H, L, d]`` with an additive key mask: outputs and log-sum-exps."""
+    if _uses_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+    out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:-1])
+    for tile in _tiles(q):
+        s = _logits(q, k, mask, scale, tile)
+        tile_lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        out[tile[0], :, tile[1]] = torch.matmul(s.sub_(tile_lse).exp_(), v[tile[0]])
+        lse[tile[0], :, tile[1]] = tile_lse.squeeze(-1)
+    return out, lse
+
+
+def _attend_backward(do, q, k, v, out, lse, mask, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``q, k, v`` of :func:`_attend`, the probabilities recomputed tile by tile."""
+    if _uses_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    delta = (do * out).sum(dim=-1, keepdim=True)
+    for b, r in _tiles(q):
+        p = _logits(q, k, mask, scale, (b, r)).sub_(lse[b, :, r, None]).exp_()
+        dv[b] += torch.matmul(p.transpose(-1, -2), do[b, :, r])
+        ds = torch.matmul(do[b, :, r], v[b].transpose(-1, -2)).sub_(delta[b, :, r]).mul_(p).mul_(scale)
+        dq[b, :, r] = torch.matmul(ds, k[b])
+        dk[b] += torch.matmul(ds.transpose(-1, -2), q[b, :, r])
+    return dq, dk, dv
+
+
+def _attention_forward(qkv_rows: torch.Tensor, plan: _Plan, num_heads: int) -> tuple[torch.Tensor, list]:
+    """Attention inside every bucket: ``[T, D]`` outputs in sorted order and the flash log-sum-exps."""
+    width = qkv_rows.shape[1] // 3
+    head_dim = width // num_heads
+    scale = head_dim**-0.5
+    out = qkv_rows.new_empty(len(plan.rows), width)
+    lse = []
+    for batch in plan.batches:
+        n, length = batch.num_buckets, batch.length
+        block = qkv_rows.index_select(0, plan.rows.index_select(0, batch.positions))
+        if length == 1:
+            outputs = block[:, 2 * width:]
+            lse.append(None)
+        else:
+            q, k, v = block.view(n, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+            if length <= EXPLICIT_MAX_LEN:
+                o = torch.matmul(_explicit_probs(q, k, scale), v)
+                lse.append(None)
+            else:
+                o, batch_lse = _attend(q, k, v, batch.key_mask(q.dtype), scale)
+                lse.append(batch_lse)
+            outputs = o.transpose(1, 2).reshape(n * length, width)
+        if batch.keep is None:
+            out.index_copy_(0, batch.positions, outputs)
+        else:
+            out.index_copy_(0, batch.positions.index_select(0, batch.keep), outputs.index_select(0, batch.keep))
+    return out, lse
+
+
+def _attention_backward(grad_out: torch.Tensor, qkv_rows: torch.Tensor, out: torch.Tensor, lse: list,
+                        plan: _Plan, num_heads: int) -> torch.Tensor:
+    """Gradient of the ``[B·N·M, 3D]`` qkv rows from that of the sorted outputs ``[T, D]``."""
+    width = qkv_rows.shape[1] // 3
+    head_dim = width // num_heads
+    scale = head_dim**-0.5
+    grad_rows = torch.empty_like(qkv_rows)  # every row is one item's: all written below
+    for batch, batch_lse in zip(plan.batches, lse):
+        n, length = batch.num_buckets, batch.length
+        rows = plan.rows.index_select(0, batch.positions)
+        g_out = grad_out.index_select(0, batch.positions)
+        if length == 1:
+            grad_block = torch.zeros(n, 3 * width, dtype=qkv_rows.dtype, device=qkv_rows.device)
+            grad_block[:, 2 * width:] = g_out
+        else:
+            if batch.valid is not None:
+                g_out = g_out.mul_(batch.valid.view(-1, 1))
+            q, k, v = qkv_rows.index_select(0, rows).view(n, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+            do = g_out.view(n, length, num_heads, head_dim).transpose(1, 2)
+            if length <= EXPLICIT_MAX_LEN:
+                p = _explicit_probs(q, k, scale)
+                dv = torch.matmul(p.transpose(-1, -2), do)
+                dp = torch.matmul(do, v.transpose(-1, -2))
+                ds = dp.sub_((dp * p).sum(dim=-1, keepdim=True)).mul_(p).mul_(scale)
+                dq, dk = torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q)
+            else:
+                o = out.index_select(0, batch.positions).view(n, length, num_heads, head_dim).transpose(1, 2)
+                dq, dk, dv = _attend_backward(do.contiguous(), q, k, v, o, batch_lse, batch.key_mask(q.dtype), scale)
+            grad_block = torch.stack((dq, dk, dv), dim=2).permute(0, 3, 2, 1, 4).reshape(n * length, 3 * width)
+        if batch.keep is None:
+            grad_rows.index_copy_(0, rows, grad_block)
+        else:
+            grad_rows.index_copy_(0, rows.index_select(0, batch.keep), grad_block.index_select(0, batch.keep))
+    return grad_rows
+
+
+def _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype):
+    """``W_j ⊙ γ_j`` as ``[M·3D, C]`` and ``W_j β_j + b_j`` as ``[M·3D]``."""
+    w = qkv_weight.to(dtype)
+    folded_weight = w * ln_weight.to(dtype)[:, None, :]
+    folded_bias = torch.matmul(w, ln_bias.to(dtype)[:, :, None]).squeeze(-1) + qkv_bias.to(dtype)
+    return folded_weight.flatten(0, 1), folded_bias.flatten()
+
+
+def _segment_max(t: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """``[S, C]`` maxima of the rows of ``t`` per segment (every segment non-empty)."""
+    maxima = t.new_full((num_segments, t.shape[1]), float("-inf"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)
+        return maxima.index_reduce_(0, segment_ids, t, "amax")
+
+
+@dataclass
+class _MaxItems:
+    """The items of one view's buckets of two or more tokens (singletons need no maximum).
+
+    Attributes:
+        positions: ``[T_j]`` sorted positions of the items.
+        local: ``[T_j]`` bucket of every item, numbered ``0..S_j − 1`` among these buckets.
+        segments: ``[S_j]`` global segment of every such bucket.
+    """
+
+    positions: torch.Tensor
+    local: torch.Tensor
+    segments: torch.Tensor
+
+
+def _max_items(plan: _Plan, segments: Segments) -> list[_MaxItems]:
+    shared = plan.counts > 1
+    rank = shared.cumsum(0) - 1
+    on_shared = shared.index_select(0, plan.segment_of_position)
+    items_per_view = len(plan.rows) // segments.num_views
+    result = []
+    for view, (first, last) in enumerate(zip(segments.view_offsets[:-1], segments.view_offsets[1:])):
+        start = view * items_per_view
+        positions = on_shared[start:start + items_per_view].nonzero().squeeze(1) + start
+        chosen = shared[first:last].nonzero().squeeze(1) + first
+        base = rank[chosen[0]] if len(chosen) else 0
+        result.append(_MaxItems(positions, rank.index_select(0, plan.segment_of_position[positions]) - base, chosen))
+    return result
+
+
+def _linear_weights(counts: torch.Tensor, pooling: str, dtype: torch.dtype) -> torch.Tensor:
+    """Weight of a bucket's token sum in its pooled row: ``1/n`` (mean), ``2`` for a singleton
+    under ``max + mean`` (its maximum is its only token, so it joins the linear part)."""
+    weights = 1 / counts.to(dtype)
+    return weights.masked_fill_(counts == 1, 2.0) if pooling == "max+mean" else weights
+
+
+def _max_features(xf: torch.Tensor, out: torch.Tensor, plan: _Plan, items: _MaxItems,
+                  out_weight: torch.Tensor) -> torch.Tensor:
+    """``t_j − b_o = x + Attn_j W_oᵀ`` of one view's ``items``, ``[T_j, C]``."""
+    t = xf.index_select(0, plan.tokens.index_select(0, items.positions))
+    return t.addmm_(out.index_select(0, items.positions), out_weight.T)
+
+
+class _NeighborhoodAttentionPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, segments, num_heads,
+                pooling, eps):
+        dtype = compute_dtype(x, ln_weight, qkv_weight, out_weight)
+        batch, tokens, channels = x.shape
+        xf = x.reshape(batch * tokens, channels).to(dtype)
+        plan = _plan(segments, batch * tokens)
+        xhat, mean, rstd = torch.native_layer_norm(xf, [channels], None, None, eps)
+        folded_weight, folded_bias = _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype)
+        qkv = torch.addmm(folded_bias, xhat, folded_weight.T)  # [B·N, M·3D], row-major = [B·N·M, 3D]
+        del xhat
+        out, lse = _attention_forward(qkv.view(-1, qkv_weight.shape[1]), plan, num_heads)
+
+        # linear part (the mean, and the maximum of singletons): sums of x and of the D-wide outputs
+        wo, bo = out_weight.to(dtype), out_bias.to(dtype)
+        weights = _linear_weights(plan.counts, pooling, dtype).index_select(0, plan.segment_of_position)
+        pooled = F.embedding_bag(plan.tokens, xf, plan.starts, mode="sum", per_sample_weights=weights)
+        linear_out = torch.segment_reduce(out * weights[:, None], "sum", lengths=plan.counts, axis=0, unsafe=True)
+        bias_factor = 2 if pooling == "max+mean" else 1
+        for view, (first, last) in enumerate(zip(segments.view_offsets[:-1], segments.view_offsets[1:])):
+            pooled[first:last].addmm_(linear_out[first:last], wo[view].T).add_(bo[view], alpha=bias_factor)
+        # maximum of the buckets of two or more tokens, one view at a time
+        max_items = _max_items(plan, segments) if pooling == "max+mean" else []
+        for view, items in enumerate(max_items):
+            if len(items.segments):
+                t = _max_features(xf, out, plan, items, wo[view])
+                pooled.index_add_(0, items.segments, _segment_max(t, items.local, len(items.segments)))
+                del t
+        ctx.save_for_backward(xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, mean, rstd, qkv, out,
+                              linear_out)
+        ctx.plan, ctx.max_items, ctx.lse, ctx.segments = plan, max_items, lse, segments
+        ctx.num_heads, ctx.pooling, ctx.eps, ctx.x_dtype, ctx.x_shape = num_heads, pooling, eps, x.dtype, x.shape
+        return pooled.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, mean, rstd, qkv, out,
+         linear_out) = ctx.saved_tensors
+        plan, segments, pooling = ctx.plan, ctx.segments, ctx.pooling
+        dtype = qkv.dtype
+        channels = xf.shape[1]
+        views, width = qkv_weight.shape[0], qkv_weight.shape[1] // 3
+        g = grad.to(dtype)
+        wo = out_weight.to(dtype)
+
+        # linear part: pooled = Σ w·x + (Σ w·out) W_oᵀ + b_o (twice b_o under max + mean)
+        weights = _linear_weights(plan.counts, pooling, dtype)
+        segment_ids = segments.segment_ids.reshape(views, -1).T.contiguous()  # [B·N, M]
+        grad_x = F.embedding_bag(segment_ids, g, mode="sum", per_sample_weights=weights[segment_ids])
+        grad_out_weight = torch.empty_like(wo)
+        grad_out_bias = torch.empty(views, channels, dtype=dtype, device=g.device)
+        grad_linear_out = torch.empty_like(linear_out)
+        bias_factor = 2 if pooling == "max+mean" else 1
+        offsets = segments.view_offsets
+        for view, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
+            g_view = g[first:last]
+            torch.sum(g_view, dim=0, out=grad_out_bias[view]).mul_(bias_factor)
+            torch.mm(g_view.T, linear_out[first:last], out=grad_out_weight[view])
+            torch.mm(g_view, wo[view], out=grad_linear_out[first:last])
+        grad_out = grad_linear_out.mul_(weights[:, None]).index_select(0, plan.segment_of_position)
+
+        # maximum, one view at a time (t_j recomputed): ties share the gradient of their maximum equally
+        for view, items in enumerate(ctx.max_items):
+            if not len(items.segments):
+                continue
+            t = _max_features(xf, out, plan, items, wo[view])
+            below = t != _segment_max(t, items.local, len(items.segments)).index_select(0, items.local)
+            del t
+            g_max = g.index_select(0, items.segments)
+            if below.numel() - int(torch.count_nonzero(below)) != g_max.numel():  # a maximum attained twice
+                num_ties = torch.zeros_like(g_max).index_add_(0, items.local, (~below).to(dtype))
+                g_max = g_max / num_ties.clamp_min(1)
+            share = g_max.index_select(0, items.local).masked_fill_(below, 0)
+            del below
+            grad_x.index_add_(0, plan.tokens.index_select(0, items.positions), share)
+            grad_out.index_add_(0, items.positions, torch.mm(share, wo[view]))
+            grad_out_weight[view].addmm_(share.T, out.index_select(0, items.positions))
+            del share
+
+        # attention, then the folded LayerNorm + qkv projection
+        grad_qkv = _attention_backward(grad_out, qkv.view(-1, 3 * width), out, ctx.lse, plan, ctx.num_heads)
+        grad_qkv = grad_qkv.view(xf.shape[0], -1)
+        folded_weight, _ = _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype)
+        grad_folded_bias = grad_qkv.sum(dim=0).view(views, 3 * width)
+        xhat = torch.native_layer_norm(xf, [channels], None, None, ctx.eps)[0]
+        grad_folded_weight = torch.mm(grad_qkv.T, xhat).view(views, 3 * width, channels)
+        del xhat
+        w = qkv_weight.to(dtype)
+        grad_qkv_weight = grad_folded_weight * ln_weight.to(dtype)[:, None, :]
+        grad_qkv_weight += grad_folded_bias[:, :, None] * ln_bias.to(dtype)[:, None, :]
+        grad_ln_weight = (grad_folded_weight * w).sum(dim=1)
+        grad_ln_bias = torch.matmul(grad_folded_bias[:, None, :], w).squeeze(1)
+        grad_xhat = torch.mm(grad_qkv, folded_weight)
+        grad_x += torch.ops.aten.native_layer_norm_backward(grad_xhat, xf, [channels], mean, rstd, None, None,
+                                                            [True, False, False])[0]
+        needs = ctx.needs_input_grad
+        return (grad_x.view(*ctx.x_shape).to(ctx.x_dtype) if needs[0] else None,
+                grad_as(grad_ln_weight, ln_weight, needs[1]), grad_as(grad_ln_bias, ln_bias, needs[2]),
+                grad_as(grad_qkv_weight, qkv_weight, needs[3]), grad_as(grad_folded_bias, qkv_bias, needs[4]),
+                grad_as(grad_out_weight, out_weight, needs[5]), grad_as(grad_out_bias, out_bias, needs[6]),
+                None, None, None, None)
+
+
+def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: torch.Tensor,
+                                ln_bias: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
+                                out_weight: torch.Tensor, out_bias: torch.Tensor, num_heads: int,
+                                pooling: str, eps: float = 1e-5) -> torch.Tensor:
+    """1D/2D-guided local aggregation: per view, bucket-local attention then bucket pooling.
+
+    ``t_j = x + Attn_j(LN_j(x))`` among the tokens of each bucket of view ``j``, pooled per
+    bucket; the same values as :func:`any2point_fast.reference.neighborhood_attention_pool`,
+    computed without any ``N × N`` or ``[M, B·N, C]`` tensor (see the module docstring).
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        segments: the ``M`` views' buckets (``segments.segment_ids`` is ``[M, B, N]``).
+        ln_weight, ln_bias: ``[M, C]``; qkv_weight ``[M, 3D, C]``; qkv_bias ``[M, 3D]``;
+        out_weight ``[M, C, D]``; out_bias ``[M, C]``; ``D = num_heads · head_dim``.
+        pooling: ``"mean"`` or ``"max+mean"``.
+
+    Returns:
+        ``[S, C]`` pooled rows of every segment, of ``x``'s dtype.
+    """
+    if pooling not in ("mean", "max+mean"):
+        raise ValueError(f"pooling must be 'mean' or 'max+mean', got {pooling!r}")
+    if qkv_weight.shape[1] % (3 * num_heads):
+        raise ValueError(f"qkv_weight rows {qkv_weight.shape[1]} are not 3 × num_heads ({num_heads}) × head_dim")
+    return _NeighborhoodAttentionPool.apply(x, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias,
+                                            segments, num_heads, pooling, eps)
+
+
+__all__ = ["CLASSES_PER_OCTAVE", "EXACT_MAX_LEN", "EXPLICIT_MAX_LEN", "FLASH_ON_CPU", "TILE_ELEMENTS",
+           "neighborhood_attention_pool"]

@@ -1,0 +1,139 @@
+"""``ensemble_propagate``: Eq. 3's adaptive ensemble and residual, gathered per token, fused.
+
+The ``M·B·N`` cosines need the dot products ``B_i · F_ij`` of a token's baseline row with its
+view rows: one sampled matrix product (SDDMM) of the two row tables, evaluated only at the
+``(view row, baseline row)`` pair of every item, with no row gathered. The weighted sum
+``Σ_j w_ij F_ij`` is one ``embedding_bag`` over the ``M`` rows of every token. Only the
+``[M, B·N]`` dot products are kept for backward.
+
+Backward, with ``g`` the output gradient: the weight gradients need ``g_i · F_ij``, the same
+sampled product against ``g``; the table gradients are sums over the items of every row, i.e.
+``embedding_bag`` with offsets over the items sorted by row, with the per-item coefficients as
+weights: ``∂F_s = Σ_{(i,j)→s} (c·w_ij g_i + ∂dot_ij B_i) + ∂‖F_s‖ F_s/‖F_s‖`` and
+``∂B_v = Σ_{i→v} Σ_j ∂dot_ij F_ij + ∂‖B_v‖ B_v/‖B_v‖``. No ``[M, B·N, C]`` tensor is formed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ._common import compute_dtype, exclusive_cumsum, grad_as
+
+#: ``eps`` of :func:`any2point_fast.reference.ensemble_weights`, for both clamps.
+EPS = 1e-8
+
+
+def _sampled_dots(rows: torch.Tensor, view_ids: torch.Tensor, other: torch.Tensor,
+                  other_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``[M, B·N]`` dot products ``rows[view_ids[j, i]] · other[other_ids[i]]`` (``other[i]``
+    without ids): one SDDMM, evaluated once per distinct pair of rows (the CSR pattern of
+    ``sampled_addmm`` must not repeat a pair)."""
+    columns = torch.arange(view_ids.shape[1], device=rows.device) if other_ids is None else other_ids
+    pairs, inverse = torch.unique(view_ids * other.shape[0] + columns, return_inverse=True)
+    crow = torch.bincount(torch.div(pairs, other.shape[0], rounding_mode="floor"), minlength=rows.shape[0]).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        pattern = torch.sparse_csr_tensor(torch.cat((crow.new_zeros(1), crow)), pairs % other.shape[0],
+                                          rows.new_zeros(len(pairs)), size=(rows.shape[0], other.shape[0]),
+                                          check_invariants=False)
+        values = torch.sparse.sampled_addmm(pattern, rows, other.T, beta=0.0).values()
+    return values[inverse]
+
+
+def _weights(dots: torch.Tensor, base_norm: torch.Tensor, view_norm: torch.Tensor):
+    """Eq. 3's normalised weights and the intermediates backward needs (reference arithmetic)."""
+    denominator_raw = base_norm * view_norm
+    denominator = denominator_raw.clamp_min(EPS)
+    cos = dots / denominator
+    unnormalised = (cos + 1) / 2
+    total_raw = unnormalised.sum(dim=0)
+    total = total_raw.clamp_min(EPS)
+    return unnormalised / total, cos, denominator, denominator_raw >= EPS, total, total_raw >= EPS
+
+
+def _inverse_or_zero(norm: torch.Tensor) -> torch.Tensor:
+    return torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
+
+
+class _EnsemblePropagate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, base_rows, base_ids, view_rows, view_ids, coef):
+        dtype = compute_dtype(x, base_rows, view_rows)
+        batch, tokens, channels = x.shape
+        views = view_ids.shape[0]
+        rows_f, rows_b = view_rows.to(dtype), base_rows.to(dtype)
+        bid, vid = base_ids.reshape(-1).long(), view_ids.reshape(views, -1).long()
+        dots = _sampled_dots(rows_f, vid, rows_b, bid)
+        base_norm = rows_b.norm(dim=1).index_select(0, bid)
+        view_norm = rows_f.norm(dim=1)[vid]
+        w = _weights(dots, base_norm, view_norm)[0]
+        out = F.embedding_bag(vid.T.contiguous(), rows_f, per_sample_weights=w.T.contiguous(), mode="sum")
+        y = torch.add(x.reshape(batch * tokens, channels).to(dtype), out, alpha=coef)
+        ctx.save_for_backward(base_rows, bid, view_rows, vid, dots)
+        ctx.coef = coef
+        return y.view(batch, tokens, channels).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        base_rows, bid, view_rows, vid, dots = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if not (needs[1] or needs[3]):
+            return grad if needs[0] else None, None, None, None, None, None
+        coef, dtype = ctx.coef, dots.dtype
+        views = vid.shape[0]
+        rows_f, rows_b = view_rows.to(dtype), base_rows.to(dtype)
+        norms_f, norms_b = rows_f.norm(dim=1), rows_b.norm(dim=1)
+        base_norm, view_norm = norms_b.index_select(0, bid), norms_f[vid]
+        w, cos, denominator, den_passes, total, total_passes = _weights(dots, base_norm, view_norm)
+        g = grad.reshape(vid.shape[1], -1).to(dtype)
+
+        grad_w = _sampled_dots(rows_f, vid, g).mul_(coef)
+        grad_u = (grad_w - total_passes * (grad_w * w).sum(dim=0)) / total
+        grad_cos = grad_u / 2
+        grad_dot = grad_cos / denominator
+        grad_den = -grad_cos * cos / denominator * den_passes
+        grad_base_norm = (grad_den * view_norm).sum(dim=0)  # [B·N]
+        grad_view_norm = grad_den * base_norm  # [M, B·N]
+
+        grad_f = grad_b = None
+        if needs[3]:
+            order = torch.argsort(vid.flatten(), stable=True)
+            token = order % vid.shape[1]
+            starts = exclusive_cumsum(torch.bincount(vid.flatten(), minlength=rows_f.shape[0]))
+            grad_f = F.embedding_bag(token, g, starts, mode="sum", per_sample_weights=(w * coef).flatten()[order])
+            grad_f += F.embedding_bag(bid[token], rows_b, starts, mode="sum",
+                                      per_sample_weights=grad_dot.flatten()[order])
+            norm_grad = torch.zeros_like(norms_f).index_add_(0, vid.flatten(), grad_view_norm.flatten())
+            grad_f += (norm_grad * _inverse_or_zero(norms_f))[:, None] * rows_f
+        if needs[1]:
+            order = torch.argsort(bid, stable=True)
+            starts = exclusive_cumsum(torch.bincount(bid, minlength=rows_b.shape[0])) * views
+            grad_b = F.embedding_bag(vid[:, order].T.flatten(), rows_f, starts, mode="sum",
+                                     per_sample_weights=grad_dot[:, order].T.flatten())
+            norm_grad = torch.zeros_like(norms_b).index_add_(0, bid, grad_base_norm)
+            grad_b += (norm_grad * _inverse_or_zero(norms_b))[:, None] * rows_b
+        return (grad if needs[0] else None, grad_as(grad_b, base_rows, needs[1]), None,
+                grad_as(grad_f, view_rows, needs[3]), None, None)
+
+
+def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch.Tensor, view_rows: torch.Tensor,
+                       view_ids: torch.Tensor, coef: float) -> torch.Tensor:
+    """Adaptive any-to-3D ensemble and residual: ``x + c · Σ_j w_ij F_ij``.
+
+    ``w_ij = (cos(B_i, F_ij) + 1)/2`` normalised over ``j`` (Eq. 3), as
+    :func:`any2point_fast.reference.ensemble_weights`, computed without any ``[M, B·N, C]``
+    tensor (see the module docstring).
+
+    Args:
+        x: ``[B, N, C]`` residual stream of the point tokens.
+        base_rows: ``[Sv, C]`` pooled 3D baseline rows; ``base_ids``: ``[B, N]`` row of each token.
+        view_rows: ``[S, C]`` pooled view rows; ``view_ids``: ``[M, B, N]`` row of each token per view.
+        coef: ``c``.
+
+    Returns:
+        ``[B, N, C]`` of ``x``'s dtype.
+    """
+    return _EnsemblePropagate.apply(x, base_rows, base_ids, view_rows, view_ids, coef)

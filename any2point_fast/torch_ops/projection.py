@@ -1,0 +1,71 @@
+"""``project_pe``: the PE interpolation and view average of all views in one weighted gather.
+
+Positions and bucket ids are the reference's own: the ``[M, B, N]`` positions come from
+:func:`~any2point_fast.reference.projection.line_positions` /
+:func:`~any2point_fast.reference.projection.canvas_positions` (a few ``[M, B, N]`` tensors; a
+one-ulp difference would move tokens across bucket borders, and bucket ids must equal the
+reference's exactly — the Triton kernel makes the same choice), and the bucket formula is the
+reference's. The heavy part, ``(1/M) Σ_j PE(p_ij)`` over ``C`` channels, is one ``embedding_bag``
+over the ``2M`` (1D) or ``4M`` (2D) table rows that interpolate each token, weighted by the
+interpolation weights: no ``[M, B, N, C]`` per-view PE is formed. It is computed in float32
+(float64 for a float64 table) and rounded once to the table dtype; the reference rounds every
+view's PE before averaging, which differs for float16/bfloat16 tables by that rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..geometry import ProjectionSpec
+from ..reference.projection import canvas_positions, line_positions
+from ._common import compute_dtype
+
+
+def _neighbours(pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lower/upper integer neighbours of ``pos ∈ [0, size−1]`` and the upper weight."""
+    lower = pos.floor().clamp(0, size - 1)
+    upper = (lower + 1).clamp(max=size - 1)
+    return lower.long(), upper.long(), pos - lower
+
+
+def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
+               spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Averaged virtual-projection PE (Eq. 2) and per-view bucket ids.
+
+    Args:
+        centers: ``[B, N, 3]`` token centres.
+        pe_table: ``[L, C]`` (1D) or ``[Gh, Gw, C]`` (2D) frozen PE of the source model.
+        spec: the views and bucket sizes.
+
+    Returns:
+        ``pe``: ``[B, N, C]`` of ``pe_table``'s dtype; ``bucket_ids``: ``[M, B, N]`` int64,
+        identical to the reference's.
+    """
+    batch, tokens, _ = centers.shape
+    if spec.kind == "1d":
+        length = pe_table.shape[0]
+        u = line_positions(centers, spec.views, length)
+        lower, upper, w = _neighbours(u, length)
+        rows = torch.stack((lower, upper), dim=-1)  # [M, B, N, 2]
+        weights = torch.stack((1 - w, w), dim=-1)
+        table = pe_table
+        buckets = (u / spec.segment_length).floor().long().clamp(0, spec.buckets_per_view(length) - 1)
+    else:
+        (gh, gw, _), (height, width) = pe_table.shape, spec.canvas_size
+        rc = canvas_positions(centers, spec.views, spec.canvas_size, spec.camera_distance)
+        y0, y1, wy = _neighbours(rc[..., 0] / (height - 1) * (gh - 1), gh)
+        x0, x1, wx = _neighbours(rc[..., 1] / (width - 1) * (gw - 1), gw)
+        rows = torch.stack((y0 * gw + x0, y0 * gw + x1, y1 * gw + x0, y1 * gw + x1), dim=-1)
+        weights = torch.stack(((1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx), dim=-1)
+        table = pe_table.reshape(gh * gw, -1)
+        cols = -(-width // spec.patch_size)
+        by = (rc[..., 0] / spec.patch_size).floor().long().clamp(0, -(-height // spec.patch_size) - 1)
+        bx = (rc[..., 1] / spec.patch_size).floor().long().clamp(0, cols - 1)
+        buckets = by * cols + bx
+    dtype = compute_dtype(pe_table)
+    # token-major bags: the 2M (4M) interpolation rows of every token
+    bags = rows.permute(1, 2, 0, 3).reshape(batch * tokens, -1)
+    bag_weights = weights.permute(1, 2, 0, 3).reshape(batch * tokens, -1).to(dtype)
+    pe = F.embedding_bag(bags, table.to(dtype), per_sample_weights=bag_weights, mode="sum") / spec.num_views
+    return pe.view(batch, tokens, -1).to(pe_table.dtype), buckets

@@ -1,0 +1,79 @@
+"""pytest-benchmark harness: ``pytest bench/`` (full) or ``pytest bench/ --quick`` (CI smoke run).
+
+Every benchmark records, next to pytest-benchmark's timings, ``extra_info`` fields that the
+report generator (``scripts/bench_report.py``) reads: ``group``, ``case``, ``backend``,
+``mode``, shape parameters, ``peak_bytes`` and, where counted, ``op_calls``. Results go to
+``bench/results/{full,quick}.json`` unless ``--benchmark-json`` names another file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from any2point_fast import ops
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", default=False,
+                     help="run every benchmark once on tiny shapes (what CI runs, so the suites cannot rot)")
+
+
+def pytest_sessionstart(session):
+    bench = getattr(session.config, "_benchmarksession", None)
+    if bench is not None and not bench.json:
+        RESULTS.mkdir(exist_ok=True)
+        bench.json = RESULTS / ("quick.json" if session.config.getoption("--quick") else "full.json")
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    return request.config.getoption("--quick")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backends() -> list[str]:
+    """Concrete backends that can run on this machine's device, reference first."""
+    available = ops.available_backends(device())
+    return [name for name in ("reference", "torch", "triton") if not available[name]]
+
+
+@pytest.fixture(params=backends())
+def backend(request):
+    with ops.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def measure(benchmark, quick):
+    """``measure(fn, rounds=3, memory=True, **info)``: time ``fn`` (synchronising CUDA), then run it once
+    more under the memory profiler (unless ``memory=False``) and record the peak and ``info``."""
+    from any2point_fast.memory import peak_memory_bytes
+
+    def run(fn, rounds: int = 3, memory: bool = True, **info):
+        dev = device()
+
+        def timed():
+            out = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        if quick:
+            result = benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0)
+        else:
+            result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+        peak = peak_memory_bytes(fn, dev)[1] if memory else None
+        benchmark.extra_info.update(info, peak_bytes=peak, device=str(dev), threads=torch.get_num_threads(),
+                                    quick=quick, cpu_count=os.cpu_count())
+        return result
+
+    return run

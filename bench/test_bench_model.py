@@ -1,0 +1,70 @@
+"""The whole model: training step (samples/s) and inference throughput (clouds/s).
+
+Two frozen backbones with random weights (no download): a small ViT (width 192, 4 layers) and
+a ViT-B-sized one (width 768, 12 layers, 12 heads) at the paper's scale (B = 32, P = 1024,
+N = 128, k = 81). Backbone attention is PyTorch SDPA on CPU (xformers on CUDA). The adapters
+run on each available backend; everything else is the same code.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTModel
+
+from any2point_fast.model import Any2PointModel
+
+from .conftest import device
+
+BACKBONES = {
+    "small-vit": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768),
+    "vit-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+
+
+def build(name: str, quick: bool) -> tuple[Any2PointModel, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96) if quick \
+        else BACKBONES[name]
+    vit = ViTModel(ViTConfig(image_size=224, patch_size=16, **sizes), add_pooling_layer=False)
+    overrides = dict(num_points=256, num_tokens=32, knn_k=8) if quick else {}
+    model = Any2PointModel(vit, "vision", num_classes=15, attn_implementation="auto", **overrides).to(device())
+    batch = 2 if quick else 32
+    gen = torch.Generator().manual_seed(1)
+    points = torch.randn(batch, model.config.num_points, 3, generator=gen).to(device())
+    labels = torch.randint(0, 15, (batch,), generator=gen).to(device())
+    return model, points, labels
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_training_step(measure, backend, quick, name):
+    model, points, labels = build(name, quick)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
+    model.train()
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(points), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+        return loss.detach()
+
+    loss = measure(step, rounds=1 if name == "vit-b" else 3, memory=name != "vit-b", group="model:train-step",
+                   case=f"{name} B={points.shape[0]}", backend=backend, mode="forward+backward",
+                   samples=points.shape[0])
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_inference(measure, backend, quick, name):
+    model, points, _ = build(name, quick)
+    model.eval()
+
+    def infer() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(points)
+
+    logits = measure(infer, rounds=1 if name == "vit-b" else 3, memory=name != "vit-b", group="model:inference",
+                     case=f"{name} B={points.shape[0]}", backend=backend, mode="forward", samples=points.shape[0])
+    assert logits.shape == (points.shape[0], 15) and torch.isfinite(logits).all()

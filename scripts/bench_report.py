@@ -1,0 +1,248 @@
+"""Regenerate BENCHMARKS.md (and its PNG plots) from the JSON that ``pytest bench/`` writes.
+
+Usage: ``.venv/bin/python scripts/bench_report.py [bench/results/full.json] [--output BENCHMARKS.md]``
+
+Every ratio in the report compares two measurements of the same run. Targets are those of
+issue 6; a missed target is reported with its measured figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+
+
+def load(path: Path) -> tuple[dict, list[dict]]:
+    data = json.loads(path.read_text())
+    rows = []
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if "group" not in info:
+            continue
+        rows.append({**info, "median": bench["stats"]["median"], "name": bench["name"]})
+    return data, rows
+
+
+def index(rows: list[dict]) -> dict[tuple, dict]:
+    return {(r["group"], r["case"], r["mode"], r["backend"]): r for r in rows}
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def fmt_bytes(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def backends_of(rows: list[dict]) -> list[str]:
+    order = ["reference", "torch", "triton"]
+    return [b for b in order if any(r["backend"] == b for r in rows)]
+
+
+def group_table(rows: list[dict], group: str) -> list[str]:
+    """Markdown table of one group: a row per (case, mode), columns per backend."""
+    chosen = [r for r in rows if r["group"] == group]
+    backends = backends_of(chosen)
+    by_key = index(chosen)
+    keys = sorted({(r["case"], r["mode"]) for r in chosen}, key=lambda k: (k[0], k[1]))
+    head = ["case", "mode"] + [f"{b} time" for b in backends] + [f"{b} ×ref" for b in backends[1:]] + \
+        [f"{b} peak" for b in backends]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, mode in keys:
+        cells = [case, mode]
+        found = {b: by_key.get((group, case, mode, b)) for b in backends}
+        cells += [fmt_time(found[b]["median"]) if found[b] else "–" for b in backends]
+        ref = found.get("reference")
+        for b in backends[1:]:
+            cells.append(f"{ref['median'] / found[b]['median']:.1f}×" if ref and found[b] else "–")
+        cells += [fmt_bytes(found[b].get("peak_bytes")) if found[b] else "–" for b in backends]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of log(y) against log(x)."""
+    pts = [(math.log(x), math.log(y)) for x, y in points if y and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
+
+
+def scaling_series(rows: list[dict], recipe: str, backend: str, key: str) -> list[tuple[int, float]]:
+    return sorted((r["tokens"], r[key]) for r in rows if r["group"] == "scaling" and r["recipe"] == recipe
+                  and r["backend"] == backend and r["batch"] == 1 and r.get(key) is not None)
+
+
+def plot_scaling(rows: list[dict], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = sorted({r["recipe"] for r in rows if r["group"] == "scaling"})
+    if not recipes:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for key, label, scale in (("median", "forward+backward time (s)", 1.0), ("peak_bytes", "peak memory (MiB)", 2**20)):
+        fig, axes = plt.subplots(1, len(recipes), figsize=(5.5 * len(recipes), 4), squeeze=False)
+        for ax, recipe in zip(axes[0], recipes):
+            for backend in backends_of(rows):
+                series = scaling_series(rows, recipe, backend, key)
+                if series:
+                    ax.plot([n for n, _ in series], [v / scale for _, v in series], marker="o", label=backend)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens per cloud N (B = 1)")
+            ax.set_ylabel(label)
+            ax.set_title(f"guided adapter, {recipe} recipe")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        name = f"scaling_{'time' if key == 'median' else 'memory'}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, each with the figure measured in this run."""
+    by_key = index(rows)
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+
+    def add(target: str, measured: str, ok: bool | None) -> None:
+        lines.append(f"| {target} | {measured} | {'met' if ok else 'missed' if ok is not None else 'not measured'} |")
+
+    def pair(group, case, mode):
+        return by_key.get((group, case, mode, "reference")), by_key.get((group, case, mode, "torch"))
+
+    adapter_cases = sorted({r["case"] for r in rows if r["group"] == "adapter"})
+    for case in adapter_cases:
+        ref, fast = pair("adapter", case, "forward+backward")
+        if ref and fast:
+            speed = ref["median"] / fast["median"]
+            add(f"adapter fwd+bwd, {case}: torch ≥ 4× faster", f"{speed:.1f}×", speed >= 4)
+            calls = fast["op_calls"] / ref["op_calls"]
+            add(f"adapter fwd+bwd, {case}: ≤ 1/5 of the operator calls",
+                f"{fast['op_calls']} vs {ref['op_calls']} ({calls:.2f})", calls <= 0.2)
+    for case in sorted({r["case"] for r in rows if r["group"] == "geometry"}):
+        ref, fast = pair("geometry", case, "forward")
+        if ref and fast:
+            share = fast["median"] / ref["median"]
+            add(f"geometry, {case}: ≤ 1/10 of the reference's time", f"{share:.3f}", share <= 0.1)
+    for recipe in sorted({r["recipe"] for r in rows if r["group"] == "scaling"}):
+        ref, fast = pair("scaling", f"{recipe} B=1 N=8192", "forward+backward")
+        if ref and fast:
+            speed = ref["median"] / fast["median"]
+            add(f"N = 8192, {recipe}: torch ≥ 100× faster", f"{speed:.0f}×", speed >= 100)
+            if ref.get("peak_bytes") and fast.get("peak_bytes"):
+                less = ref["peak_bytes"] / fast["peak_bytes"]
+                add(f"N = 8192, {recipe}: ≥ 20× less peak memory", f"{less:.0f}×", less >= 20)
+        for case in (f"{recipe} B=1 N=16384", f"{recipe} B=8 N=4096"):
+            fast = by_key.get(("scaling", case, "forward+backward", "torch"))
+            if fast and fast.get("peak_bytes") is not None:
+                add(f"{case}: torch peak ≤ 2 GiB", fmt_bytes(fast["peak_bytes"]), fast["peak_bytes"] <= 2 * GIB)
+        for key, what in (("median", "time"), ("peak_bytes", "memory")):
+            series = [(n, v) for n, v in scaling_series(rows, recipe, "torch", key) if 1024 <= n <= 16384]
+            s = slope(series)
+            if s is not None:
+                add(f"{recipe}: torch {what} slope (log-log, N = 1024…16384) ≤ 1.2", f"{s:.2f}", s <= 1.2)
+    ref, fast = pair("model:train-step", next((r["case"] for r in rows if r["group"] == "model:train-step"
+                                               and r["case"].startswith("vit-b")), ""), "forward+backward")
+    if ref and fast:
+        speed = ref["median"] / fast["median"]
+        add(f"training step, {fast['case']}: ≥ 1.3× faster than on reference", f"{speed:.2f}×", speed >= 1.3)
+    return lines
+
+
+def throughput(rows: list[dict]) -> list[str]:
+    lines = ["| model | backend | mode | samples/s |", "|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["group"].startswith("model:")), key=lambda r: (r["group"], r["case"])):
+        mode = r["group"].split(":")[1]
+        lines.append(f"| {r['case']} | {r['backend']} | {mode} | {r['samples'] / r['median']:.2f} |")
+    return lines
+
+
+def machine(data: dict) -> list[str]:
+    m = data.get("machine_info", {})
+    cpu = m.get("cpu", {})
+    return [
+        f"- date: {data.get('datetime', '?')}",
+        f"- machine: {m.get('node', '?')}, {cpu.get('brand_raw', m.get('processor', '?'))}, "
+        f"{cpu.get('count', '?')} logical CPUs, {m.get('system', '?')} {m.get('release', '')}",
+        f"- python {m.get('python_version', '?')}, pytest-benchmark {data.get('version', '?')}",
+    ]
+
+
+def render(data: dict, rows: list[dict], plots: list[str], source: Path, versions: dict[str, str]) -> str:
+    device = rows[0]["device"] if rows else "?"
+    quick = rows[0].get("quick") if rows else False
+    shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
+    kind = "quick smoke run: tiny shapes, not meaningful" if quick else "full run"
+    out = [
+        "# Benchmarks",
+        "",
+        f"Generated by `scripts/bench_report.py` from `{shown}` ({kind}), written by `pytest bench/`.",
+        "Every ratio compares two measurements of the same run (median of the rounds). On a CPU only",
+        "ratios are meaningful; absolute times depend on the machine and its load.",
+        "",
+        "## Machine",
+        "",
+        *machine(data),
+        f"- device: {device}; torch threads: {rows[0].get('threads') if rows else '?'}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+        "## Targets",
+        "",
+        *targets(rows),
+        "",
+    ]
+    if plots:
+        out += ["## Scaling in N", ""] + [f"![{p}](bench/plots/{p})" for p in plots] + [""]
+    titles = {"adapter": "Guided adapter of one block", "geometry": "Geometry (projection, buckets, voxels)",
+              "scaling": "Adapter scaling in N"}
+    for group in sorted({r["group"] for r in rows}, key=lambda g: (not g.startswith("adapter"), g)):
+        if group.startswith("model:"):
+            continue
+        title = titles.get(group, group.replace("op:", "Op: "))
+        out += [f"## {title}", "", *group_table(rows, group), ""]
+    if any(r["group"].startswith("model:") for r in rows):
+        out += ["## Whole model", "", *group_table(rows, "model:train-step"), "",
+                *group_table(rows, "model:inference"), "", *throughput(rows), ""]
+    return "\n".join(out)
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in ("torch", "triton", "transformers", "any2point_fast"):
+        try:
+            module = __import__(name)
+            found[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            found[name] = "absent"
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="?", type=Path, default=ROOT / "bench" / "results" / "full.json")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    data, rows = load(args.results)
+    plots = plot_scaling(rows, args.output.parent / "bench" / "plots")
+    args.output.write_text(render(data, rows, plots, args.results.resolve(), versions()))
+    print(f"wrote {args.output} from {len(rows)} benchmarks ({len(plots)} plots)")
+
+
+if __name__ == "__main__":
+    main()

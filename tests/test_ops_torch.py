@@ -1,0 +1,370 @@
+"""``torch_ops`` against the reference: property tests of every fused op, outputs and gradients.
+
+Every test draws the layout (clouds ``B``, tokens ``N``, views ``M``, channels ``C``, bucket
+pattern), the dtype and the strides, runs the torch op and the reference on the same tensors,
+and compares the outputs and the gradient of every differentiable input for a random upstream
+gradient, at the tolerance of ``tests/tolerances.py``. The torch op is run twice and must be
+bitwise repeatable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from any2point_fast import reference, torch_ops
+from any2point_fast.config import Any2PointConfig
+from any2point_fast.geometry import ProjectionSpec, Segments
+from any2point_fast.torch_ops import attention as torch_attention
+from tests.tolerances import assert_close_to_reference
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+#: Bucket patterns: random ids among a few buckets, one bucket, all singletons, many empty
+#: buckets, skewed sizes (long buckets of many different lengths: the padded flash classes).
+PATTERNS = ("few", "one", "singletons", "sparse", "skewed")
+
+
+def bucket_ids(pattern: str, views: int, batch: int, tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """``[V, B, N]`` per-cloud bucket ids of ``pattern`` and the number of buckets per cloud."""
+    shape = (views, batch, tokens)
+    if pattern == "few":
+        num = int(torch.randint(1, 7, (), generator=gen))
+        return torch.randint(0, num, shape, generator=gen), num
+    if pattern == "one":
+        return torch.full(shape, 2, dtype=torch.long), 3
+    if pattern == "singletons":
+        return torch.stack([torch.randperm(tokens, generator=gen) for _ in range(views * batch)]).view(shape), tokens
+    if pattern == "sparse":
+        return torch.randint(0, 10_000, shape, generator=gen), 10_000
+    num = int(torch.randint(2, 9, (), generator=gen))
+    return (torch.rand(shape, generator=gen) ** 3 * num).long(), num
+
+
+class Layout(NamedTuple):
+    ids: torch.Tensor  # [V, B, N] bucket ids
+    num_buckets: int
+    segments: Segments
+    batch: int
+    tokens: int
+    seed: int
+
+
+@st.composite
+def layouts(draw, max_views: int = 8, max_tokens: int = 300) -> Layout:
+    """A random bucket layout: ``B`` in 1..4, ``N`` in 1..300 (mostly ≤ 24), ``V`` in 1..max_views."""
+    pattern = draw(st.sampled_from(PATTERNS))
+    views = draw(st.integers(1, max_views))
+    batch = draw(st.integers(1, 4))
+    tokens = draw(st.one_of(st.integers(1, 24), st.integers(25, max_tokens)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    ids, num = bucket_ids(pattern, views, batch, tokens, torch.Generator().manual_seed(seed))
+    return Layout(ids, num, torch_ops.bucket_sort(ids, num), batch, tokens, seed)
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` as a non-contiguous view (every other element of a wider tensor)."""
+    wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def prepare(tensors: list[torch.Tensor], dtype: torch.dtype, noncontiguous: bool) -> list[torch.Tensor]:
+    """The inputs in ``dtype``, optionally non-contiguous, requiring grad."""
+    out = []
+    for t in tensors:
+        t = t.to(dtype)
+        t = strided(t) if noncontiguous else t.clone()
+        out.append(t.requires_grad_())
+    return out
+
+
+def run(op, inputs: list[torch.Tensor], grad_seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output of ``op(*inputs)`` and the gradients of ``inputs`` for a random upstream gradient."""
+    out = op(*inputs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+    return out, list(torch.autograd.grad(out, inputs, upstream))
+
+
+def compare(op_torch, op_ref, inputs, names, dtype, grad_scale: float = 1.0, seed: int = 0,
+            grad_rows: dict[str, torch.Tensor] | None = None) -> None:
+    """Torch op vs reference on the same inputs: outputs, gradients, and bitwise repeatability.
+
+    ``grad_rows`` restricts the comparison of a named gradient to some rows (the others must
+    only be finite).
+    """
+    out, grads = run(op_torch, inputs, seed)
+    out_again, grads_again = run(op_torch, inputs, seed)
+    ref_out, ref_grads = run(op_ref, inputs, seed)
+    assert out.dtype == ref_out.dtype == inputs[0].dtype
+    assert torch.equal(out, out_again), "torch op is not bitwise repeatable"
+    assert_close_to_reference(out, ref_out, dtype, msg="output")
+    for name, grad, grad_again, ref_grad in zip(names, grads, grads_again, ref_grads):
+        assert grad.dtype == ref_grad.dtype
+        assert torch.equal(grad, grad_again), f"gradient of {name} is not bitwise repeatable"
+        if grad_rows and name in grad_rows:
+            assert torch.isfinite(grad.float()).all() or dtype == torch.float16, f"gradient of {name}"
+            grad, ref_grad = grad[grad_rows[name]], ref_grad[grad_rows[name]]
+        assert_close_to_reference(grad, ref_grad, dtype, scale=grad_scale, msg=f"gradient of {name}")
+
+
+def view_weights(views: int, channels: int, width: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """``LN_j``, ``Attn_j`` weights of ``M`` views, scaled so that attention is far from uniform."""
+    return [
+        1 + 0.3 * torch.randn(views, channels, generator=gen),
+        0.3 * torch.randn(views, channels, generator=gen),
+        torch.randn(views, 3 * width, channels, generator=gen) * 1.5 / math.sqrt(channels),
+        0.3 * torch.randn(views, 3 * width, generator=gen),
+        torch.randn(views, channels, width, generator=gen) / math.sqrt(width),
+        0.3 * torch.randn(views, channels, generator=gen),
+    ]
+
+
+def min_max_margin(x: torch.Tensor, segments: Segments, weights: list[torch.Tensor], num_heads: int) -> float:
+    """Smallest relative gap between a bucket's largest ``t_j`` value and the next one.
+
+    Max-pooling gradients jump where two tokens swap places; the torch op and the reference
+    round differently (by ~1e-7), so draws whose top two values are that close are skipped;
+    exact ties are tested on their own.
+    """
+    margin = math.inf
+    for j in range(segments.num_views):
+        ids = segments.segment_ids[j]
+        w = [p.detach()[j].float() for p in weights]
+        t = reference.adapter.bucket_attention(x.detach().float(), ids[:, :, None] == ids[:, None, :], *w, num_heads)
+        t, flat = t.reshape(-1, t.shape[-1]), ids.flatten()
+        index = flat[:, None].expand_as(t)
+        empty = torch.full((segments.num_segments, t.shape[1]), float("-inf"))
+        top = empty.scatter_reduce(0, index, t, "amax")
+        at_top = t == top[flat]
+        num_top = torch.zeros_like(top).scatter_add_(0, index, at_top.float())
+        second = empty.scatter_reduce(0, index, t.masked_fill(at_top, float("-inf")), "amax")
+        gap = torch.where(num_top > 1, 0.0, (top - second) / top.abs().clamp_min(1))
+        shared = torch.bincount(flat, minlength=segments.num_segments) > 1
+        if bool(shared.any()):
+            margin = min(margin, float(gap[shared].min()))
+    return margin
+
+
+# ----------------------------------------------------------------------------------- bucket_sort
+@SETTINGS
+@given(layouts(), st.booleans())
+def test_bucket_sort_is_identical_to_reference(layout, int32_ids):
+    ids = layout.ids.int() if int32_ids else layout.ids
+    expected = reference.bucket_sort(layout.ids, layout.num_buckets)
+    actual = torch_ops.bucket_sort(ids, layout.num_buckets)
+    for field in ("segment_ids", "perm", "offsets"):
+        a, e = getattr(actual, field), getattr(expected, field)
+        assert a.dtype == e.dtype and torch.equal(a, e), field
+    assert actual.view_offsets == expected.view_offsets
+    assert actual.max_len == expected.max_len
+
+
+def test_bucket_sort_hand_made():
+    ids = torch.tensor([[[2, 0, 2, 1]], [[0, 0, 0, 0]]])
+    s = torch_ops.bucket_sort(ids, 3)
+    assert s.segment_ids.tolist() == [[[2, 0, 2, 1]], [[3, 3, 3, 3]]]
+    assert s.perm.tolist() == [1, 3, 0, 2, 4, 5, 6, 7]
+    assert s.offsets.tolist() == [0, 1, 2, 4, 8]
+    assert s.view_offsets == (0, 3, 4) and s.max_len == 4
+
+
+# ------------------------------------------------------------------------------------ project_pe
+@FAST
+@given(st.sampled_from(["language", "vision", "audio"]), st.integers(1, 6), st.integers(1, 3),
+       st.integers(1, 200), st.sampled_from([1, 8, 36]), st.sampled_from([torch.float32, torch.float16]),
+       st.sampled_from(["normal", "degenerate", "duplicates"]), st.integers(0, 2**31 - 1))
+def test_project_pe_matches_reference(preset, views, batch, tokens, channels, dtype, cloud, seed):
+    gen = torch.Generator().manual_seed(seed)
+    config = Any2PointConfig.preset(preset, num_views=views)
+    spec = ProjectionSpec.from_config(config)
+    centers = torch.randn(batch, tokens, 3, generator=gen) * 3 + 1
+    if cloud == "degenerate":
+        centers[0] = centers[0, :1]
+    elif cloud == "duplicates":
+        centers = centers[:, torch.randint(0, tokens, (tokens,), generator=gen)]
+    shape = (config.pe_length, channels) if config.pe_kind == "1d" else (*config.pe_grid, channels)
+    table = torch.randn(shape, generator=gen).to(dtype)
+    pe, buckets = torch_ops.project_pe(strided(centers), table, spec)
+    ref_pe, ref_buckets = reference.project_pe(centers, table, spec)
+    assert buckets.dtype == torch.int64 and torch.equal(buckets, ref_buckets)
+    assert pe.dtype == dtype
+    assert_close_to_reference(pe, ref_pe, dtype)
+
+
+# ---------------------------------------------------------------------------------- segment_pool
+@SETTINGS
+@given(layouts(max_views=1), st.sampled_from([1, 8, 36, 96, 100]), st.sampled_from(["mean", "max+mean"]),
+       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans())
+def test_segment_pool_matches_reference(layout, channels, pooling, dtype, noncontiguous, duplicates):
+    segments, batch, tokens, seed = layout[2:]
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(batch * tokens, channels, generator=gen)
+    if duplicates:  # many rows repeated: maxima tied between rows of a segment
+        values = values[torch.randint(0, max(1, batch * tokens // 3), (batch * tokens,), generator=gen)]
+    (v,) = prepare([values], dtype, noncontiguous)
+    ids, num = segments.segment_ids.flatten(), segments.num_segments
+    compare(lambda v: torch_ops.segment_pool(v, ids, num, pooling),
+            lambda v: reference.segment_pool(v, ids, num, pooling), [v], ["values"], dtype, seed=seed)
+
+
+def test_segment_pool_ties_share_the_gradient_equally():
+    values = torch.tensor([[2.0, 1.0], [2.0, 3.0], [1.0, 3.0], [5.0, 5.0]], requires_grad=True)
+    torch_ops.segment_pool(values, torch.tensor([0, 0, 0, 1]), 2, "max+mean").sum().backward()
+    expected = torch.tensor([[1 / 3 + 1 / 2, 1 / 3], [1 / 3 + 1 / 2, 1 / 3 + 1 / 2], [1 / 3, 1 / 3 + 1 / 2], [2, 2]])
+    torch.testing.assert_close(values.grad, expected)
+
+
+# ------------------------------------------------------------------- neighborhood_attention_pool
+HEADS_AND_WIDTH = st.sampled_from([(6, 12), (1, 4), (2, 16), (3, 3), (1, 64)])
+# C = 1, 2 are left out: LayerNorm over one channel is 0 / sqrt(eps), over two it divides by their
+# difference; either amplifies rounding noise (in the reference too) beyond any fixed tolerance.
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from([8, 36, 96, 100]), HEADS_AND_WIDTH, st.sampled_from(["mean", "max+mean"]),
+       st.sampled_from([torch.float32, torch.float16]), st.booleans())
+def test_neighborhood_attention_pool_matches_reference(layout, channels, heads_width, pooling, dtype, noncontiguous):
+    segments, batch, tokens, seed = layout[2:]
+    num_heads, width = heads_width
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, channels, generator=gen)
+    weights = view_weights(segments.num_views, channels, width, gen)
+    inputs = prepare([x, *weights], dtype, noncontiguous)
+    if pooling == "max+mean":
+        assume(min_max_margin(inputs[0], segments, inputs[1:], num_heads) > 1e-5)
+    names = ["x", "ln_weight", "ln_bias", "qkv_weight", "qkv_bias", "out_weight", "out_bias"]
+    compare(lambda *a: torch_ops.neighborhood_attention_pool(a[0], segments, *a[1:], num_heads, pooling),
+            lambda *a: reference.neighborhood_attention_pool(a[0], segments, *a[1:], num_heads, pooling),
+            inputs, names, dtype, grad_scale=4, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_neighborhood_max_pool_ties_match_reference(dtype):
+    """Duplicated tokens in every bucket tie for the maximum; they share its gradient equally."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 8, generator=gen)
+    x[:, 15:] = x[:, :15]  # token i + 15 duplicates token i ...
+    ids = torch.randint(0, 4, (3, 2, 15), generator=gen)
+    segments = torch_ops.bucket_sort(torch.cat((ids, ids), dim=2), 4)  # ... and shares all its buckets
+    weights = view_weights(3, 8, 12, gen)
+    weights[4] = torch.zeros_like(weights[4])  # t_j = x exactly: the ties are exact in both paths
+    weights[5] = torch.zeros_like(weights[5])
+    inputs = prepare([x, *weights], dtype, noncontiguous=False)
+    names = ["x", "ln_weight", "ln_bias", "qkv_weight", "qkv_bias", "out_weight", "out_bias"]
+    compare(lambda *a: torch_ops.neighborhood_attention_pool(a[0], segments, *a[1:], 6, "max+mean"),
+            lambda *a: reference.neighborhood_attention_pool(a[0], segments, *a[1:], 6, "max+mean"),
+            inputs, names, dtype, grad_scale=4)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("pooling", ["mean", "max+mean"])
+def test_long_buckets_of_every_length_class(pooling, flash, monkeypatch):
+    """Buckets of 1..130 tokens: exact classes, the explicit and flash paths, padded classes.
+
+    Without flash (the path off the CPU), the long buckets are cut into small logits tiles.
+    """
+    monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", flash and torch_attention.FLASH_ON_CPU)
+    monkeypatch.setattr(torch_attention, "TILE_ELEMENTS", torch_attention.TILE_ELEMENTS if flash else 20_000)
+    lengths = [1, 2, 3, 4, 5, 17, 64, 65, 67, 68, 71, 72, 129, 130]
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(1))]
+    segments = torch_ops.bucket_sort(torch.stack((ids, ids.flip(0)))[:, None], len(lengths))
+    plan = torch_attention._plan(segments, len(ids))
+    assert any(b.keep is not None for b in plan.batches), "no padded class exercised"
+    gen = torch.Generator().manual_seed(2)
+    inputs = prepare([torch.randn(1, len(ids), 36, generator=gen), *view_weights(2, 36, 12, gen)], torch.float32,
+                     noncontiguous=True)
+    compare(lambda *a: torch_ops.neighborhood_attention_pool(a[0], segments, *a[1:], 6, pooling),
+            lambda *a: reference.neighborhood_attention_pool(a[0], segments, *a[1:], 6, pooling),
+            inputs, ["x", "ln_w", "ln_b", "qkv_w", "qkv_b", "out_w", "out_b"], torch.float32, grad_scale=4)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("pooling", ["mean", "max+mean"])
+def test_neighborhood_attention_pool_gradcheck(pooling, flash, monkeypatch):
+    """float64 ``gradcheck`` on a layout with singletons, short, exact and padded long buckets."""
+    monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", flash and torch_attention.FLASH_ON_CPU)
+    monkeypatch.setattr(torch_attention, "TILE_ELEMENTS", torch_attention.TILE_ELEMENTS if flash else 20_000)
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([1, 1, 2, 3, 6, 20, 67, 68])
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    views = torch.stack((ids[torch.randperm(len(ids), generator=gen)], ids))[:, None]
+    segments = torch_ops.bucket_sort(torch.cat((views, torch.zeros_like(views)), dim=1), len(lengths))
+    x = torch.randn(2, len(ids), 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = [w.double().requires_grad_() for w in view_weights(2, 5, 4, gen)]
+
+    def op(x, *w):
+        return torch_ops.neighborhood_attention_pool(x, segments, *w, 2, pooling)
+
+    assert torch.autograd.gradcheck(op, (x, *weights), fast_mode=True)
+
+
+# ---------------------------------------------------------------------------- ensemble_propagate
+@SETTINGS
+@given(layouts(), st.sampled_from([2, 8, 36, 96, 100]), st.floats(0.05, 1.0),
+       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans(), st.booleans())
+def test_ensemble_propagate_matches_reference(layout, channels, coef, dtype, noncontiguous, zero_rows, shared_rows):
+    # C = 1 is left out: every cosine is ±1, and where all M are −1 the 1/eps of the weight
+    # normalisation turns rounding noise into the gradient, in the reference as well.
+    segments, batch, tokens, seed = layout[2:]
+    gen = torch.Generator().manual_seed(seed)
+    voxel_ids = torch.randint(0, max(1, tokens // 4), (batch, tokens), generator=gen)
+    x = torch.randn(batch, tokens, channels, generator=gen)
+    base_rows = torch.randn(int(voxel_ids.max()) + 1, channels, generator=gen)
+    view_rows = torch.randn(segments.num_segments, channels, generator=gen)
+    kept = None
+    if zero_rows:  # norms of 0: the clamped denominator of the cosine. The gradient of such a row
+        base_rows[0] = 0  # is its neighbours' sum over 1/eps: compared on the other rows only.
+        view_rows[::3] = 0
+        kept = {"base_rows": base_rows.norm(dim=1) > 0, "view_rows": view_rows.norm(dim=1) > 0}
+    inputs = prepare([x, base_rows, view_rows], dtype, noncontiguous)
+    view_ids = segments.segment_ids
+    if shared_rows:  # any row may serve several views, clouds, even one token twice
+        view_ids = torch.randint(0, segments.num_segments, view_ids.shape, generator=gen)
+
+    def torch_op(x, b, v):
+        return torch_ops.ensemble_propagate(x, b, voxel_ids, v, view_ids, coef)
+
+    def ref_op(x, b, v):
+        return reference.ensemble_propagate(x, b, voxel_ids, v, view_ids, coef)
+
+    compare(torch_op, ref_op, inputs, ["x", "base_rows", "view_rows"], dtype, grad_scale=4, seed=seed,
+            grad_rows=kept)
+
+
+def test_ensemble_opposite_and_aligned_views_hand_made():
+    """Token 0 sees one view opposite to its baseline (cos = −1, weight 0) and one aligned (weight 1)."""
+    base = torch.tensor([[1.0, 2.0, -1.0]], requires_grad=True)
+    rows = torch.tensor([[-2.0, -4.0, 2.0], [0.5, 1.0, -0.5], [1.0, 0.0, 0.0]], requires_grad=True)
+    view_ids = torch.tensor([[[0, 2]], [[1, 2]]])
+    out = torch_ops.ensemble_propagate(torch.zeros(1, 2, 3), base, torch.zeros(1, 2, dtype=torch.long), rows,
+                                       view_ids, 0.5)
+    torch.testing.assert_close(out[0, 0], 0.5 * rows[1].detach())
+    torch.testing.assert_close(out[0, 1], 0.5 * rows[2].detach())
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(out, (base, rows), upstream)
+    ref = reference.ensemble_propagate(torch.zeros(1, 2, 3), base, torch.zeros(1, 2, dtype=torch.long), rows,
+                                       view_ids, 0.5)
+    for grad, ref_grad in zip(grads, torch.autograd.grad(ref, (base, rows), upstream)):
+        assert_close_to_reference(grad, ref_grad)
+
+
+def test_ensemble_propagate_gradcheck():
+    gen = torch.Generator().manual_seed(4)
+    view_ids = torch.randint(0, 7, (3, 2, 9), generator=gen)
+    base_ids = torch.randint(0, 4, (2, 9), generator=gen)
+    x = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def op(x, base, rows):
+        return torch_ops.ensemble_propagate(x, base, base_ids, rows, view_ids, 0.7)
+
+    assert torch.autograd.gradcheck(op, (x, base, rows))
