@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set everything up and run the test suite (what CI runs).
+# Set everything up and run the test suite, then every benchmark once on tiny shapes
+# (`pytest bench/ --quick`) so the suites cannot rot. This is what CI runs.
+# Extra arguments go to the test run (e.g. -k projection).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
-exec .venv/bin/python -m pytest tests -q "$@"
+.venv/bin/python -m pytest tests -q "$@"
+.venv/bin/python -m pytest bench --quick -q -p no:cacheprovider --benchmark-disable-gc
