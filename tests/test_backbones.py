@@ -82,13 +82,7 @@ def load_hf(directory: Path, attn_implementation: str = "eager"):
     return transformers.AutoModel.from_pretrained(directory, attn_implementation=attn_implementation).eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add contention on a 2-core runner; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

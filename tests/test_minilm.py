@@ -22,13 +22,7 @@ CONFIG = dict(num_points=256, num_tokens=32, knn_k=8, head_dropout=0.0,
               backbone_kwargs=dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes: intra-op threads only add contention on a 2-core runner; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

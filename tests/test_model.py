@@ -28,14 +28,7 @@ from any2point_fast.model import Any2PointBlock, Any2PointModel  # noqa: E402
 
 from .test_backbones import ARCHITECTURES, SMALL_CONFIG, load_hf, save_tiny_backbone  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add contention on a 2-core runner; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """``segment_pool``: ``mean`` / ``max + mean`` of rows grouped by segment, as segment reductions.
 
-The rows are visited in the stable order of their segment ids: sums are one ``embedding_bag``
-with offsets (gather and reduce fused, no scatter), maxima a ``segment_reduce`` over the
-gathered rows. Backward spreads the mean gradient back with one gather and shares each
-maximum's gradient equally among the rows that attain it, as the reference does.
+The rows are visited in the stable order of their segment ids, so every segment is a
+contiguous run: the sums are one ``embedding_bag`` with offsets (gather and reduce fused), the
+maxima a ``segment_reduce`` over the rows of the segments of two or more rows — a singleton's
+maximum is its row, which joins the linear part with weight 2. Backward spreads the linear
+gradient back with one gather and shares each maximum's gradient equally among the rows that
+attain it, as the reference does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ import torch.nn.functional as F
 from ._common import compute_dtype, exclusive_cumsum
 
 
+def _linear_weights(counts: torch.Tensor, pooling: str, dtype: torch.dtype) -> torch.Tensor:
+    """Weight of a segment's row sum in its pooled row: ``1/n``; ``2`` for a singleton under ``max + mean``."""
+    weights = 1 / counts.clamp_min(1).to(dtype)
+    return weights.masked_fill_(counts == 1, 2.0) if pooling == "max+mean" else weights
+
+
 class _SegmentPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:
@@ -22,32 +30,37 @@ class _SegmentPool(torch.autograd.Function):
         ids = segment_ids.long()
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids, minlength=num_segments)
-        pooled = F.embedding_bag(order, v, exclusive_cumsum(counts), mode="sum")
-        pooled = pooled / counts.clamp_min(1)[:, None].to(dtype)
-        maxima = None
+        weights = _linear_weights(counts, pooling, dtype)
+        pooled = F.embedding_bag(order, v, exclusive_cumsum(counts), mode="sum",
+                                 per_sample_weights=weights.index_select(0, ids.index_select(0, order)))
+        shared = rows = maxima = None
         if pooling == "max+mean":
-            maxima = torch.segment_reduce(v.index_select(0, order), "max", lengths=counts, axis=0, unsafe=True)
-            if num_segments and bool((counts == 0).any()):
-                maxima = maxima.masked_fill((counts == 0)[:, None], 0)
-            pooled = pooled + maxima
-        ctx.save_for_backward(values, ids, order, counts, maxima)
+            shared = (counts > 1).nonzero().squeeze(1)  # segments whose maximum is not their only row
+            rows = order[(counts > 1).index_select(0, ids.index_select(0, order))]  # their rows, segment by segment
+            maxima = torch.segment_reduce(v.index_select(0, rows), "max", lengths=counts.index_select(0, shared),
+                                          axis=0, unsafe=True)
+            pooled.index_add_(0, shared, maxima)
+        ctx.save_for_backward(values, ids, counts, shared, rows, maxima)
         ctx.pooling = pooling
         return pooled.to(values.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        values, ids, order, counts, maxima = ctx.saved_tensors
+        values, ids, counts, shared, rows, maxima = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         dtype = compute_dtype(values)
         g = grad.to(dtype)
-        grad_values = (g / counts.clamp_min(1)[:, None].to(dtype)).index_select(0, ids)
-        if ctx.pooling == "max+mean":
-            # a maximum is exact, so the rows that attain it compare equal to it
-            ties = values.to(dtype) == maxima.index_select(0, ids)
-            num_ties = F.embedding_bag(order, ties.to(dtype), exclusive_cumsum(counts), mode="sum")
-            share = (g / num_ties.clamp_min(1)).index_select(0, ids)
-            grad_values = grad_values.add_(share.mul_(ties))
+        grad_values = (g * _linear_weights(counts, ctx.pooling, dtype)[:, None]).index_select(0, ids)
+        if ctx.pooling == "max+mean" and len(shared):
+            # a maximum is exact: the rows that attain it compare equal to it
+            local = (torch.cumsum(counts > 1, 0) - 1).index_select(0, ids.index_select(0, rows))
+            below = values.to(dtype).index_select(0, rows) != maxima.index_select(0, local)
+            g_max = g.index_select(0, shared)
+            if below.numel() - int(torch.count_nonzero(below)) != g_max.numel():  # a maximum attained twice
+                num_ties = torch.zeros_like(g_max).index_add_(0, local, (~below).to(dtype))
+                g_max = g_max / num_ties
+            grad_values.index_add_(0, rows, g_max.index_select(0, local).masked_fill_(below, 0))
         return grad_values.to(values.dtype), None, None, None
 
 
