@@ -2,8 +2,9 @@
 
 Two frozen backbones with random weights (no download): a small ViT (width 192, 4 layers) and
 a ViT-B-sized one (width 768, 12 layers, 12 heads) at the paper's scale (B = 32, P = 1024,
-N = 128, k = 81). Backbone attention is PyTorch SDPA on CPU (xformers on CUDA). The adapters
-run on each available backend; everything else is the same code.
+N = 128; k = 81 on CUDA, k = 16 on a CPU, where the tokenizer's backward at k = 81 alone needs
+more than this machine's 24 GiB). Backbone attention is PyTorch SDPA on CPU (xformers on CUDA).
+The adapters and geometry run on each available backend; everything else is the same code.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def build(name: str, quick: bool) -> tuple[Any2PointModel, torch.Tensor, torch.T
         else BACKBONES[name]
     vit = ViTModel(ViTConfig(image_size=224, patch_size=16, **sizes), add_pooling_layer=False)
     overrides = dict(num_points=256, num_tokens=32, knn_k=8) if quick else {}
+    if not quick and device().type == "cpu":
+        overrides["knn_k"] = 16
     model = Any2PointModel(vit, "vision", num_classes=15, attn_implementation="auto", **overrides).to(device())
     batch = 2 if quick else 32
     gen = torch.Generator().manual_seed(1)

@@ -16,7 +16,7 @@ from .workloads import adapter_case, adapter_pair, forward_backward
 
 FULL_SIZES = [(1, n) for n in (128, 512, 1024, 2048, 4096, 8192, 16384)] + [(8, 4096)]
 QUICK_SIZES = [(1, 64), (1, 256)]
-REFERENCE_BUDGET = 16 * 2**30
+REFERENCE_BUDGET = 20 * 2**30
 
 
 def pytest_generate_tests(metafunc):

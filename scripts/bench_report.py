@@ -184,7 +184,8 @@ def machine(data: dict) -> list[str]:
     ]
 
 
-def render(data: dict, rows: list[dict], plots: list[str], source: Path, versions: dict[str, str]) -> str:
+def render(data: dict, rows: list[dict], plots: list[str], source: Path, versions: dict[str, str],
+           note: str = "") -> str:
     device = rows[0]["device"] if rows else "?"
     quick = rows[0].get("quick") if rows else False
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
@@ -196,6 +197,7 @@ def render(data: dict, rows: list[dict], plots: list[str], source: Path, version
         "Every ratio compares two measurements of the same run (median of the rounds). On a CPU only",
         "ratios are meaningful; absolute times depend on the machine and its load.",
         "",
+        *([f"Note: {note}", ""] if note else []),
         "## Machine",
         "",
         *machine(data),
@@ -237,10 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="?", type=Path, default=ROOT / "bench" / "results" / "full.json")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--note", default="", help="a sentence on how this run was made (load, subset, ...)")
     args = parser.parse_args(argv)
     data, rows = load(args.results)
     plots = plot_scaling(rows, args.output.parent / "bench" / "plots")
-    args.output.write_text(render(data, rows, plots, args.results.resolve(), versions()))
+    args.output.write_text(render(data, rows, plots, args.results.resolve(), versions(), args.note))
     print(f"wrote {args.output} from {len(rows)} benchmarks ({len(plots)} plots)")
 
 
