@@ -92,7 +92,7 @@ def run(op, inputs: list[torch.Tensor], grad_seed: int) -> tuple[torch.Tensor, l
     return out, list(torch.autograd.grad(out, inputs, upstream))
 
 
-def compare(op_torch, op_ref, inputs, names, dtype, grad_scale: float = 1.0, seed: int = 0,
+def check_op(op_torch, op_ref, inputs, names, dtype, grad_scale: float = 1.0, seed: int = 0,
             grad_rows: dict[str, torch.Tensor] | None = None) -> None:
     """Torch op vs reference on the same inputs: outputs, gradients, and bitwise repeatability.
 
@@ -210,7 +210,7 @@ def test_segment_pool_matches_reference(layout, channels, pooling, dtype, noncon
         values = values[torch.randint(0, max(1, batch * tokens // 3), (batch * tokens,), generator=gen)]
     (v,) = prepare([values], dtype, noncontiguous)
     ids, num = segments.segment_ids.flatten(), segments.num_segments
-    compare(lambda v: torch_ops.segment_pool(v, ids, num, pooling),
+    check_op(lambda v: torch_ops.segment_pool(v, ids, num, pooling),
             lambda v: reference.segment_pool(v, ids, num, pooling), [v], ["values"], dtype, seed=seed)
 
 
@@ -240,7 +240,7 @@ def test_neighborhood_attention_pool_matches_reference(layout, channels, heads_w
     if pooling == "max+mean":
         assume(min_max_margin(inputs[0], segments, inputs[1:], num_heads) > 1e-5)
     names = ["x", "ln_weight", "ln_bias", "qkv_weight", "qkv_bias", "out_weight", "out_bias"]
-    compare(lambda *a: torch_ops.neighborhood_attention_pool(a[0], segments, *a[1:], num_heads, pooling),
+    check_op(lambda *a: torch_ops.neighborhood_attention_pool(a[0], segments, *a[1:], num_heads, pooling),
             lambda *a: reference.neighborhood_attention_pool(a[0], segments, *a[1:], num_heads, pooling),
             inputs, names, dtype, grad_scale=4, seed=seed)
 
@@ -258,7 +258,7 @@ def test_neighborhood_max_pool_ties_match_reference(dtype):
     weights[5] = torch.zeros_like(weights[5])
     inputs = prepare([x, *weights], dtype, noncontiguous=False)
     names = ["x", "ln_weight", "ln_bias", "qkv_weight", "qkv_bias", "out_weight", "out_bias"]
-    compare(lambda *a: torch_ops.neighborhood_attention_pool(a[0], segments, *a[1:], 6, "max+mean"),
+    check_op(lambda *a: torch_ops.neighborhood_attention_pool(a[0], segments, *a[1:], 6, "max+mean"),
             lambda *a: reference.neighborhood_attention_pool(a[0], segments, *a[1:], 6, "max+mean"),
             inputs, names, dtype, grad_scale=4)
 
@@ -281,7 +281,7 @@ def test_long_buckets_of_every_length_class(pooling, flash, monkeypatch):
     gen = torch.Generator().manual_seed(2)
     inputs = prepare([torch.randn(1, len(ids), 36, generator=gen), *view_weights(2, 36, 12, gen)], torch.float32,
                      noncontiguous=True)
-    compare(lambda *a: torch_ops.neighborhood_attention_pool(a[0], segments, *a[1:], 6, pooling),
+    check_op(lambda *a: torch_ops.neighborhood_attention_pool(a[0], segments, *a[1:], 6, pooling),
             lambda *a: reference.neighborhood_attention_pool(a[0], segments, *a[1:], 6, pooling),
             inputs, ["x", "ln_w", "ln_b", "qkv_w", "qkv_b", "out_w", "out_b"], torch.float32, grad_scale=4)
 
@@ -335,7 +335,7 @@ def test_ensemble_propagate_matches_reference(layout, channels, coef, dtype, non
     def ref_op(x, b, v):
         return reference.ensemble_propagate(x, b, voxel_ids, v, view_ids, coef)
 
-    compare(torch_op, ref_op, inputs, ["x", "base_rows", "view_rows"], dtype, grad_scale=4, seed=seed,
+    check_op(torch_op, ref_op, inputs, ["x", "base_rows", "view_rows"], dtype, grad_scale=4, seed=seed,
             grad_rows=kept)
 
 
