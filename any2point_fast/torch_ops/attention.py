@@ -21,8 +21,9 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
    is the maximum of a singleton bucket (its token). The maximum of the other buckets needs
    ``t_j`` itself: it is formed one view at a time for their tokens only (at most
    ``[B·N, C]``) and reduced per bucket, never for all views at once.
-4. **Backward recomputes.** Saved are the ``D``-wide ``qkv`` and attention outputs, the
-   log-sum-exps of the long buckets and the LayerNorm statistics; ``t_j`` for the maximum is recomputed one view at
+4. **Backward recomputes.** Saved are ``x`` (as a contiguous float copy only where it is not
+   one already), the ``D``-wide ``qkv`` and attention outputs, the log-sum-exps of the long
+   buckets and the LayerNorm statistics; ``t_j`` for the maximum is recomputed one view at
    a time, and the maximum's gradient is shared equally among tied tokens, as in the reference.
 """
 
@@ -37,11 +38,14 @@ import torch.nn.functional as F
 from ..geometry import Segments
 from ._common import compute_dtype, grad_as
 
-#: Buckets up to this length use an explicit softmax on exact lengths (cheaper than the flash kernel).
-EXPLICIT_MAX_LEN = 6
+#: Buckets up to this length use an explicit softmax on exact lengths, laid out with the keys
+#: leading (``[L, n, L, H]``) so that every step is elementwise over the batch (cheaper than the
+#: flash kernel or batched ``L × L`` matmuls at these lengths).
+EXPLICIT_MAX_LEN = 8
 #: Buckets up to this length are batched with others of exactly the same length (no padding).
 EXACT_MAX_LEN = 64
-#: Longer buckets are padded to one of this many length classes per octave (≤ 1/32 padding).
+#: Longer buckets are padded to one of this many length classes per octave (a power of two;
+#: 32 keeps the padding under 1/32).
 CLASSES_PER_OCTAVE = 32
 
 #: Elements of one ``[buckets, heads, queries, keys]`` logits tile where attention is explicit
@@ -135,8 +139,52 @@ def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
     return _Plan(tokens, rows, segment_of_position, counts, starts, batches)
 
 
-def _explicit_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.matmul(q, k.transpose(-1, -2)).mul_(scale).softmax(dim=-1)
+def _short_chunks(n: int, length: int, width: int):
+    """Slices of ``n`` buckets whose ``[L, n, L, H, d]`` products stay under ``TILE_ELEMENTS``."""
+    step = max(1, TILE_ELEMENTS // (length * length * width))
+    return [slice(first, first + step) for first in range(0, n, step)]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ_e a[..., e] b[..., e]`` with broadcasting; a few fused multiply-adds for small head dims."""
+    if a.shape[-1] > 4:
+        return (a * b).sum(dim=-1)
+    out = a[..., 0] * b[..., 0]
+    for e in range(1, a.shape[-1]):
+        out.addcmul_(a[..., e], b[..., e])
+    return out
+
+
+def _short_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax probabilities ``[L_k, n, L_q, H]`` of short buckets; ``q, k``: ``[n, L, H, d]``."""
+    s = _dot(q[None], k.transpose(0, 1)[:, :, None]).mul_(scale)
+    s = s.sub_(s.amax(dim=0)).exp_()
+    return s.div_(s.sum(dim=0))
+
+
+def _short_attention(block: torch.Tensor, scale: float) -> torch.Tensor:
+    """Outputs ``[n, L, H, d]`` of short buckets from their ``[n, L, 3, H, d]`` qkv."""
+    out = block.new_empty(block[:, :, 0].shape)
+    for chunk in _short_chunks(block.shape[0], block.shape[1], block[0, 0, 0].numel()):
+        q, k, v = block[chunk].unbind(2)
+        p = _short_probs(q, k, scale)
+        out[chunk] = (p[..., None] * v.transpose(0, 1)[:, :, None]).sum(dim=0)
+    return out
+
+
+def _short_attention_backward(do: torch.Tensor, block: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gradient ``[n, L, 3, H, d]`` of the qkv of short buckets from that of their outputs ``[n, L, H, d]``."""
+    grad = torch.empty_like(block)
+    for chunk in _short_chunks(block.shape[0], block.shape[1], block[0, 0, 0].numel()):
+        q, k, v = block[chunk].unbind(2)
+        d_out = do[chunk]
+        p = _short_probs(q, k, scale)  # [L_k, n, L_q, H]
+        grad[chunk, :, 2] = (p[..., None] * d_out[None]).sum(dim=2).transpose(0, 1)
+        dp = _dot(d_out[None], v.transpose(0, 1)[:, :, None])
+        ds = dp.sub_((p * dp).sum(dim=0)).mul_(p).mul_(scale)
+        grad[chunk, :, 0] = (ds[..., None] * k.transpose(0, 1)[:, :, None]).sum(dim=0)
+        grad[chunk, :, 1] = (ds[..., None] * q[None]).sum(dim=2).transpose(0, 1)
+    return grad
 
 
 def _uses_flash(q: torch.Tensor) -> bool:
@@ -199,17 +247,14 @@ def _attention_forward(qkv_rows: torch.Tensor, plan: _Plan, num_heads: int) -> t
     for batch in plan.batches:
         n, length = batch.num_buckets, batch.length
         block = qkv_rows.index_select(0, plan.rows.index_select(0, batch.positions))
+        lse.append(None)
         if length == 1:
             outputs = block[:, 2 * width:]
-            lse.append(None)
+        elif length <= EXPLICIT_MAX_LEN:
+            outputs = _short_attention(block.view(n, length, 3, num_heads, head_dim), scale).view(n * length, width)
         else:
             q, k, v = block.view(n, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-            if length <= EXPLICIT_MAX_LEN:
-                o = torch.matmul(_explicit_probs(q, k, scale), v)
-                lse.append(None)
-            else:
-                o, batch_lse = _attend(q, k, v, batch.key_mask(q.dtype), scale)
-                lse.append(batch_lse)
+            o, lse[-1] = _attend(q, k, v, batch.key_mask(q.dtype), scale)
             outputs = o.transpose(1, 2).reshape(n * length, width)
         if batch.keep is None:
             out.index_copy_(0, batch.positions, outputs)
@@ -232,20 +277,17 @@ def _attention_backward(grad_out: torch.Tensor, qkv_rows: torch.Tensor, out: tor
         if length == 1:
             grad_block = torch.zeros(n, 3 * width, dtype=qkv_rows.dtype, device=qkv_rows.device)
             grad_block[:, 2 * width:] = g_out
+        elif length <= EXPLICIT_MAX_LEN:
+            block = qkv_rows.index_select(0, rows).view(n, length, 3, num_heads, head_dim)
+            do = g_out.view(n, length, num_heads, head_dim)
+            grad_block = _short_attention_backward(do, block, scale).view(n * length, 3 * width)
         else:
             if batch.valid is not None:
                 g_out = g_out.mul_(batch.valid.view(-1, 1))
             q, k, v = qkv_rows.index_select(0, rows).view(n, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
             do = g_out.view(n, length, num_heads, head_dim).transpose(1, 2)
-            if length <= EXPLICIT_MAX_LEN:
-                p = _explicit_probs(q, k, scale)
-                dv = torch.matmul(p.transpose(-1, -2), do)
-                dp = torch.matmul(do, v.transpose(-1, -2))
-                ds = dp.sub_((dp * p).sum(dim=-1, keepdim=True)).mul_(p).mul_(scale)
-                dq, dk = torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q)
-            else:
-                o = out.index_select(0, batch.positions).view(n, length, num_heads, head_dim).transpose(1, 2)
-                dq, dk, dv = _attend_backward(do.contiguous(), q, k, v, o, batch_lse, batch.key_mask(q.dtype), scale)
+            o = out.index_select(0, batch.positions).view(n, length, num_heads, head_dim).transpose(1, 2)
+            dq, dk, dv = _attend_backward(do.contiguous(), q, k, v, o, batch_lse, batch.key_mask(q.dtype), scale)
             grad_block = torch.stack((dq, dk, dv), dim=2).permute(0, 3, 2, 1, 4).reshape(n * length, 3 * width)
         if batch.keep is None:
             grad_rows.index_copy_(0, rows, grad_block)
