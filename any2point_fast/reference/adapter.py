@@ -34,18 +34,21 @@ def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: 
 
     Args:
         values: ``[T, C]`` rows.
-        segment_ids: ``[T]`` int64 in ``[0, num_segments)``; every segment must be non-empty.
+        segment_ids: ``[T]`` int64 in ``[0, num_segments)``; an empty segment pools to zeros.
         pooling: ``"mean"`` or ``"max+mean"``.
 
     Returns:
         ``[num_segments, C]`` of ``values``' dtype, computed in float32.
     """
     v = values.float()
-    counts = torch.bincount(segment_ids, minlength=num_segments).clamp_min(1)
-    pooled = v.new_zeros(num_segments, v.shape[1]).index_add(0, segment_ids, v) / counts[:, None]
+    counts = torch.bincount(segment_ids, minlength=num_segments)
+    pooled = v.new_zeros(num_segments, v.shape[1]).index_add(0, segment_ids, v) / counts.clamp_min(1)[:, None]
     if pooling == "max+mean":
+        # A -inf fill, not zeros with include_self=False: backward counts the fill as a tie
+        # whenever a maximum is exactly 0 and would halve that gradient.
         index = segment_ids[:, None].expand_as(v)
-        pooled = pooled + v.new_zeros(num_segments, v.shape[1]).scatter_reduce(0, index, v, "amax", include_self=False)
+        top = v.new_full((num_segments, v.shape[1]), float("-inf")).scatter_reduce(0, index, v, "amax")
+        pooled = pooled + top.masked_fill((counts == 0)[:, None], 0.0)
     return pooled.to(values.dtype)
 
 
