@@ -7,6 +7,10 @@ stored under its canonical name ``view_attention.*``. Nothing of the frozen back
 ``commit_hash``) and fingerprints it (width, depth, PE shape and a hash of the PE values), so a
 checkpoint restored onto a different backbone is refused instead of silently producing garbage.
 
+Each file is written atomically (a temporary file beside it, fsynced, then :func:`os.replace`), so a
+save killed at any point leaves each file either as it was or complete. The weights file's metadata
+holds the sha256 of its tensors, checked on load: a truncated or modified file is refused.
+
 Only safetensors is read or written; nothing is ever unpickled.
 """
 
@@ -19,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
 from torch import nn
+
+from .atomic_io import atomic_write_bytes
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -82,31 +89,49 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 (hex) of the name, dtype, shape and bytes of each tensor, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_config: dict[str, Any]) -> None:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory`` (created)."""
+    """Write ``adapter_model.safetensors``, then ``adapter_config.json``, atomically into ``directory`` (created).
+
+    The weights' metadata records :func:`tensors_sha256` of the tensors under ``sha256``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter_state_dict(model).items()}
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
+    metadata = {"format": "pt", "producer": FORMAT, "sha256": tensors_sha256(tensors)}
+    atomic_write_bytes(directory / ADAPTER_WEIGHTS_NAME, safetensors_save(tensors, metadata=metadata))
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **adapter_config}
-    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The checked content of ``adapter_config.json``."""
     path = Path(directory) / ADAPTER_CONFIG_NAME
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read {path}: {error}") from error
-    if data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an Any2Point adapter config (format {data.get('format')!r})")
-    if data.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {data['format_version']}; this library reads "
-                              f"up to {FORMAT_VERSION}")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else f"none, a JSON {type(data).__name__}"
+        raise CheckpointError(f"{path} is not an Any2Point adapter config (format {found!r})")
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version!r}; this library reads up to {FORMAT_VERSION}")
     missing = [k for k in ("config", "backbone_fingerprint", "base_model_name_or_path", "model_type") if k not in data]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}")
+    malformed = [k for k in ("config", "backbone_fingerprint") if not isinstance(data[k], dict)]
+    if malformed:
+        raise CheckpointError(f"{path}: {malformed} must be JSON objects")
     return data
 
 
@@ -115,10 +140,7 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
     path = Path(directory) / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    try:
-        loaded = load_file(str(path))
-    except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); it may be truncated") from error
+    loaded = _read_weights(path)
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
     wrong = sorted(k for k in set(expected) & set(loaded) if expected[k].shape != loaded[k].shape)
@@ -133,6 +155,20 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
             expected[name].copy_(tensor)
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, checked against the ``sha256`` of its metadata (files saved before
+    this check existed have none)."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            loaded = {name: file.get_tensor(name) for name in file.keys()}
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); it may be truncated") from error
+    if "sha256" in metadata and tensors_sha256(loaded) != metadata["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch, the weights were modified or corrupted after saving")
+    return loaded
+
+
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
@@ -144,4 +180,5 @@ __all__ = [
     "load_adapter_weights",
     "read_adapter_config",
     "save_adapter",
+    "tensors_sha256",
 ]

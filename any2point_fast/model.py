@@ -26,6 +26,7 @@ from .backbones import BackboneSpec, get_backbone_spec, get_path, set_path
 from .checkpoint import (
     ADAPTER_CONFIG_NAME,
     BackboneMismatchError,
+    CheckpointError,
     compare_fingerprints,
     fingerprint,
     load_adapter_weights,
@@ -316,6 +317,7 @@ class Any2PointModel(nn.Module):
         Raises:
             UnsupportedBackboneError: the architecture has no spec (lists the supported ones).
             BackboneMismatchError: the backbone differs from the one the adapters were trained on.
+            CheckpointError: an adapter checkpoint file is missing, truncated, modified or malformed (names the file).
         """
         backbone_kwargs = dict(backbone_kwargs or {})
         if (Path(name_or_path) / ADAPTER_CONFIG_NAME).is_file():
@@ -336,7 +338,10 @@ class Any2PointModel(nn.Module):
         if config is not None:
             raise ConfigError("config= cannot be combined with an adapter checkpoint (its saved config is used); "
                               "pass field overrides as keywords")
-        saved_config = Any2PointConfig.from_dict(saved["config"])
+        try:
+            saved_config = Any2PointConfig.from_dict(saved["config"])
+        except (ConfigError, TypeError) as error:
+            raise CheckpointError(f"{directory / ADAPTER_CONFIG_NAME}: invalid 'config' ({error})") from error
         if isinstance(backbone, nn.Module):
             hf_model, name = backbone, None
         else:

@@ -58,10 +58,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import __version__, ops
+from .atomic_io import atomic_write_bytes
 from .config import Any2PointConfig, ConfigError
 from .train_state import (
     CheckpointError,
-    atomic_write_bytes,
     capture_rng_state,
     flatten_optimizer_state,
     load_checkpoint,

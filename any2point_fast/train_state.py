@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,6 +38,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from .atomic_io import atomic_write, atomic_write_bytes, fsync_dir
 from .checkpoint import CheckpointError
 
 FORMAT = "any2point-fast/train-checkpoint"
@@ -48,41 +48,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.safetensors"
 
 
-# ---------------------------------------------------------------------------------------------- atomic I/O
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file atomically: ``write(f)`` into a temporary file next to ``path``, fsync, ``os.replace``.
-
-    If ``write`` raises, the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(data))
-
-
+# ----------------------------------------------------------------------------------- safetensors files
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> str:
     """Write ``tensors`` atomically as a safetensors file; returns the file's sha256 (hex)."""
     digest: list[str] = []
@@ -216,7 +182,7 @@ def save_checkpoint(checkpoints_dir: str | Path, name: str, model: dict[str, tor
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,7 +242,7 @@ def point(run_dir: str | Path, name: str, target: str | Path) -> None:
         atomic_write_bytes(run_dir / f"{name}.ref", relative.encode())
         return
     os.replace(tmp, run_dir / name)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
 
 def resolve_pointer(run_dir: str | Path, name: str) -> Path | None:
@@ -318,7 +284,7 @@ def remove_stale_temporaries(run_dir: str | Path, checkpoints_dir: str | Path) -
 
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "atomic_write", "atomic_write_bytes", "capture_rng_state",
+    "Checkpoint", "CheckpointError", "capture_rng_state",
     "flatten_optimizer_state", "load_checkpoint", "point", "prune_checkpoints", "read_manifest",
     "read_safetensors", "remove_stale_temporaries", "resolve_pointer", "restore_rng_state", "save_checkpoint",
     "unflatten_optimizer_state", "write_safetensors",

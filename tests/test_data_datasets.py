@@ -20,6 +20,8 @@ from any2point_fast.data import (
     build_dataset,
 )
 
+from .test_data_mesh_io import corrupted
+
 
 def write_h5(path, data, labels, data_key="data"):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,8 @@ def test_modelnet40_h5_wrong_key_names_the_file(modelnet_h5):
         (np.zeros((2, 16, 3), np.float32), np.array([[3], [40]]), "label 40 at row 1 is outside the 40 classes"),
         (np.zeros((2, 16, 3), np.float32), np.array([[-1], [0]]), "label -1 at row 0"),
         (np.full((2, 16, 3), np.nan, np.float32), np.zeros((2, 1), np.int64), "non-finite"),
+        (np.zeros((0, 16, 3), np.float32), np.zeros((0, 1), np.int64), r"\(n, P >= 1\), found shape \[0, 16, 3\]"),
+        (np.zeros((2, 0, 3), np.float32), np.zeros((2, 1), np.int64), r"\(n, P >= 1\), found shape \[2, 0, 3\]"),
     ],
 )
 def test_modelnet40_h5_malformed_content_names_the_file(tmp_path, data, labels, message):
@@ -123,6 +127,20 @@ def test_modelnet40_h5_missing_or_corrupt_files(tmp_path):
         ModelNet40H5(tmp_path, "train")
     with pytest.raises(ValueError, match="expected split in"):
         ModelNet40H5(tmp_path, "val")
+
+
+def test_modelnet40_h5_corrupted_files_name_the_file(tmp_path):
+    """Random corruptions of a valid file: each one still loads, or raises a DatasetError naming the file."""
+    valid = write_h5(tmp_path / "valid.h5", random_clouds(4, points=64), np.arange(4)).read_bytes()
+    path, refused = tmp_path / "ply_data_test0.h5", 0
+    for seed in range(60):
+        path.write_bytes(corrupted(valid, seed, count=20))
+        try:
+            ModelNet40H5(tmp_path, "test")
+        except DatasetError as error:
+            assert str(error).startswith(f"{path}: "), error
+            refused += 1
+    assert refused >= 20
 
 
 # ---------------------------------------------------------------------------------------------

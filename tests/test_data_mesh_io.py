@@ -1,5 +1,6 @@
 """Geometry readers (PLY, OFF, OBJ, npy, txt) and area-weighted surface sampling."""
 
+import io
 import struct
 
 import numpy as np
@@ -47,6 +48,21 @@ def text_row(values, separator=" "):
 
 def random_vertices(count, seed=0):
     return np.random.default_rng(seed).normal(size=(count, 3))
+
+
+def corrupted(data: bytes, seed: int, count: int = 4) -> bytes:
+    """``data`` with ``count`` bytes at random places set to random values, cut short one time in five (seeded)."""
+    rng = np.random.default_rng(seed)
+    out = bytearray(data)
+    for position in rng.integers(0, len(out), count):
+        out[position] = rng.integers(0, 256)
+    return bytes(out[: rng.integers(0, len(out))] if rng.random() < 0.2 else out)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +224,7 @@ def test_text_points_any_separator(tmp_path, separator):
     [
         ("p.npy", np.zeros((5, 2)), r"expected an array of shape \[n, >=3\], found shape \[5, 2\]"),
         ("p.npy", np.zeros(5), r"found shape \[5\]"),
+        ("p.npy", np.ones((4, 3), np.complex64), "expected integer or real numbers, found dtype complex64"),
         ("p.txt", "1 2 3\n4 5\n", "cannot read"),
         ("p.txt", "1 2 nan\n", "non-finite"),
         ("p.txt", "", "no vertices or points"),
@@ -221,6 +238,48 @@ def test_malformed_point_files_are_errors(tmp_path, name, content, message):
         np.save(path, content)
     with pytest.raises(DatasetError, match=f"{path}.*{message}"):
         read_geometry(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "EOFError"),  # empty
+        (npy_bytes(np.zeros((4, 3)))[:20], "reading array header"),  # truncated
+        (npy_bytes(np.zeros((4, 3))).replace(b"}", b" "), "TokenError"),  # the header's dict is never closed
+    ],
+    ids=["empty", "truncated", "unclosed-header"],
+)
+def test_corrupt_npy_files_are_errors(tmp_path, content, message):
+    path = tmp_path / "p.npy"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=f"{path}: cannot read .npy file: not a valid .npy file .*{message}"):
+        read_geometry(path)
+
+
+CUBE_CORNERS = "\n".join(f"{x} {y} {z}" for x in (0, 1) for y in (0, 1) for z in (0, 1))
+VALID_FILES = {
+    "ascii.ply": lambda path: write_ply(path, SQUARE, SQUARE_FAN),
+    "binary.ply": lambda path: write_ply(path, SQUARE, [[0, 1, 2, 3]], fmt="binary_little_endian"),
+    "mesh.off": lambda path: path.write_text(f"OFF\n8 3 0\n{CUBE_CORNERS}\n3 0 1 2\n4 4 5 6 7\n3 0 4 7\n"),
+    "mesh.obj": lambda path: path.write_text("v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 1\nf 1 2 3\nf 1/1 2/2/2 3//3 -1\n"),
+    "points.npy": lambda path: np.save(path, random_vertices(6)),
+}
+
+
+@pytest.mark.parametrize("name", list(VALID_FILES))
+def test_corrupted_files_are_errors_naming_the_file(tmp_path, name):
+    """Random corruptions of a valid file: each one still parses, or raises a DatasetError naming the file."""
+    path = tmp_path / name
+    VALID_FILES[name](path)
+    valid, refused = path.read_bytes(), 0
+    for seed in range(200):
+        path.write_bytes(corrupted(valid, seed))
+        try:
+            read_geometry(path)
+        except DatasetError as error:
+            assert str(error).startswith(f"{path}: "), error
+            refused += 1
+    assert refused >= 20
 
 
 def test_missing_and_unsupported_files_are_errors(tmp_path):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -22,6 +28,7 @@ from any2point_fast.checkpoint import (  # noqa: E402
     ADAPTER_WEIGHTS_NAME,
     BackboneMismatchError,
     CheckpointError,
+    adapter_state_dict,
 )
 from any2point_fast.config import Any2PointConfig, ConfigError  # noqa: E402
 from any2point_fast.model import Any2PointBlock, Any2PointModel  # noqa: E402
@@ -278,3 +285,128 @@ def test_checkpoint_errors(tiny_dirs, tmp_path):
     (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(CheckpointError, match="not an Any2Point adapter config"):
         Any2PointModel.from_pretrained(tmp_path)
+
+
+def test_truncated_or_tampered_weights_are_refused(tiny_dirs, tmp_path):
+    build(tiny_dirs["vit"]).save_pretrained(tmp_path)
+    path = tmp_path / ADAPTER_WEIGHTS_NAME
+    data = path.read_bytes()
+    for cut in (len(data) - 100, 200, 5):  # inside the tensors, inside the header, inside the header length
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=f"{re.escape(str(path))} is not a readable safetensors file"):
+            Any2PointModel.from_pretrained(tmp_path)
+    tampered = bytearray(data)
+    tampered[-3] ^= 0x01  # one flipped bit in the last tensor: same size, still parses as safetensors
+    path.write_bytes(bytes(tampered))
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: checksum mismatch"):
+        Any2PointModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b'{"format": "any2point-adapter", "config": {', "cannot read {path}: Expecting"),  # truncated
+    (b'{"format": "any2point-\xff"}', "cannot read {path}: 'utf-8' codec can't decode"),
+    (b"[1, 2]", "{path} is not an Any2Point adapter config \\(format 'none, a JSON list'\\)"),
+    (b'{"format": "any2point-adapter", "format_version": "1"}', "{path} has format version '1'"),
+])
+def test_malformed_adapter_config_is_refused(tiny_dirs, tmp_path, content, message):
+    build(tiny_dirs["vit"]).save_pretrained(tmp_path)
+    path = tmp_path / ADAPTER_CONFIG_NAME
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message.format(path=re.escape(str(path)))):
+        Any2PointModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("config", {"hidden_size": 32, "colour": "red"}, "invalid 'config' .*unknown config keys \\['colour'\\]"),
+    ("config", {"hidden_size": "wide"}, "invalid 'config' .*hidden_size must be a positive int"),
+    ("config", [], "\\['config'\\] must be JSON objects"),
+    ("backbone_fingerprint", "vit", "\\['backbone_fingerprint'\\] must be JSON objects"),
+])
+def test_adapter_config_with_malformed_fields_is_refused(tiny_dirs, tmp_path, key, value, message):
+    build(tiny_dirs["vit"]).save_pretrained(tmp_path)
+    path = tmp_path / ADAPTER_CONFIG_NAME
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, key: value}))
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}.*{message}"):
+        Any2PointModel.from_pretrained(tmp_path)
+
+
+def test_saved_files_get_the_permissions_of_new_files(tiny_dirs, tmp_path):
+    (tmp_path / "plain").write_bytes(b"")  # created as any new file: 0o666 less the umask
+    build(tiny_dirs["vit"]).save_pretrained(tmp_path / "adapter")
+    for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+        assert (tmp_path / "adapter" / name).stat().st_mode == (tmp_path / "plain").stat().st_mode, name
+
+
+# A process that saves state k = 0, 1, 2, ... (every trainable value k) into one directory, forever; after the first
+# save it prints the size of each file as JSON.
+SAVE_FOREVER = """
+import json
+import os
+import sys
+import torch
+from any2point_fast.model import Any2PointModel
+from tests.test_backbones import SMALL_CONFIG
+torch.set_num_threads(1)
+backbone, target = sys.argv[1:]
+model = Any2PointModel.from_pretrained(backbone, num_classes=3, **SMALL_CONFIG)
+trainable = [p for p in model.parameters() if p.requires_grad]
+state = 0
+while True:
+    with torch.no_grad():
+        for param in trainable:
+            param.fill_(state)
+    model.save_pretrained(target)
+    if state == 0:
+        sizes = {name: os.path.getsize(os.path.join(target, name)) for name in os.listdir(target)}
+        print(json.dumps(sizes), flush=True)
+    state += 1
+"""
+
+
+def checkpoint_files(directory: Path, sizes: dict[str, int]) -> str:
+    """"torn" if a checkpoint file is missing or not of its complete size, "writing" if another (temporary) file is
+    beside them, else "complete"."""
+    names = set(os.listdir(directory))
+    for name, size in sizes.items():
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.getsize(directory / name) == size:
+                continue
+        return "torn"
+    return "complete" if names == set(sizes) else "writing"
+
+
+def test_save_killed_while_writing_leaves_a_saved_state(tiny_dirs, tmp_path):
+    """SIGKILL a process that overwrites a checkpoint in a loop, as soon as a file of it is seen incomplete (never,
+    when writes are atomic) or else, after 2 s, while it has a temporary file: the directory still restores one
+    of the saved states, bit for bit."""
+    target = tmp_path / "adapter"
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(tiny_dirs["bert"]), str(target)], cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = child.stdout.readline()  # the first save is complete
+        assert line, child.stderr.read().decode()[-2000:]
+        sizes, start = json.loads(line), time.monotonic()
+        assert set(sizes) == {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME}
+        while (seen := checkpoint_files(target, sizes)) != "torn":
+            if seen == "writing" and time.monotonic() > start + 2:
+                break
+            assert time.monotonic() < start + 60, "no save seen in progress"
+    finally:
+        child.kill()  # SIGKILL
+        child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+
+    restored = Any2PointModel.from_pretrained(target)
+    saved = adapter_state_dict(restored)
+    reference = build(tiny_dirs["bert"])  # same shapes and config; BatchNorm buffers untouched, as in the child
+    trainable = {name for name, param in reference.named_parameters() if param.requires_grad}
+    state = saved["head.mlp.0.weight"].flatten()[0].item()
+    assert state == int(state) >= 0
+    assert restored.config == reference.config
+    for name, tensor in adapter_state_dict(reference).items():
+        expected = torch.full_like(tensor, state) if name in trainable else tensor
+        assert torch.equal(saved[name], expected), name

@@ -86,6 +86,24 @@ def test_two_epochs_loss_decreases(full_run):
     assert result.step == 24 and result.epoch == 2 and not result.stopped
 
 
+def test_deterministic_runs_give_bit_identical_weights(tmp_path):
+    """Two CPU runs of one config with ``train.deterministic``: the same losses, bit-identical weights (another
+    seed: other ones, so the comparison can fail)."""
+    short = ("train.deterministic=true", "train.epochs=1", "data.train_options.num_samples=16",
+             "data.test_options.num_samples=8")
+    runs = {}
+    for name, seed in (("first", 0), ("again", 0), ("other-seed", 1)):
+        losses: list[float] = []
+        train(tiny(*short, f"train.seed={seed}"), tmp_path / name, log=quiet,
+              on_step=lambda step, loss, losses=losses: losses.append(loss))
+        runs[name] = losses, weights(tmp_path / name)
+    assert len(runs["first"][0]) == 2
+    assert runs["again"][0] == runs["first"][0]
+    assert_bitwise_equal(runs["again"][1], runs["first"][1])
+    assert runs["other-seed"][0] != runs["first"][0]
+    assert any(not torch.equal(tensor, runs["first"][1][name]) for name, tensor in runs["other-seed"][1].items())
+
+
 def test_metrics_jsonl_content(full_run):
     out, result, steps = full_run
     first, second, final = epoch_records(out)

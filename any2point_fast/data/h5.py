@@ -9,7 +9,7 @@ from .errors import DatasetError
 
 
 def read_h5_clouds(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``data`` (float32 ``[n, P, 3]``) and ``label`` (int64 ``[n]``) from one file.
+    """Read ``data`` (float32 ``[n, P, 3]``, n and P >= 1) and ``label`` (int64 ``[n]``) from one file.
 
     ``label`` may be stored as ``[n]`` or ``[n, 1]``; every label must lie in
     ``0..num_classes-1``. Raises DatasetError naming ``path`` for anything else.
@@ -21,11 +21,13 @@ def read_h5_clouds(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray
             keys = sorted(file.keys())
             data = _dataset(file, "data", path, keys)
             labels = _dataset(file, "label", path, keys)
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot read as HDF5: {err}") from err
-    if data.ndim != 3 or data.shape[2] != 3 or not np.issubdtype(data.dtype, np.floating):
+    except DatasetError:
+        raise
+    except Exception as err:  # h5py raises OSError, KeyError, RuntimeError, TypeError, ... on a corrupt file
+        raise DatasetError(f"{path}: cannot read as HDF5 (corrupt or truncated file?): {err}") from err
+    if data.ndim != 3 or 0 in data.shape or data.shape[2] != 3 or not np.issubdtype(data.dtype, np.floating):
         raise DatasetError(
-            f"{path}: expected key 'data' with shape [n, P, 3] of floats, "
+            f"{path}: expected key 'data' with shape [n, P, 3] of floats (n, P >= 1), "
             f"found shape {list(data.shape)} of {data.dtype}"
         )
     if labels.ndim == 2 and labels.shape[1] == 1:

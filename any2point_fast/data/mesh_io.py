@@ -49,9 +49,11 @@ def _no_faces() -> np.ndarray:
 
 
 def _points_from_table(table: np.ndarray) -> Mesh:
-    """A point set from an ``[n, >=3]`` numeric table; columns past xyz are ignored."""
+    """A point set from an ``[n, >=3]`` table of integers or reals; columns past xyz are ignored."""
     if table.ndim != 2 or table.shape[1] < 3:
         raise ValueError(f"expected an array of shape [n, >=3], found shape {list(table.shape)}")
+    if table.dtype.kind not in "iuf":
+        raise ValueError(f"expected integer or real numbers, found dtype {table.dtype}")
     return _mesh(table[:, :3], _no_faces())
 
 
@@ -319,7 +321,11 @@ def parse_obj(data: bytes) -> Mesh:
 
 def parse_npy(data: bytes) -> Mesh:
     """Parse a ``.npy`` array of shape ``[n, >=3]`` (xyz first) as a point set."""
-    return _points_from_table(np.load(io.BytesIO(data), allow_pickle=False))
+    try:
+        table = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as err:  # numpy raises EOFError, tokenize.TokenError, ... besides ValueError on a garbled file
+        raise ValueError(f"not a valid .npy file ({type(err).__name__}: {err})") from err
+    return _points_from_table(table)
 
 
 def parse_point_text(data: bytes) -> Mesh:

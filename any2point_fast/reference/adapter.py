@@ -158,15 +158,20 @@ class ViewAttention(nn.Module):
         return self.ln_weight, self.ln_bias, self.qkv_weight, self.qkv_bias, self.out_weight, self.out_bias
 
 
-def batch_norm_rows(rows: torch.Tensor, norm: nn.BatchNorm1d) -> torch.Tensor:
-    """BatchNorm over pooled rows ``[S, C]``; a single row uses the running statistics.
+class RowBatchNorm(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` over rows ``[S, C]`` that also takes a single row in training.
 
-    With one row, batch statistics are undefined (PyTorch raises), so it is normalised as in
-    evaluation mode and the running statistics are left unchanged.
+    With one row, batch statistics are undefined (``nn.BatchNorm1d`` raises): a lone pooled
+    row, or a batch of one cloud in the head, is normalised as in evaluation mode and the
+    running statistics are left unchanged. Same parameters and buffers as ``nn.BatchNorm1d``;
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns it into a plain ``SyncBatchNorm``, whose
+    statistics span every rank.
     """
-    if rows.shape[0] > 1 or not norm.training:
-        return norm(rows)
-    return F.batch_norm(rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] > 1 or not self.training:
+            return super().forward(rows)
+        return F.batch_norm(rows, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class ReferenceAdapter(nn.Module):
@@ -194,8 +199,8 @@ class ReferenceAdapter(nn.Module):
             nn.init.trunc_normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
         self.view_attention = view_attention or ViewAttention(c, config.num_views, config.attn_dim, config.attn_heads)
-        self.view_norms = nn.ModuleList(nn.BatchNorm1d(c) for _ in range(config.num_views))
-        self.voxel_norm = nn.BatchNorm1d(c)
+        self.view_norms = nn.ModuleList(RowBatchNorm(c) for _ in range(config.num_views))
+        self.voxel_norm = RowBatchNorm(c)
 
     def pool_views(self, tokens: torch.Tensor, segments: Segments) -> torch.Tensor:
         return neighborhood_attention_pool(tokens, segments, *self.view_attention.weights(),
@@ -216,9 +221,8 @@ class ReferenceAdapter(nn.Module):
         prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
         views = self.pool_views(tokens, geometry.views)
         offsets = geometry.views.view_offsets
-        views = torch.cat([batch_norm_rows(views[offsets[j]:offsets[j + 1]], norm)
-                           for j, norm in enumerate(self.view_norms)])
-        base = batch_norm_rows(self.pool_voxels(tokens, geometry.voxels), self.voxel_norm)
+        views = torch.cat([norm(views[offsets[j]:offsets[j + 1]]) for j, norm in enumerate(self.view_norms)])
+        base = self.voxel_norm(self.pool_voxels(tokens, geometry.voxels))
         tokens = self.ensemble(tokens, F.gelu(base), geometry.voxels.segment_ids[0], F.gelu(views),
                                geometry.views.segment_ids)
         return torch.cat((prefix, tokens), dim=1)

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import Any2PointConfig
 from ..geometry import Geometry, ProjectionSpec
 from ..validation import check_points
-from .adapter import ReferenceAdapter, ViewAttention
+from .adapter import ReferenceAdapter, RowBatchNorm, ViewAttention
 from .buckets import build_geometry
 from .tokenizer import PointTokenizer
 
@@ -45,14 +45,17 @@ class PlainBlock(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """``[CLS]`` ‖ max-pooled tokens ``[B, 2C]`` → MLP 256-256 with BN and dropout → ``[B, classes]``."""
+    """``[CLS]`` ‖ max-pooled tokens ``[B, 2C]`` → MLP 256-256 with BN and dropout → ``[B, classes]``.
+
+    A training batch of one cloud is normalised with the running statistics (:class:`RowBatchNorm`).
+    """
 
     def __init__(self, config: Any2PointConfig):
         super().__init__()
         hidden, drop = config.head_hidden, config.head_dropout
         self.mlp = nn.Sequential(
-            nn.Linear(2 * config.hidden_size, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(drop),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(drop),
+            nn.Linear(2 * config.hidden_size, hidden), RowBatchNorm(hidden), nn.ReLU(inplace=True), nn.Dropout(drop),
+            nn.Linear(hidden, hidden), RowBatchNorm(hidden), nn.ReLU(inplace=True), nn.Dropout(drop),
             nn.Linear(hidden, config.num_classes),
         )
 

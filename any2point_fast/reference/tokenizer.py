@@ -98,7 +98,11 @@ class PointTokenizer(nn.Module):
 
     def forward(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, num_points, _ = points.shape
-        feat = self.embed(points.reshape(-1, 3)).reshape(batch, num_points, -1)
+        # raw coordinates may be of any scale (1e6 overflows float16): embedded in float32, after
+        # its BatchNorm the features are O(1) and safe under autocast
+        with torch.autocast(points.device.type, enabled=False):
+            wide = points.to(torch.promote_types(points.dtype, torch.float32))
+            feat = self.embed(wide.reshape(-1, 3)).reshape(batch, num_points, -1)
         xyz = points
         for stage in self.stages:
             xyz, feat = stage(xyz, feat)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Segments
-from ._common import compute_dtype, grad_as
+from ._common import compute_dtype, grad_as, linear_pool_weights, without_autocast
 
 #: Buckets up to this length use an explicit softmax on exact lengths, laid out with the keys
 #: leading (``[L, n, L, H]``) so that every step is elementwise over the batch (cheaper than the
@@ -342,13 +342,6 @@ def _max_items(plan: _Plan, segments: Segments) -> list[_MaxItems]:
     return result
 
 
-def _linear_weights(counts: torch.Tensor, pooling: str, dtype: torch.dtype) -> torch.Tensor:
-    """Weight of a bucket's token sum in its pooled row: ``1/n`` (mean), ``2`` for a singleton
-    under ``max + mean`` (its maximum is its only token, so it joins the linear part)."""
-    weights = 1 / counts.to(dtype)
-    return weights.masked_fill_(counts == 1, 2.0) if pooling == "max+mean" else weights
-
-
 def _max_features(xf: torch.Tensor, out: torch.Tensor, plan: _Plan, items: _MaxItems,
                   out_weight: torch.Tensor) -> torch.Tensor:
     """``t_j − b_o = x + Attn_j W_oᵀ`` of one view's ``items``, ``[T_j, C]``."""
@@ -358,6 +351,7 @@ def _max_features(xf: torch.Tensor, out: torch.Tensor, plan: _Plan, items: _MaxI
 
 class _NeighborhoodAttentionPool(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, segments, num_heads,
                 pooling, eps):
         dtype = compute_dtype(x, ln_weight, qkv_weight, out_weight)
@@ -372,7 +366,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
 
         # linear part (the mean, and the maximum of singletons): sums of x and of the D-wide outputs
         wo, bo = out_weight.to(dtype), out_bias.to(dtype)
-        weights = _linear_weights(plan.counts, pooling, dtype).index_select(0, plan.segment_of_position)
+        weights = linear_pool_weights(plan.counts, pooling, dtype).index_select(0, plan.segment_of_position)
         pooled = F.embedding_bag(plan.tokens, xf, plan.starts, mode="sum", per_sample_weights=weights)
         linear_out = torch.segment_reduce(out * weights[:, None], "sum", lengths=plan.counts, axis=0, unsafe=True)
         bias_factor = 2 if pooling == "max+mean" else 1
@@ -392,6 +386,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         return pooled.to(x.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad):
         (xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, mean, rstd, qkv, out,
          linear_out) = ctx.saved_tensors
@@ -403,7 +398,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         wo = out_weight.to(dtype)
 
         # linear part: pooled = Σ w·x + (Σ w·out) W_oᵀ + b_o (twice b_o under max + mean)
-        weights = _linear_weights(plan.counts, pooling, dtype)
+        weights = linear_pool_weights(plan.counts, pooling, dtype)
         segment_ids = segments.segment_ids.reshape(views, -1).T.contiguous()  # [B·N, M]
         grad_x = F.embedding_bag(segment_ids, g, mode="sum", per_sample_weights=weights[segment_ids])
         grad_out_weight = torch.empty_like(wo)

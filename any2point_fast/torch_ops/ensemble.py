@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._common import compute_dtype, exclusive_cumsum, grad_as
+from ._common import compute_dtype, exclusive_cumsum, grad_as, without_autocast
 
 #: ``eps`` of :func:`any2point_fast.reference.ensemble_weights`, for both clamps.
 EPS = 1e-8
@@ -60,6 +60,7 @@ def _inverse_or_zero(norm: torch.Tensor) -> torch.Tensor:
 
 class _EnsemblePropagate(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x, base_rows, base_ids, view_rows, view_ids, coef):
         dtype = compute_dtype(x, base_rows, view_rows)
         batch, tokens, channels = x.shape
@@ -77,6 +78,7 @@ class _EnsemblePropagate(torch.autograd.Function):
         return y.view(batch, tokens, channels).to(x.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad):
         base_rows, bid, view_rows, vid, dots = ctx.saved_tensors
         needs = ctx.needs_input_grad

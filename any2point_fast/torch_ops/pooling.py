@@ -13,24 +13,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import compute_dtype, exclusive_cumsum
-
-
-def _linear_weights(counts: torch.Tensor, pooling: str, dtype: torch.dtype) -> torch.Tensor:
-    """Weight of a segment's row sum in its pooled row: ``1/n``; ``2`` for a singleton under ``max + mean``."""
-    weights = 1 / counts.clamp_min(1).to(dtype)
-    return weights.masked_fill_(counts == 1, 2.0) if pooling == "max+mean" else weights
+from ._common import compute_dtype, exclusive_cumsum, linear_pool_weights, without_autocast
 
 
 class _SegmentPool(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:
         dtype = compute_dtype(values)
         v = values.to(dtype)
         ids = segment_ids.long()
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids, minlength=num_segments)
-        weights = _linear_weights(counts, pooling, dtype)
+        weights = linear_pool_weights(counts, pooling, dtype)
         pooled = F.embedding_bag(order, v, exclusive_cumsum(counts), mode="sum",
                                  per_sample_weights=weights.index_select(0, ids.index_select(0, order)))
         shared = rows = maxima = None
@@ -45,13 +40,14 @@ class _SegmentPool(torch.autograd.Function):
         return pooled.to(values.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad: torch.Tensor):
         values, ids, counts, shared, rows, maxima = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         dtype = compute_dtype(values)
         g = grad.to(dtype)
-        grad_values = (g * _linear_weights(counts, ctx.pooling, dtype)[:, None]).index_select(0, ids)
+        grad_values = (g * linear_pool_weights(counts, ctx.pooling, dtype)[:, None]).index_select(0, ids)
         if ctx.pooling == "max+mean" and len(shared):
             # a maximum is exact: the rows that attain it compare equal to it
             local = (torch.cumsum(counts > 1, 0) - 1).index_select(0, ids.index_select(0, rows))
