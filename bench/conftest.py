@@ -8,7 +8,11 @@ report generator (``scripts/bench_report.py``) reads: ``group``, ``case``, ``bac
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,14 +56,30 @@ def backend(request):
         yield request.param
 
 
+def release_memory() -> None:
+    """Collect garbage and give the C heap's free pages back to the system before a measurement, so
+    one suite's leftovers (the whole model's, say) do not add up with a dense reference's 15 GB."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @pytest.fixture
 def measure(benchmark, quick):
-    """``measure(fn, rounds=3, memory=True, **info)``: time ``fn`` (synchronising CUDA), then run it once
-    more under the memory profiler (unless ``memory=False``) and record the peak and ``info``."""
+    """``measure(fn, rounds=3, warmup=True, memory=True, cost=None, **info)``: time ``fn``
+    (synchronising CUDA; one untimed warm-up call first unless ``warmup=False``, for calls of a
+    minute where it would only double the run time), then run it once more under the memory
+    profiler (unless ``memory=False``) and record the peak and ``info``. With an analytic
+    ``cost`` (:mod:`bench.costs`) it also records the achieved GB/s and TFLOP/s, and on a known
+    GPU their fractions of the device's peaks."""
     from any2point_fast.memory import peak_memory_bytes
 
-    def run(fn, rounds: int = 3, memory: bool = True, **info):
+    from .costs import device_peaks
+
+    def run(fn, rounds: int = 3, warmup: bool = True, memory: bool = True, cost=None, **info):
         dev = device()
+        release_memory()
 
         def timed():
             out = fn()
@@ -70,10 +90,18 @@ def measure(benchmark, quick):
         if quick:
             result = benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0)
         else:
-            result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+            result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=int(warmup))
         peak = peak_memory_bytes(fn, dev)[1] if memory else None
         benchmark.extra_info.update(info, peak_bytes=peak, device=str(dev), threads=torch.get_num_threads(),
                                     quick=quick, cpu_count=os.cpu_count())
+        if cost is not None:
+            seconds = benchmark.stats.stats.median
+            gbps, tflops = cost.bytes / seconds / 1e9, cost.flops / seconds / 1e12
+            benchmark.extra_info.update(bytes=cost.bytes, flops=cost.flops, gbps=gbps, tflops=tflops)
+            peaks = device_peaks(dev)
+            if peaks is not None:
+                benchmark.extra_info.update(bandwidth_fraction=gbps * 1e9 / peaks[0],
+                                            flops_fraction=tflops * 1e12 / peaks[1])
         return result
 
     return run

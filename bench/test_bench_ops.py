@@ -1,7 +1,9 @@
 """Each fused op alone, forward and forward+backward, on every available backend.
 
 Shapes: the paper's scale of one block (B = 32, N = 128, C = 768, M = 6), 1D and 2D recipes;
-``--quick`` uses tiny shapes. Every benchmark checks its result against the reference.
+``--quick`` uses tiny shapes. Every benchmark checks its result against the reference and records
+the achieved GB/s and TFLOP/s from the analytic counts of :mod:`bench.costs` (on a known GPU,
+also their fractions of the device's peaks).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from any2point_fast.reference import ViewAttention
 from tests.tolerances import assert_close_to_reference
 
 from .conftest import device
+from .costs import op_cost
 from .workloads import PAPER, TINY, AdapterCase, adapter_case, forward_backward
 
 RECIPES = ("language", "vision")
@@ -57,7 +60,7 @@ def differentiable_ops(case: AdapterCase):
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_differentiable_op(measure, backend, case, op, mode):
     fn, inputs = differentiable_ops(case)[op]
-    info = dict(group=f"op:{op}", case=case.label, backend=backend, mode=mode)
+    info = dict(group=f"op:{op}", case=case.label, backend=backend, mode=mode, cost=op_cost(op, case, mode))
     if mode == "forward":
         with torch.no_grad():
             out = measure(lambda: fn(ops), **info)
@@ -69,7 +72,8 @@ def test_differentiable_op(measure, backend, case, op, mode):
 
 def test_project_pe(measure, backend, case):
     pe, buckets = measure(lambda: ops.project_pe(case.centers, case.pe_table, case.spec),
-                          group="op:project_pe", case=case.label, backend=backend, mode="forward")
+                          group="op:project_pe", case=case.label, backend=backend, mode="forward",
+                          cost=op_cost("project_pe", case, "forward"))
     ref_pe, ref_buckets = reference.project_pe(case.centers, case.pe_table, case.spec)
     assert torch.equal(buckets, ref_buckets)
     assert_close_to_reference(pe, ref_pe)
@@ -79,6 +83,6 @@ def test_bucket_sort(measure, backend, case):
     buckets = reference.project_pe(case.centers, case.pe_table, case.spec)[1]
     num = case.spec.buckets_per_view(case.pe_table.shape[0])
     seg = measure(lambda: ops.bucket_sort(buckets, num), group="op:bucket_sort", case=case.label, backend=backend,
-                  mode="forward")
+                  mode="forward", cost=op_cost("bucket_sort", case, "forward"))
     ref = reference.bucket_sort(buckets, num)
     assert torch.equal(seg.perm, ref.perm) and torch.equal(seg.offsets, ref.offsets)

@@ -76,15 +76,17 @@ def count_operator_calls(fn: Callable[[], object]) -> int:
 
 
 def forward_backward(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """A callable running ``fn()`` and back-propagating a fixed random gradient into ``inputs``."""
-    out = fn()
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    """A callable running ``fn()`` and back-propagating a fixed random gradient into ``inputs``
+    (drawn at the first call, from the output's shape: no extra forward)."""
+    grads: list[torch.Tensor] = []
 
     def run() -> torch.Tensor:
         for t in inputs:
             t.grad = None
         result = fn()
-        result.backward(grad)
-        return result
+        if not grads:
+            grads.append(torch.randn(result.shape, generator=torch.Generator().manual_seed(1)).to(result))
+        result.backward(grads[0])
+        return result.detach()
 
     return run

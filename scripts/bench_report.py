@@ -173,6 +173,26 @@ def throughput(rows: list[dict]) -> list[str]:
     return lines
 
 
+def achieved(rows: list[dict]) -> list[str]:
+    """Achieved GB/s and TFLOP/s of the ops from their analytic counts (``bench/costs.py``), and the
+    fractions of the device's peaks where the device is a known GPU."""
+    chosen = sorted((r for r in rows if r.get("gbps") is not None),
+                    key=lambda r: (r["group"], r["case"], r["mode"], r["backend"]))
+    if not chosen:
+        return []
+
+    def percent(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f} %"
+
+    lines = ["| op | case | mode | backend | GB/s | TFLOP/s | % peak bandwidth | % peak FLOP/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in chosen:
+        lines.append(f"| {r['group'].removeprefix('op:')} | {r['case']} | {r['mode']} | {r['backend']} | "
+                     f"{r['gbps']:.2f} | {r['tflops']:.4f} | {percent(r.get('bandwidth_fraction'))} | "
+                     f"{percent(r.get('flops_fraction'))} |")
+    return lines
+
+
 def machine(data: dict) -> list[str]:
     m = data.get("machine_info", {})
     cpu = m.get("cpu", {})
@@ -218,6 +238,11 @@ def render(data: dict, rows: list[dict], plots: list[str], source: Path, version
             continue
         title = titles.get(group, group.replace("op:", "Op: "))
         out += [f"## {title}", "", *group_table(rows, group), ""]
+    rates = achieved(rows)
+    if rates:
+        out += ["## Achieved throughput of the ops", "",
+                "From analytic byte and flop counts of an ideal fused kernel (`bench/costs.py`); the fractions",
+                "of the device's peaks are given on known GPUs only.", "", *rates, ""]
     if any(r["group"].startswith("model:") for r in rows):
         out += ["## Whole model", "", *group_table(rows, "model:train-step"), "",
                 *group_table(rows, "model:inference"), "", *throughput(rows), ""]
