@@ -221,7 +221,9 @@ class ReferenceAdapter(nn.Module):
         prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
         views = self.pool_views(tokens, geometry.views)
         offsets = geometry.views.view_offsets
-        views = torch.cat([norm(views[offsets[j]:offsets[j + 1]]) for j, norm in enumerate(self.view_norms)])
+        # split, not slices: the backward of M slices would zero-fill M full-size [S, C] gradients
+        per_view = views.split([last - first for first, last in zip(offsets[:-1], offsets[1:])])
+        views = torch.cat([norm(rows) for rows, norm in zip(per_view, self.view_norms)])
         base = self.voxel_norm(self.pool_voxels(tokens, geometry.voxels))
         tokens = self.ensemble(tokens, F.gelu(base), geometry.voxels.segment_ids[0], F.gelu(views),
                                geometry.views.segment_ids)

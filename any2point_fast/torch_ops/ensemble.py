@@ -109,14 +109,14 @@ class _EnsemblePropagate(torch.autograd.Function):
             grad_f += F.embedding_bag(bid[token], rows_b, starts, mode="sum",
                                       per_sample_weights=grad_dot.flatten()[order])
             norm_grad = torch.zeros_like(norms_f).index_add_(0, vid.flatten(), grad_view_norm.flatten())
-            grad_f += (norm_grad * _inverse_or_zero(norms_f))[:, None] * rows_f
+            grad_f.addcmul_((norm_grad * _inverse_or_zero(norms_f))[:, None], rows_f)
         if needs[1]:
             order = torch.argsort(bid, stable=True)
             starts = exclusive_cumsum(torch.bincount(bid, minlength=rows_b.shape[0])) * views
             grad_b = F.embedding_bag(vid[:, order].T.flatten(), rows_f, starts, mode="sum",
                                      per_sample_weights=grad_dot[:, order].T.flatten())
             norm_grad = torch.zeros_like(norms_b).index_add_(0, bid, grad_base_norm)
-            grad_b += (norm_grad * _inverse_or_zero(norms_b))[:, None] * rows_b
+            grad_b.addcmul_((norm_grad * _inverse_or_zero(norms_b))[:, None], rows_b)
         return (grad if needs[0] else None, grad_as(grad_b, base_rows, needs[1]), None,
                 grad_as(grad_f, view_rows, needs[3]), None, None)
 

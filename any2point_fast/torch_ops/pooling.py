@@ -26,8 +26,7 @@ class _SegmentPool(torch.autograd.Function):
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids, minlength=num_segments)
         weights = linear_pool_weights(counts, pooling, dtype)
-        pooled = F.embedding_bag(order, v, exclusive_cumsum(counts), mode="sum",
-                                 per_sample_weights=weights.index_select(0, ids.index_select(0, order)))
+        pooled = F.embedding_bag(order, v, exclusive_cumsum(counts), mode="sum").mul_(weights[:, None])
         shared = rows = maxima = None
         if pooling == "max+mean":
             shared = (counts > 1).nonzero().squeeze(1)  # segments whose maximum is not their only row
