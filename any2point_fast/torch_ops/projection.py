@@ -7,7 +7,8 @@ one-ulp difference would move tokens across bucket borders, and bucket ids must 
 reference's exactly — the Triton kernel makes the same choice), and the bucket formula is the
 reference's. The heavy part, ``(1/M) Σ_j PE(p_ij)`` over ``C`` channels, is one ``embedding_bag``
 over the ``2M`` (1D) or ``4M`` (2D) table rows that interpolate each token, weighted by the
-interpolation weights: no ``[M, B, N, C]`` per-view PE is formed. It is computed in float32
+interpolation weights — or, for a short table, one GEMM of the ``[B·N, L]`` interpolation
+matrix with the table: no ``[M, B, N, C]`` per-view PE is formed. It is computed in float32
 (float64 for a float64 table) and rounded once to the table dtype; the reference rounds every
 view's PE before averaging, which differs for float16/bfloat16 tables by that rounding.
 """
@@ -20,6 +21,11 @@ import torch.nn.functional as F
 from ..geometry import ProjectionSpec
 from ..reference.projection import canvas_positions, line_positions
 from ._common import compute_dtype
+
+#: A table of at most this many rows per interpolation row of a token (2M in 1D, 4M in 2D) is
+#: applied as a dense interpolation matrix (one GEMM, ~30× the flop rate of a weighted gather on
+#: a CPU); a longer one by the weighted gather, whose cost does not grow with the table.
+DENSE_TABLE_ROWS_PER_BAG_ROW = 16
 
 
 def _neighbours(pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,5 +73,10 @@ def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
     # token-major bags: the 2M (4M) interpolation rows of every token
     bags = rows.permute(1, 2, 0, 3).reshape(batch * tokens, -1)
     bag_weights = weights.permute(1, 2, 0, 3).reshape(batch * tokens, -1).to(dtype)
-    pe = F.embedding_bag(bags, table.to(dtype), per_sample_weights=bag_weights, mode="sum") / spec.num_views
+    if table.shape[0] <= DENSE_TABLE_ROWS_PER_BAG_ROW * bags.shape[1]:
+        # a short table: the [B·N, L] interpolation matrix times the table is one GEMM
+        interpolation = bag_weights.new_zeros(batch * tokens, table.shape[0]).scatter_add_(1, bags, bag_weights)
+        pe = torch.mm(interpolation, table.to(dtype)) / spec.num_views
+    else:
+        pe = F.embedding_bag(bags, table.to(dtype), per_sample_weights=bag_weights, mode="sum") / spec.num_views
     return pe.view(batch, tokens, -1).to(pe_table.dtype), buckets
