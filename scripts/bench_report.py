@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +46,17 @@ def backends_of(rows: list[dict]) -> list[str]:
     return [b for b in order if any(r["backend"] == b for r in rows)]
 
 
+def natural(text: str) -> list:
+    """Sort key reading the digit runs as numbers: ``N=128`` before ``N=1024``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
 def group_table(rows: list[dict], group: str) -> list[str]:
     """Markdown table of one group: a row per (case, mode), columns per backend."""
     chosen = [r for r in rows if r["group"] == group]
     backends = backends_of(chosen)
     by_key = index(chosen)
-    keys = sorted({(r["case"], r["mode"]) for r in chosen}, key=lambda k: (k[0], k[1]))
+    keys = sorted({(r["case"], r["mode"]) for r in chosen}, key=lambda k: (natural(k[0]), k[1]))
     head = ["case", "mode"] + [f"{b} time" for b in backends] + [f"{b} ×ref" for b in backends[1:]] + \
         [f"{b} peak" for b in backends]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
