@@ -341,6 +341,17 @@ def test_ensemble_propagate_matches_reference(layout, channels, coef, dtype, non
     view_ids = segments.segment_ids
     if shared_rows:  # any row may serve several views, clouds, even one token twice
         view_ids = torch.randint(0, segments.num_segments, view_ids.shape, generator=gen)
+    # A token whose views all point away from its baseline (every cosine near −1, likely at small
+    # C and M) has its weight normaliser at the eps clamp: there a rounding difference switches
+    # the gradient on or off, in the reference as well. Its rows are compared in value only.
+    base, views = inputs[1].float()[voxel_ids], inputs[2].float()[view_ids]
+    cos = (base * views).sum(-1) / (base.norm(dim=-1) * views.norm(dim=-1)).clamp_min(1e-8)
+    at_clamp = ((cos + 1) / 2).sum(dim=0) < 1e-3  # [B, N]
+    if bool(at_clamp.any()):
+        kept = kept or {"base_rows": torch.ones(len(base_rows), dtype=torch.bool),
+                        "view_rows": torch.ones(len(view_rows), dtype=torch.bool)}
+        kept["base_rows"][voxel_ids[at_clamp]] = False
+        kept["view_rows"][view_ids[:, at_clamp].flatten()] = False
 
     def torch_op(x, b, v):
         return torch_ops.ensemble_propagate(x, b, voxel_ids, v, view_ids, coef)
