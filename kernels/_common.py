@@ -56,3 +56,17 @@ if triton.knobs.runtime.interpret:
     tsum, tmax, tmin, tcumsum = tl.sum.fn, tl.max.fn, tl.min.fn, tl.cumsum.fn
 else:
     tsum, tmax, tmin, tcumsum = tl.sum, tl.max, tl.min, tl.cumsum
+
+
+@device_function
+def max_and_ties(largest, ties, block):
+    """Running per-channel maximum over row blocks, and how many rows attain it.
+
+    ``block``: ``[R, C]`` fp32 with masked-out entries at ``-inf``; ``largest``, ``ties``: ``[C]``
+    so far (``-inf`` and 0 before the first block). Returns the updated pair.
+    """
+    block_max = tmax(block, 0)
+    block_ties = tsum((block == block_max[None, :]).to(tl.float32), 0)
+    new_max = tl.maximum(largest, block_max)
+    ties = tl.where(largest == new_max, ties, 0.0) + tl.where(block_max == new_max, block_ties, 0.0)
+    return new_max, ties

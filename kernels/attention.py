@@ -41,7 +41,17 @@ import triton.language as tl
 
 from any2point_fast.geometry import Segments
 
-from ._common import as_index, channel_block, check_float, check_pooling, device_function, pow2_at_least, tmax, tsum
+from ._common import (
+    as_index,
+    channel_block,
+    check_float,
+    check_pooling,
+    device_function,
+    max_and_ties,
+    pow2_at_least,
+    tmax,
+    tsum,
+)
 
 _BLOCK_T = 16  # tokens per block: queries/keys of a segment, and every tile that recomputes ``y``
 _BLOCK_TOK = 32  # tokens per block of the kernels that do not recompute ``y``
@@ -50,6 +60,19 @@ _MAX_ATTN_DIM = 256
 # sm_90). The kernels that recompute ``y`` must all use the same value (same dot layout, same bits).
 _NUM_WARPS = 8
 _WGRAD_SPLIT_TOKENS = 512  # tokens per program of the weight-gradient kernels
+
+
+@device_function
+def _key_block(qkv_ptr, perm_ptr, k0, end, h, d, dmask, qkv_dim, attn_dim, head_dim, BLOCK_T: tl.constexpr):
+    """Keys and values of head ``h`` of the items at sorted positions ``k0 …`` (before ``end``):
+    their mask ``[T]``, items ``[T]``, tile mask ``[T, HD]``, ``k`` and ``v`` ``[T, HD]``."""
+    kmask = k0 + tl.arange(0, BLOCK_T) < end
+    kitem = tl.load(perm_ptr + k0 + tl.arange(0, BLOCK_T), mask=kmask, other=0)
+    ktile = kmask[:, None] & dmask[None, :]
+    row = qkv_ptr + kitem[:, None] * qkv_dim + h * head_dim + d[None, :]
+    k = tl.load(row + attn_dim, mask=ktile, other=0.0)
+    v = tl.load(row + 2 * attn_dim, mask=ktile, other=0.0)
+    return kmask, kitem, ktile, k, v
 
 
 @device_function
@@ -174,13 +197,8 @@ def _attn_pool_fwd_kernel(x_ptr, qkv_ptr, wo_ptr, bo_ptr, perm_ptr, offsets_ptr,
             l_i = tl.full((BLOCK_T,), 0, tl.float32)
             acc = tl.full((BLOCK_T, BLOCK_HD), 0, tl.float32)
             for k0 in range(start, end, BLOCK_T):
-                kmask = k0 + lane < end
-                kitem = tl.load(perm_ptr + k0 + lane, mask=kmask, other=0)
-                ktile = kmask[:, None] & dmask[None, :]
-                k = tl.load(qkv_ptr + kitem[:, None] * qkv_dim + attn_dim + h * head_dim + d[None, :], mask=ktile,
-                            other=0.0)
-                v = tl.load(qkv_ptr + kitem[:, None] * qkv_dim + 2 * attn_dim + h * head_dim + d[None, :],
-                            mask=ktile, other=0.0)
+                kmask, kitem, ktile, k, v = _key_block(qkv_ptr, perm_ptr, k0, end, h, d, dmask, qkv_dim, attn_dim,
+                                                       head_dim, BLOCK_T)
                 logits = tl.dot(q, tl.trans(k), input_precision="ieee")
                 logits = tl.where(kmask[None, :], logits, float("-inf"))
                 m_new = tl.maximum(m_i, tmax(logits, 1))
@@ -209,12 +227,7 @@ def _attn_pool_fwd_kernel(x_ptr, qkv_ptr, wo_ptr, bo_ptr, perm_ptr, offsets_ptr,
             mask = rmask[:, None] & cmask[None, :]
             total += tsum(tl.where(mask, y, 0.0), 0)
             if MAXMEAN:
-                y = tl.where(mask, y, float("-inf"))
-                block_max = tmax(y, 0)
-                block_ties = tsum((y == block_max[None, :]).to(tl.float32), 0)
-                new_max = tl.maximum(largest, block_max)
-                ties = tl.where(largest == new_max, ties, 0.0) + tl.where(block_max == new_max, block_ties, 0.0)
-                largest = new_max
+                largest, ties = max_and_ties(largest, ties, tl.where(mask, y, float("-inf")))
         pooled = total / length
         if MAXMEAN:
             pooled += largest
@@ -270,13 +283,8 @@ def _attn_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, perm_ptr, offsets_ptr,
         # key blocks outside, query blocks inside: dk, dv accumulate in registers; dq (zero-initialised)
         # is read-modified-written by this program only, one key block after the other
         for k0 in range(start, end, BLOCK_T):
-            kmask = k0 + lane < end
-            kitem = tl.load(perm_ptr + k0 + lane, mask=kmask, other=0)
-            ktile = kmask[:, None] & dmask[None, :]
-            k = tl.load(qkv_ptr + kitem[:, None] * qkv_dim + attn_dim + h * head_dim + d[None, :], mask=ktile,
-                        other=0.0)
-            v = tl.load(qkv_ptr + kitem[:, None] * qkv_dim + 2 * attn_dim + h * head_dim + d[None, :], mask=ktile,
-                        other=0.0)
+            kmask, kitem, ktile, k, v = _key_block(qkv_ptr, perm_ptr, k0, end, h, d, dmask, qkv_dim, attn_dim,
+                                                   head_dim, BLOCK_T)
             dk = tl.full((BLOCK_T, BLOCK_HD), 0, tl.float32)
             dv = tl.full((BLOCK_T, BLOCK_HD), 0, tl.float32)
             for q0 in range(start, end, BLOCK_T):

@@ -33,6 +33,20 @@ _EPS = 1e-8
 
 
 @device_function
+def _token_views(base_ids_ptr, view_ids_ptr, tokens, num_views, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's tokens ``t`` ``[T]`` and views ``j`` ``[M]``, their masks, and every token's baseline
+    row ``[T]`` and view rows ``[T, M]``."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < tokens
+    j = tl.arange(0, BLOCK_M)
+    jmask = j < num_views
+    tile = tmask[:, None] & jmask[None, :]
+    bid = tl.load(base_ids_ptr + t, mask=tmask, other=0)
+    vid = tl.load(view_ids_ptr + j[None, :] * tokens + t[:, None], mask=tile, other=0)
+    return t, j, tmask, jmask, tile, bid, vid
+
+
+@device_function
 def _gather_stats(base_ptr, views_ptr, bid, vid, tmask, jmask, grad_ptr, t, channels, WITH_GRAD: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     """Per token and view: ``B·F_j``, ``|B|²``, ``|F_j|²`` and (optionally) ``g·F_j`` over all channels."""
@@ -61,13 +75,7 @@ def _gather_stats(base_ptr, views_ptr, bid, vid, tmask, jmask, grad_ptr, t, chan
 def _ensemble_fwd_kernel(x_ptr, base_ptr, base_ids_ptr, views_ptr, view_ids_ptr, out_ptr, tokens, channels,
                          num_views, coef, eps, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_M: tl.constexpr):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < tokens
-    j = tl.arange(0, BLOCK_M)
-    jmask = j < num_views
-    tile = tmask[:, None] & jmask[None, :]
-    bid = tl.load(base_ids_ptr + t, mask=tmask, other=0)
-    vid = tl.load(view_ids_ptr + j[None, :] * tokens + t[:, None], mask=tile, other=0)
+    t, _, tmask, jmask, tile, bid, vid = _token_views(base_ids_ptr, view_ids_ptr, tokens, num_views, BLOCK_T, BLOCK_M)
     dots, f_sq, b_sq, _ = _gather_stats(base_ptr, views_ptr, bid, vid, tmask, jmask, x_ptr, t, channels, False,
                                         BLOCK_T, BLOCK_C, BLOCK_M)
     denom = tl.maximum(tl.sqrt(b_sq)[:, None] * tl.sqrt(f_sq), eps)
@@ -88,13 +96,7 @@ def _ensemble_fwd_kernel(x_ptr, base_ptr, base_ids_ptr, views_ptr, view_ids_ptr,
 def _ensemble_coef_kernel(grad_ptr, base_ptr, base_ids_ptr, views_ptr, view_ids_ptr, w_ptr, a_ptr, kf_ptr, kb_ptr,
                           tokens, channels, num_views, coef, eps, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_M: tl.constexpr):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < tokens
-    j = tl.arange(0, BLOCK_M)
-    jmask = j < num_views
-    tile = tmask[:, None] & jmask[None, :]
-    bid = tl.load(base_ids_ptr + t, mask=tmask, other=0)
-    vid = tl.load(view_ids_ptr + j[None, :] * tokens + t[:, None], mask=tile, other=0)
+    t, j, tmask, jmask, tile, bid, vid = _token_views(base_ids_ptr, view_ids_ptr, tokens, num_views, BLOCK_T, BLOCK_M)
     dots, f_sq, b_sq, g_dots = _gather_stats(base_ptr, views_ptr, bid, vid, tmask, jmask, grad_ptr, t, channels,
                                              True, BLOCK_T, BLOCK_C, BLOCK_M)
     b_norm = tl.sqrt(b_sq)

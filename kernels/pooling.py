@@ -20,10 +20,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import channel_block, check_float, check_pooling, tmax, tsum
+from ._common import channel_block, check_float, check_pooling, device_function, max_and_ties, tmax, tsum
 from .buckets import check_ids, group_by_key
 
 _BLOCK_ROWS = 16
+
+
+@device_function
+def _rows(perm_ptr, p0, end, cmask, BLOCK_R: tl.constexpr):
+    """The rows at sorted positions ``p0 … p0 + BLOCK_R − 1`` (before ``end``) and their ``[R, C]`` mask."""
+    pos = p0 + tl.arange(0, BLOCK_R)
+    rmask = pos < end
+    row = tl.load(perm_ptr + pos, mask=rmask, other=0)
+    return row, rmask[:, None] & cmask[None, :]
 
 
 @triton.jit
@@ -37,10 +46,7 @@ def _segment_pool_fwd_kernel(values_ptr, perm_ptr, offsets_ptr, out_ptr, channel
     total = tl.full((BLOCK_C,), 0, tl.float32)
     largest = tl.full((BLOCK_C,), float("-inf"), tl.float32)
     for p0 in range(start, end, BLOCK_R):
-        pos = p0 + tl.arange(0, BLOCK_R)
-        rmask = pos < end
-        row = tl.load(perm_ptr + pos, mask=rmask, other=0)
-        mask = rmask[:, None] & cmask[None, :]
+        row, mask = _rows(perm_ptr, p0, end, cmask, BLOCK_R)
         v = tl.load(values_ptr + row[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
         total += tsum(v, 0)
         largest = tl.maximum(largest, tmax(tl.where(mask, v, float("-inf")), 0))
@@ -65,23 +71,12 @@ def _segment_pool_bwd_kernel(values_ptr, grad_out_ptr, perm_ptr, offsets_ptr, gr
     ties = tl.full((BLOCK_C,), 0, tl.float32)
     if MAXMEAN:
         for p0 in range(start, end, BLOCK_R):
-            pos = p0 + tl.arange(0, BLOCK_R)
-            rmask = pos < end
-            row = tl.load(perm_ptr + pos, mask=rmask, other=0)
-            mask = rmask[:, None] & cmask[None, :]
+            row, mask = _rows(perm_ptr, p0, end, cmask, BLOCK_R)
             v = tl.load(values_ptr + row[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            v = tl.where(mask, v, float("-inf"))
-            block_max = tmax(v, 0)
-            block_ties = tsum((v == block_max[None, :]).to(tl.float32), 0)
-            new_max = tl.maximum(largest, block_max)
-            ties = tl.where(largest == new_max, ties, 0.0) + tl.where(block_max == new_max, block_ties, 0.0)
-            largest = new_max
+            largest, ties = max_and_ties(largest, ties, tl.where(mask, v, float("-inf")))
     g_max = g / tl.maximum(ties, 1.0)
     for p0 in range(start, end, BLOCK_R):
-        pos = p0 + tl.arange(0, BLOCK_R)
-        rmask = pos < end
-        row = tl.load(perm_ptr + pos, mask=rmask, other=0)
-        mask = rmask[:, None] & cmask[None, :]
+        row, mask = _rows(perm_ptr, p0, end, cmask, BLOCK_R)
         grad = tl.full((BLOCK_R, BLOCK_C), 0, tl.float32) + g_mean[None, :]
         if MAXMEAN:
             v = tl.load(values_ptr + row[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
