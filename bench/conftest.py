@@ -58,7 +58,8 @@ def backend(request):
 
 def release_memory() -> None:
     """Collect garbage and give the C heap's free pages back to the system before a measurement, so
-    one suite's leftovers (the whole model's, say) do not add up with a dense reference's 15 GB."""
+    one suite's leftovers (the whole model's, say) do not add up with the dense reference's 11–13 GB
+    at N = 8192."""
     gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):

@@ -23,8 +23,9 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
    ``[B·N, C]``) and reduced per bucket, never for all views at once.
 4. **Backward recomputes.** Saved are ``x`` (as a contiguous float copy only where it is not
    one already), the ``D``-wide ``qkv`` and attention outputs, the log-sum-exps of the long
-   buckets and the LayerNorm statistics; ``t_j`` for the maximum is recomputed one view at
-   a time, and the maximum's gradient is shared equally among tied tokens, as in the reference.
+   buckets, the LayerNorm statistics and the pooled maxima (``[S, C]`` rows, not token
+   features); ``t_j`` is recomputed one view at a time and compared with the saved maxima, and
+   the maximum's gradient is shared equally among tied tokens, as in the reference.
 """
 
 from __future__ import annotations
