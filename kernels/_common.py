@@ -70,3 +70,14 @@ def max_and_ties(largest, ties, block):
     new_max = tl.maximum(largest, block_max)
     ties = tl.where(largest == new_max, ties, 0.0) + tl.where(block_max == new_max, block_ties, 0.0)
     return new_max, ties
+
+
+@device_function
+def segment_program(offsets_ptr, channels, BLOCK_C: tl.constexpr):
+    """A program over one segment (grid axis 0) and one channel block (axis 1): the segment, its
+    channels ``c`` ``[BLOCK_C]`` with their mask, and its sorted positions ``start … end − 1``."""
+    seg = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    start = tl.load(offsets_ptr + seg)
+    end = tl.load(offsets_ptr + seg + 1)
+    return seg, c, c < channels, start, end

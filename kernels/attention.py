@@ -63,6 +63,13 @@ _WGRAD_SPLIT_TOKENS = 512  # tokens per program of the weight-gradient kernels
 
 
 @device_function
+def _xhat_tile(x_ptr, t, c, mask, mean, rstd, channels):
+    """LayerNorm-normalised ``x`` of tokens ``t`` and channels ``c`` (fp32, zero outside ``mask``)."""
+    xs = tl.load(x_ptr + t[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, (xs - mean[:, None]) * rstd[:, None], 0.0)
+
+
+@device_function
 def _key_block(qkv_ptr, perm_ptr, k0, end, h, d, dmask, qkv_dim, attn_dim, head_dim, BLOCK_T: tl.constexpr):
     """Keys and values of head ``h`` of the items at sorted positions ``k0 …`` (before ``end``):
     their mask ``[T]``, items ``[T]``, tile mask ``[T, HD]``, ``k`` and ``v`` ``[T, HD]``."""
@@ -156,10 +163,9 @@ def _ln_qkv_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, wqkv_ptr, bqkv_ptr, qkv_ptr, mea
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < channels
         mask = tmask[:, None] & cmask[None, :]
-        xs = tl.load(x_ptr + t[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
         lw = tl.load(lnw_ptr + view * channels + c, mask=cmask, other=0.0).to(tl.float32)
         lb = tl.load(lnb_ptr + view * channels + c, mask=cmask, other=0.0).to(tl.float32)
-        h = tl.where(mask, (xs - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :], 0.0)
+        h = tl.where(mask, _xhat_tile(x_ptr, t, c, mask, mean, rstd, channels) * lw[None, :] + lb[None, :], 0.0)
         w = tl.load(wqkv_ptr + (view * qkv_dim + e[None, :]) * channels + c[:, None],
                     mask=cmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(h, w, input_precision="ieee")
@@ -329,8 +335,7 @@ def _ln_bwd_dx_kernel(x_ptr, o_ptr, wo_ptr, bo_ptr, grad_ptr, segment_ids_ptr, o
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < channels
             mask = tmask[:, None] & cmask[None, :]
-            xs = tl.load(x_ptr + t[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (xs - mean[:, None]) * rstd[:, None], 0.0)
+            xhat = _xhat_tile(x_ptr, t, c, mask, mean, rstd, channels)
             dh = _dh_tile(dqkv_ptr, wqkv_ptr, item, tmask, view, c, cmask, channels, qkv_dim, BLOCK_T, BLOCK_C,
                           BLOCK_E)
             lw = tl.load(lnw_ptr + view * channels + c, mask=cmask, other=0.0).to(tl.float32)
@@ -345,8 +350,7 @@ def _ln_bwd_dx_kernel(x_ptr, o_ptr, wo_ptr, bo_ptr, grad_ptr, segment_ids_ptr, o
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < channels
         mask = tmask[:, None] & cmask[None, :]
-        xs = tl.load(x_ptr + t[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        xhat = tl.where(mask, (xs - mean[:, None]) * rstd[:, None], 0.0)
+        xhat = _xhat_tile(x_ptr, t, c, mask, mean, rstd, channels)
         dx = tl.full((BLOCK_T, BLOCK_C), 0, tl.float32)
         for view in range(num_views):
             item = view * tokens + t
@@ -392,8 +396,7 @@ def _out_ln_wgrad_kernel(x_ptr, o_ptr, wo_ptr, bo_ptr, grad_ptr, segment_ids_ptr
         mask = tmask[:, None] & cmask[None, :]
         mean = tl.load(mean_ptr + t, mask=tmask, other=0.0)
         rstd = tl.load(rstd_ptr + t, mask=tmask, other=0.0)
-        xs = tl.load(x_ptr + t[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        xhat = tl.where(mask, (xs - mean[:, None]) * rstd[:, None], 0.0)
+        xhat = _xhat_tile(x_ptr, t, c, mask, mean, rstd, channels)
         dh = _dh_tile(dqkv_ptr, wqkv_ptr, item, tmask, view, c, cmask, channels, 3 * attn_dim, BLOCK_T, BLOCK_C,
                       BLOCK_E)
         dlnw += tsum(dh * xhat, 0)
@@ -426,8 +429,7 @@ def _qkv_wgrad_kernel(x_ptr, dqkv_ptr, lnw_ptr, lnb_ptr, mean_ptr, rstd_ptr, dwq
         mask = tmask[:, None] & cmask[None, :]
         mean = tl.load(mean_ptr + t, mask=tmask, other=0.0)
         rstd = tl.load(rstd_ptr + t, mask=tmask, other=0.0)
-        xs = tl.load(x_ptr + t[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        h = tl.where(mask, (xs - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :], 0.0)
+        h = tl.where(mask, _xhat_tile(x_ptr, t, c, mask, mean, rstd, channels) * lw[None, :] + lb[None, :], 0.0)
         item = view * tokens + t
         dq = tl.load(dqkv_ptr + item[:, None] * qkv_dim + e[None, :], mask=tmask[:, None] & emask[None, :], other=0.0)
         dw += tl.dot(tl.trans(dq), h, input_precision="ieee")

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import channel_block, check_float, device_function, tsum
+from ._common import channel_block, check_float, device_function, segment_program, tsum
 from .buckets import check_ids, group_by_key
 
 _BLOCK_T = 16
@@ -125,11 +125,7 @@ def _ensemble_coef_kernel(grad_ptr, base_ptr, base_ids_ptr, views_ptr, view_ids_
 @triton.jit
 def _view_rows_grad_kernel(grad_ptr, base_ptr, base_ids_ptr, views_ptr, perm_ptr, offsets_ptr, w_ptr, a_ptr, kf_ptr,
                            dviews_ptr, tokens, channels, coef, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < channels
-    start = tl.load(offsets_ptr + row)
-    end = tl.load(offsets_ptr + row + 1)
+    row, c, cmask, start, end = segment_program(offsets_ptr, channels, BLOCK_C)
     acc = tl.full((BLOCK_C,), 0, tl.float32)
     k_total = tl.full((BLOCK_R,), 0, tl.float32)
     for p0 in range(start, end, BLOCK_R):
@@ -154,13 +150,9 @@ def _view_rows_grad_kernel(grad_ptr, base_ptr, base_ids_ptr, views_ptr, perm_ptr
 def _base_rows_grad_kernel(base_ptr, views_ptr, view_ids_ptr, perm_ptr, offsets_ptr, a_ptr, kb_ptr, dbase_ptr,
                            tokens, channels, num_views, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_M: tl.constexpr):
-    row = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < channels
+    row, c, cmask, start, end = segment_program(offsets_ptr, channels, BLOCK_C)
     j = tl.arange(0, BLOCK_M)
     jmask = j < num_views
-    start = tl.load(offsets_ptr + row)
-    end = tl.load(offsets_ptr + row + 1)
     acc = tl.full((BLOCK_C,), 0, tl.float32)
     k_total = tl.full((BLOCK_R,), 0, tl.float32)
     for p0 in range(start, end, BLOCK_R):

@@ -20,7 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import channel_block, check_float, check_pooling, device_function, max_and_ties, tmax, tsum
+from ._common import (
+    channel_block,
+    check_float,
+    check_pooling,
+    device_function,
+    max_and_ties,
+    segment_program,
+    tmax,
+    tsum,
+)
 from .buckets import check_ids, group_by_key
 
 _BLOCK_ROWS = 16
@@ -38,11 +47,7 @@ def _rows(perm_ptr, p0, end, cmask, BLOCK_R: tl.constexpr):
 @triton.jit
 def _segment_pool_fwd_kernel(values_ptr, perm_ptr, offsets_ptr, out_ptr, channels, MAXMEAN: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    seg = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < channels
-    start = tl.load(offsets_ptr + seg)
-    end = tl.load(offsets_ptr + seg + 1)
+    seg, c, cmask, start, end = segment_program(offsets_ptr, channels, BLOCK_C)
     total = tl.full((BLOCK_C,), 0, tl.float32)
     largest = tl.full((BLOCK_C,), float("-inf"), tl.float32)
     for p0 in range(start, end, BLOCK_R):
@@ -60,11 +65,7 @@ def _segment_pool_fwd_kernel(values_ptr, perm_ptr, offsets_ptr, out_ptr, channel
 @triton.jit
 def _segment_pool_bwd_kernel(values_ptr, grad_out_ptr, perm_ptr, offsets_ptr, grad_values_ptr, channels,
                              MAXMEAN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    seg = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < channels
-    start = tl.load(offsets_ptr + seg)
-    end = tl.load(offsets_ptr + seg + 1)
+    seg, c, cmask, start, end = segment_program(offsets_ptr, channels, BLOCK_C)
     g = tl.load(grad_out_ptr + seg * channels + c, mask=cmask, other=0.0).to(tl.float32)
     g_mean = g / tl.maximum(end - start, 1).to(tl.float32)
     largest = tl.full((BLOCK_C,), float("-inf"), tl.float32)
