@@ -240,10 +240,22 @@ HEADS_AND_WIDTH = st.sampled_from([(6, 12), (1, 4), (2, 16), (3, 3), (1, 64)])
 # difference; either amplifies rounding noise (in the reference too) beyond any fixed tolerance.
 
 
+def max_route(monkeypatch: pytest.MonkeyPatch, saved_argmax: bool) -> None:
+    """Send every view's maximum through the saved-argmax backward, or through recomputation."""
+    monkeypatch.setattr(torch_attention, "ARGMAX_MIN_LENGTH", 1 if saved_argmax else 10**9)
+
+
 @SETTINGS
 @given(layouts(), st.sampled_from([8, 36, 96, 100]), HEADS_AND_WIDTH, st.sampled_from(["mean", "max+mean"]),
-       st.sampled_from([torch.float32, torch.float16]), st.booleans())
-def test_neighborhood_attention_pool_matches_reference(layout, channels, heads_width, pooling, dtype, noncontiguous):
+       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans())
+def test_neighborhood_attention_pool_matches_reference(layout, channels, heads_width, pooling, dtype, noncontiguous,
+                                                       saved_argmax):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        max_route(monkeypatch, saved_argmax)
+        check_neighborhood_attention_pool(layout, channels, heads_width, pooling, dtype, noncontiguous)
+
+
+def check_neighborhood_attention_pool(layout, channels, heads_width, pooling, dtype, noncontiguous):
     segments, batch, tokens, seed = layout[2:]
     num_heads, width = heads_width
     gen = torch.Generator().manual_seed(seed)
@@ -258,9 +270,12 @@ def test_neighborhood_attention_pool_matches_reference(layout, channels, heads_w
             inputs, names, dtype, grad_scale=4, seed=seed)
 
 
+@pytest.mark.parametrize("saved_argmax", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_neighborhood_max_pool_ties_match_reference(dtype):
-    """Duplicated tokens in every bucket tie for the maximum; they share its gradient equally."""
+def test_neighborhood_max_pool_ties_match_reference(dtype, saved_argmax, monkeypatch):
+    """Duplicated tokens in every bucket tie for the maximum; they share its gradient equally
+    (a view that would save argmaxes finds the tie in forward and recomputes instead)."""
+    max_route(monkeypatch, saved_argmax)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 30, 8, generator=gen)
     x[:, 15:] = x[:, :15]  # token i + 15 duplicates token i ...
@@ -276,13 +291,15 @@ def test_neighborhood_max_pool_ties_match_reference(dtype):
             inputs, names, dtype, grad_scale=4)
 
 
+@pytest.mark.parametrize("saved_argmax", [True, False])
 @pytest.mark.parametrize("flash", [True, False])
 @pytest.mark.parametrize("pooling", ["mean", "max+mean"])
-def test_long_buckets_of_every_length_class(pooling, flash, monkeypatch):
+def test_long_buckets_of_every_length_class(pooling, flash, saved_argmax, monkeypatch):
     """Buckets of 1..130 tokens: exact classes, the explicit and flash paths, padded classes.
 
     Without flash (the path off the CPU), the long buckets are cut into small logits tiles.
     """
+    max_route(monkeypatch, saved_argmax)
     monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", flash and torch_attention.FLASH_ON_CPU)
     monkeypatch.setattr(torch_attention, "TILE_ELEMENTS", torch_attention.TILE_ELEMENTS if flash else 20_000)
     lengths = [1, 2, 3, 4, 5, 17, 64, 65, 67, 68, 71, 72, 129, 130]
@@ -299,10 +316,31 @@ def test_long_buckets_of_every_length_class(pooling, flash, monkeypatch):
             inputs, ["x", "ln_w", "ln_b", "qkv_w", "qkv_b", "out_w", "out_b"], torch.float32, grad_scale=4)
 
 
+def test_saved_argmax_rows_hold_the_maxima_of_padded_classes():
+    """The rows saved for backward hold each bucket's maximum and are never a padding row (the
+    padding repeats a real item: left in, it would tie with it and force the recomputation)."""
+    lengths = torch.tensor([2, 3, 65, 67, 71, 130, 131])
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[None, None]
+    segments = torch_ops.bucket_sort(ids, len(lengths))
+    plan = torch_attention._plan(segments, ids.shape[-1])
+    (items,) = torch_attention._max_items(plan, segments)
+    assert items.padding is not None, "no padded class exercised"
+    gen = torch.Generator().manual_seed(4)
+    xf, out = torch.randn(ids.shape[-1], 36, generator=gen), torch.randn(len(plan.rows), 12, generator=gen)
+    t = torch_attention._max_features(xf, out, plan, items, torch.randn(36, 12, generator=gen))
+    expected = torch_attention._segment_max(t, items.local, len(items.segments))
+    maxima, rows = torch_attention._maxima_and_items(t.clone(), items)
+    assert rows is not None and torch.equal(maxima, expected)
+    assert torch.equal(t.gather(0, rows), maxima)
+    assert not torch.isin(rows, items.padding).any()
+
+
+@pytest.mark.parametrize("saved_argmax", [True, False])
 @pytest.mark.parametrize("flash", [True, False])
 @pytest.mark.parametrize("pooling", ["mean", "max+mean"])
-def test_neighborhood_attention_pool_gradcheck(pooling, flash, monkeypatch):
+def test_neighborhood_attention_pool_gradcheck(pooling, flash, saved_argmax, monkeypatch):
     """float64 ``gradcheck`` on a layout with singletons, short, exact and padded long buckets."""
+    max_route(monkeypatch, saved_argmax)
     monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", flash and torch_attention.FLASH_ON_CPU)
     monkeypatch.setattr(torch_attention, "TILE_ELEMENTS", torch_attention.TILE_ELEMENTS if flash else 20_000)
     gen = torch.Generator().manual_seed(3)

@@ -20,12 +20,15 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
    ``embedding_bag`` over ``x`` (all views at once) and the ``D``-wide attention outputs; so
    is the maximum of a singleton bucket (its token). The maximum of the other buckets needs
    ``t_j`` itself: it is formed one view at a time for their tokens only (at most
-   ``[B·N, C]``) and reduced per bucket, never for all views at once.
-4. **Backward recomputes.** Saved are ``x`` (as a contiguous float copy only where it is not
-   one already), the ``D``-wide ``qkv`` and attention outputs, the log-sum-exps of the long
-   buckets, the LayerNorm statistics and the pooled maxima (``[S, C]`` rows, not token
-   features); ``t_j`` is recomputed one view at a time and compared with the saved maxima, and
-   the maximum's gradient is shared equally among tied tokens, as in the reference.
+   ``[B·N, C]``, grouped by bucket length) and reduced per bucket, never for all views at once.
+4. **Backward recomputes, or scatters from argmaxes.** Saved are ``x`` (as a contiguous float
+   copy only where it is not one already), the ``D``-wide ``qkv`` and attention outputs, the
+   log-sum-exps of the long buckets, the LayerNorm statistics and, per view, ``[S_j, C]`` rows
+   (not token features): where a view's buckets are long (``ARGMAX_MIN_LENGTH``), the item
+   holding every maximum, so that backward scatters the maximum's gradient straight to it;
+   elsewhere, or where some maximum is attained twice, the maxima themselves, and ``t_j`` is
+   recomputed one view at a time and compared with them. Tied tokens share the maximum's
+   gradient equally, as in the reference.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Segments
-from ._common import compute_dtype, grad_as, linear_pool_weights, without_autocast
+from ._common import compute_dtype, exclusive_cumsum, grad_as, linear_pool_weights, without_autocast
 
 #: Buckets up to this length use an explicit softmax on exact lengths, laid out with the keys
 #: leading (``[L, n, L, H]``) so that every step is elementwise over the batch (cheaper than the
@@ -51,6 +54,13 @@ CLASSES_PER_OCTAVE = 32
 #: Elements of one ``[buckets, heads, queries, keys]`` logits tile where attention is explicit
 #: (off the CPU flash kernel): long buckets are processed in chunks of queries (and buckets).
 TILE_ELEMENTS = 1 << 18
+
+#: Views whose buckets of two or more tokens average at least this many items (length-class
+#: padding included) save the item of every pooled maximum: backward then scatters from
+#: ``[S_j, C]`` rows instead of recomputing and comparing the ``[T_j, C]`` features. Finding the
+#: items costs forward a few passes over the features, and the scatter handles ``[S_j, C, D]``
+#: products: both pay off only once buckets are this long.
+ARGMAX_MIN_LENGTH = 48
 
 #: PyTorch's fused CPU flash attention (forward and backward, key masks, float32/float64).
 FLASH_ON_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
@@ -318,39 +328,89 @@ def _count_ones(mask: torch.Tensor) -> int:
 
 @dataclass
 class _MaxItems:
-    """The items of one view's buckets of two or more tokens (singletons need no maximum).
+    """The items of one view's buckets of two or more tokens (singletons need no maximum),
+    grouped by length class as in :func:`_padded_lengths`.
 
     Attributes:
-        positions: ``[T_j]`` sorted positions of the items.
-        local: ``[T_j]`` bucket of every item, numbered ``0..S_j − 1`` among these buckets.
+        positions: ``[T_j]`` sorted positions of the items, bucket after bucket, the buckets
+            ordered by length class; padding repeats a bucket's first item.
+        local: ``[T_j]`` bucket of every item, numbered ``0..S_j − 1`` in that order.
         segments: ``[S_j]`` global segment of every such bucket.
+        classes: ``(length, buckets)`` of every class, in order.
+        padding: ``[P]`` rows of ``positions`` that are padding, ``None`` without padding.
     """
 
     positions: torch.Tensor
     local: torch.Tensor
     segments: torch.Tensor
+    classes: list[tuple[int, int]]
+    padding: torch.Tensor | None
+
+    @property
+    def saves_argmax(self) -> bool:
+        # (item ranks are found in t's float dtype: exact below 2^24)
+        return ARGMAX_MIN_LENGTH * max(1, len(self.segments)) <= len(self.positions) < 2**24
 
 
 def _max_items(plan: _Plan, segments: Segments) -> list[_MaxItems]:
-    shared = plan.counts > 1
-    rank = shared.cumsum(0) - 1
-    on_shared = shared.index_select(0, plan.segment_of_position)
-    items_per_view = len(plan.rows) // segments.num_views
     result = []
-    for view, (first, last) in enumerate(zip(segments.view_offsets[:-1], segments.view_offsets[1:])):
-        start = view * items_per_view
-        positions = on_shared[start:start + items_per_view].nonzero().squeeze(1) + start
-        chosen = shared[first:last].nonzero().squeeze(1) + first
-        base = rank[chosen[0]] if len(chosen) else 0
-        result.append(_MaxItems(positions, rank.index_select(0, plan.segment_of_position[positions]) - base, chosen))
+    for first, last in zip(segments.view_offsets[:-1], segments.view_offsets[1:]):
+        counts = plan.counts[first:last]
+        chosen = (counts > 1).nonzero().squeeze(1)
+        lengths = _padded_lengths(counts.index_select(0, chosen))
+        order = torch.argsort(lengths, stable=True)
+        chosen, lengths = chosen.index_select(0, order), lengths.index_select(0, order)
+        classes, sizes = torch.unique_consecutive(lengths, return_counts=True)
+        local = torch.repeat_interleave(torch.arange(len(chosen), device=chosen.device), lengths)
+        step = torch.arange(len(local), device=local.device) - exclusive_cumsum(lengths).index_select(0, local)
+        valid = step < counts.index_select(0, chosen).index_select(0, local)
+        positions = plan.starts.index_select(0, chosen + first).index_select(0, local) + torch.where(valid, step, 0)
+        padding = None if bool(valid.all()) else (~valid).nonzero().squeeze(1)
+        result.append(_MaxItems(positions, local, chosen + first, list(zip(classes.tolist(), sizes.tolist())),
+                                padding))
     return result
 
 
 def _max_features(xf: torch.Tensor, out: torch.Tensor, plan: _Plan, items: _MaxItems,
                   out_weight: torch.Tensor) -> torch.Tensor:
-    """``t_j − b_o = x + Attn_j W_oᵀ`` of one view's ``items``, ``[T_j, C]``."""
+    """``t_j − b_o = x + Attn_j W_oᵀ`` of one view's ``items``, ``[T_j, C]``; −inf on padding."""
     t = xf.index_select(0, plan.tokens.index_select(0, items.positions))
-    return t.addmm_(out.index_select(0, items.positions), out_weight.T)
+    t.addmm_(out.index_select(0, items.positions), out_weight.T)
+    return t if items.padding is None else t.index_fill_(0, items.padding, float("-inf"))
+
+
+def _maxima_and_items(t: torch.Tensor, items: _MaxItems) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-bucket maxima ``[S_j, C]`` of ``t`` and the row of ``t`` holding each, ``None`` for the
+    rows if some maximum is attained twice.
+
+    Bucket by bucket ``[n, L, C]`` per length class: ``amax``, then the 0/1 mask of the maxima
+    (its count tells a tie) times the item's rank, maximised again. Both are plain reductions,
+    several times faster on the CPU than ``max`` with indices.
+    """
+    maxima = t.new_empty(len(items.segments), t.shape[1])
+    rows = torch.empty(maxima.shape, dtype=torch.long, device=t.device)
+    row = bucket = 0
+    tied = False
+    for length, count in items.classes:
+        block = t[row:row + count * length].view(count, length, -1)
+        top = torch.amax(block, dim=1, out=maxima[bucket:bucket + count])
+        at_max = torch.eq(block, top[:, None], out=torch.empty_like(block))
+        tied = tied or _count_ones(at_max) != top.numel()
+        rank = torch.arange(row, row + count * length, dtype=t.dtype, device=t.device).view(count, length, 1)
+        rows[bucket:bucket + count] = at_max.mul_(rank).amax(dim=1)
+        row, bucket = row + count * length, bucket + count
+    return maxima, None if tied else rows
+
+
+def _scatter_max_grad(g_max: torch.Tensor, positions: torch.Tensor, plan: _Plan, out: torch.Tensor,
+                      out_weight: torch.Tensor, grad_x: torch.Tensor, grad_out: torch.Tensor,
+                      grad_out_weight: torch.Tensor) -> None:
+    """Accumulate the gradient ``g_max`` ``[S_j, C]`` of one view's maxima through
+    ``t_j = x + Attn_j W_oᵀ + b_o`` at the sorted ``positions`` ``[S_j, C]`` of the items holding them."""
+    grad_x.scatter_add_(0, plan.tokens[positions], g_max)
+    flat = positions.flatten()
+    grad_out.index_add_(0, flat, (g_max[:, :, None] * out_weight).flatten(0, 1))
+    grad_out_weight += (g_max[:, :, None] * out.index_select(0, flat).view(*g_max.shape, -1)).sum(dim=0)
 
 
 class _NeighborhoodAttentionPool(torch.autograd.Function):
@@ -379,17 +439,25 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
             pooled[first:last].addmm_(linear_out[first:last], wo[view].T).add_(bo[view], alpha=bias_factor)
         # maximum of the buckets of two or more tokens, one view at a time
         max_items = _max_items(plan, segments) if pooling == "max+mean" else []
-        maxima = []  # [S_j, C] per view, for backward: far smaller than the [T_j, C] features
+        # per view, for backward, [S_j, C] (far smaller than the [T_j, C] features): the maxima, or
+        # the rows of the items that hold them
+        maxima, argmax_rows = [], []
         for view, items in enumerate(max_items):
-            maxima.append(None)
+            top = rows = None
             if len(items.segments):
                 t = _max_features(xf, out, plan, items, wo[view])
-                maxima[-1] = _segment_max(t, items.local, len(items.segments))
-                pooled.index_add_(0, items.segments, maxima[-1])
+                if items.saves_argmax:
+                    top, rows = _maxima_and_items(t, items)
+                else:
+                    top = _segment_max(t, items.local, len(items.segments))
+                pooled.index_add_(0, items.segments, top)
                 del t
+            maxima.append(top if rows is None else None)
+            argmax_rows.append(rows)
         ctx.save_for_backward(xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, mean, rstd, qkv, out,
                               linear_out)
-        ctx.plan, ctx.max_items, ctx.maxima, ctx.lse, ctx.segments = plan, max_items, maxima, lse, segments
+        ctx.plan, ctx.max_items, ctx.lse, ctx.segments = plan, max_items, lse, segments
+        ctx.maxima, ctx.argmax_rows = maxima, argmax_rows
         ctx.num_heads, ctx.pooling, ctx.eps, ctx.x_dtype, ctx.x_shape = num_heads, pooling, eps, x.dtype, x.shape
         return pooled.to(x.dtype)
 
@@ -421,11 +489,15 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
             torch.mm(g_view, wo[view], out=grad_linear_out[first:last])
         grad_out = grad_linear_out.mul_(weights[:, None]).index_select(0, plan.segment_of_position)
 
-        # maximum, one view at a time (t_j recomputed, compared with the saved maxima): ties share the
-        # gradient of their maximum equally. The masks are float (0/1): bool masks are several times
-        # slower to make and apply on the CPU.
-        for view, (items, top) in enumerate(zip(ctx.max_items, ctx.maxima)):
-            if not len(items.segments):
+        # maximum, one view at a time: scattered to the saved items holding it, or (t_j recomputed,
+        # compared with the saved maxima) shared equally among tied tokens. The masks are float (0/1):
+        # bool masks are several times slower to make and apply on the CPU.
+        for view, (items, top, rows) in enumerate(zip(ctx.max_items, ctx.maxima, ctx.argmax_rows)):
+            if rows is not None:
+                _scatter_max_grad(g.index_select(0, items.segments), items.positions[rows], plan, out, wo[view],
+                                  grad_x, grad_out, grad_out_weight[view])
+                continue
+            if top is None:
                 continue
             t = _max_features(xf, out, plan, items, wo[view])
             at_max = torch.eq(t, top.index_select(0, items.local), out=torch.empty_like(t))
@@ -492,5 +564,5 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
                                             segments, num_heads, pooling, eps)
 
 
-__all__ = ["CLASSES_PER_OCTAVE", "EXACT_MAX_LEN", "EXPLICIT_MAX_LEN", "FLASH_ON_CPU", "TILE_ELEMENTS",
-           "neighborhood_attention_pool"]
+__all__ = ["ARGMAX_MIN_LENGTH", "CLASSES_PER_OCTAVE", "EXACT_MAX_LEN", "EXPLICIT_MAX_LEN", "FLASH_ON_CPU",
+           "TILE_ELEMENTS", "neighborhood_attention_pool"]
