@@ -327,9 +327,10 @@ def test_saved_argmax_rows_hold_the_maxima_of_padded_classes():
     assert items.padding is not None, "no padded class exercised"
     gen = torch.Generator().manual_seed(4)
     xf, out = torch.randn(ids.shape[-1], 36, generator=gen), torch.randn(len(plan.rows), 12, generator=gen)
-    t = torch_attention._max_features(xf, out, plan, items, torch.randn(36, 12, generator=gen))
+    buffer = xf.new_empty(len(items.positions), 36)
+    t = torch_attention._max_features(xf, out, plan, items, torch.randn(36, 12, generator=gen), buffer)
     expected = torch_attention._segment_max(t, items.local, len(items.segments))
-    maxima, rows = torch_attention._maxima_and_items(t.clone(), items)
+    maxima, rows = torch_attention._maxima_and_items(t.clone(), items, torch.empty_like(t))
     assert rows is not None and torch.equal(maxima, expected)
     assert torch.equal(t.gather(0, rows), maxima)
     assert not torch.isin(rows, items.padding).any()

@@ -371,17 +371,25 @@ def _max_items(plan: _Plan, segments: Segments) -> list[_MaxItems]:
     return result
 
 
+def _scratch(max_items: list[_MaxItems], like: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``count`` buffers of the largest view's ``[T_j, C]``, reused by every view: on the CPU, a
+    fresh allocation of this size per view costs more in page faults than its fill."""
+    rows = max((len(items.positions) for items in max_items), default=0)
+    return [like.new_empty(rows, like.shape[1]) for _ in range(count)]
+
+
 def _max_features(xf: torch.Tensor, out: torch.Tensor, plan: _Plan, items: _MaxItems,
-                  out_weight: torch.Tensor) -> torch.Tensor:
-    """``t_j − b_o = x + Attn_j W_oᵀ`` of one view's ``items``, ``[T_j, C]``; −inf on padding."""
-    t = xf.index_select(0, plan.tokens.index_select(0, items.positions))
+                  out_weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``t_j − b_o = x + Attn_j W_oᵀ`` of one view's ``items``, ``[T_j, C]`` in ``buffer``; −inf on padding."""
+    t = torch.index_select(xf, 0, plan.tokens.index_select(0, items.positions), out=buffer[:len(items.positions)])
     t.addmm_(out.index_select(0, items.positions), out_weight.T)
     return t if items.padding is None else t.index_fill_(0, items.padding, float("-inf"))
 
 
-def _maxima_and_items(t: torch.Tensor, items: _MaxItems) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _maxima_and_items(t: torch.Tensor, items: _MaxItems,
+                      buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-bucket maxima ``[S_j, C]`` of ``t`` and the row of ``t`` holding each, ``None`` for the
-    rows if some maximum is attained twice.
+    rows if some maximum is attained twice; ``buffer`` (``t``'s size at least) holds the masks.
 
     Bucket by bucket ``[n, L, C]`` per length class: ``amax``, then the 0/1 mask of the maxima
     (its count tells a tie) times the item's rank, maximised again. Both are plain reductions,
@@ -394,7 +402,7 @@ def _maxima_and_items(t: torch.Tensor, items: _MaxItems) -> tuple[torch.Tensor, 
     for length, count in items.classes:
         block = t[row:row + count * length].view(count, length, -1)
         top = torch.amax(block, dim=1, out=maxima[bucket:bucket + count])
-        at_max = torch.eq(block, top[:, None], out=torch.empty_like(block))
+        at_max = torch.eq(block, top[:, None], out=buffer[row:row + count * length].view_as(block))
         tied = tied or _count_ones(at_max) != top.numel()
         rank = torch.arange(row, row + count * length, dtype=t.dtype, device=t.device).view(count, length, 1)
         rows[bucket:bucket + count] = at_max.mul_(rank).amax(dim=1)
@@ -442,18 +450,19 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         # per view, for backward, [S_j, C] (far smaller than the [T_j, C] features): the maxima, or
         # the rows of the items that hold them
         maxima, argmax_rows = [], []
+        features, masks = _scratch(max_items, xf, 2)
         for view, items in enumerate(max_items):
             top = rows = None
             if len(items.segments):
-                t = _max_features(xf, out, plan, items, wo[view])
+                t = _max_features(xf, out, plan, items, wo[view], features)
                 if items.saves_argmax:
-                    top, rows = _maxima_and_items(t, items)
+                    top, rows = _maxima_and_items(t, items, masks)
                 else:
                     top = _segment_max(t, items.local, len(items.segments))
                 pooled.index_add_(0, items.segments, top)
-                del t
             maxima.append(top if rows is None else None)
             argmax_rows.append(rows)
+        del features, masks
         ctx.save_for_backward(xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, mean, rstd, qkv, out,
                               linear_out)
         ctx.plan, ctx.max_items, ctx.lse, ctx.segments = plan, max_items, lse, segments
@@ -492,6 +501,8 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         # maximum, one view at a time: scattered to the saved items holding it, or (t_j recomputed,
         # compared with the saved maxima) shared equally among tied tokens. The masks are float (0/1):
         # bool masks are several times slower to make and apply on the CPU.
+        recomputed = [items for items, top in zip(ctx.max_items, ctx.maxima) if top is not None]
+        features, masks = _scratch(recomputed, xf, 2)
         for view, (items, top, rows) in enumerate(zip(ctx.max_items, ctx.maxima, ctx.argmax_rows)):
             if rows is not None:
                 _scatter_max_grad(g.index_select(0, items.segments), items.positions[rows], plan, out, wo[view],
@@ -499,18 +510,16 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
                 continue
             if top is None:
                 continue
-            t = _max_features(xf, out, plan, items, wo[view])
-            at_max = torch.eq(t, top.index_select(0, items.local), out=torch.empty_like(t))
-            del t
+            t = _max_features(xf, out, plan, items, wo[view], features)
+            at_max = torch.index_select(top, 0, items.local, out=masks[:len(t)]).eq_(t)
             g_max = g.index_select(0, items.segments)
             if _count_ones(at_max) != g_max.numel():  # a maximum attained twice
                 g_max = g_max / torch.zeros_like(g_max).index_add_(0, items.local, at_max)
-            share = g_max.index_select(0, items.local).mul_(at_max)
-            del at_max
+            share = torch.index_select(g_max, 0, items.local, out=t).mul_(at_max)  # t is not needed any more
             grad_x.index_add_(0, plan.tokens.index_select(0, items.positions), share)
             grad_out.index_add_(0, items.positions, torch.mm(share, wo[view]))
             grad_out_weight[view].addmm_(share.T, out.index_select(0, items.positions))
-            del share
+        del features, masks
 
         # attention, then the folded LayerNorm + qkv projection
         grad_qkv = _attention_backward(grad_out, qkv.view(-1, 3 * width), out, ctx.lse, plan, ctx.num_heads)
