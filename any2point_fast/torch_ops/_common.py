@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -43,3 +44,26 @@ def linear_pool_weights(counts: torch.Tensor, pooling: str, dtype: torch.dtype) 
     ``max + mean`` (its maximum is its only row, so it joins the linear part); empty segments 1."""
     weights = 1 / counts.clamp_min(1).to(dtype)
     return weights.masked_fill_(counts == 1, 2.0) if pooling == "max+mean" else weights
+
+
+def csr(counts: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """Sparse CSR ``[len(counts), num_columns]`` matrix with ``counts[r]`` entries in row ``r``
+    (``columns`` and ``values`` listed row after row; a column may repeat in a row: its entries add)."""
+    crow = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, columns, values, size=(len(counts), num_columns),
+                                       check_invariants=False)
+
+
+def csr_mm(matrix: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``matrix @ dense`` for a sparse CSR ``matrix``: ``addmm`` into a new tensor with ``beta = 0``,
+    some 3× faster on the CPU than ``torch.mm``, which takes another route for a CSR operand."""
+    out = dense.new_empty(matrix.shape[0], dense.shape[1])
+    return torch.addmm(out, matrix, dense, beta=0, out=out)
+
+
+def count_ones(mask: torch.Tensor) -> int:
+    """Number of ones in a 0/1 float mask: its float32 sum, exact below 2^24 elements and some 50×
+    faster than ``count_nonzero`` on the CPU; ``count_nonzero`` above."""
+    return int(mask.sum()) if mask.numel() < 2**24 else int(torch.count_nonzero(mask))

@@ -16,8 +16,8 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
    CPU, to an explicit softmax over tiles of at most ``TILE_ELEMENTS`` logits. Memory is
    ``O(items · D)`` plus one tile: no ``N × N`` tensor, however long a bucket.
 3. **Pooling without token features.** The mean is linear:
-   ``mean_s(t_j) = mean_s(x) + mean_s(Attn) W_oᵀ + b_o``, so it needs only one
-   ``embedding_bag`` over ``x`` (all views at once) and the ``D``-wide attention outputs; so
+   ``mean_s(t_j) = mean_s(x) + mean_s(Attn) W_oᵀ + b_o``, so it needs only one sparse
+   ``[S, B·N]`` product with ``x`` (all views at once) and the ``D``-wide attention outputs; so
    is the maximum of a singleton bucket (its token). The maximum of the other buckets needs
    ``t_j`` itself: it is formed one view at a time for their tokens only (at most
    ``[B·N, C]``, grouped by bucket length) and reduced per bucket, never for all views at once.
@@ -36,10 +36,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..geometry import Segments
-from ._common import compute_dtype, exclusive_cumsum, grad_as, linear_pool_weights, without_autocast
+from ._common import (
+    compute_dtype,
+    count_ones,
+    csr,
+    csr_mm,
+    exclusive_cumsum,
+    grad_as,
+    linear_pool_weights,
+    without_autocast,
+)
 
 #: Buckets up to this length use an explicit softmax on exact lengths, laid out with the keys
 #: leading (``[L, n, L, H]``) so that every step is elementwise over the batch (cheaper than the
@@ -320,12 +328,6 @@ def _segment_max(t: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) 
     return maxima.scatter_reduce_(0, segment_ids[:, None].expand_as(t), t, "amax")
 
 
-def _count_ones(mask: torch.Tensor) -> int:
-    """Number of ones in a 0/1 float mask: its float32 sum, exact below 2^24 elements and some 50×
-    faster than ``count_nonzero`` on the CPU; ``count_nonzero`` above."""
-    return int(mask.sum()) if mask.numel() < 2**24 else int(torch.count_nonzero(mask))
-
-
 @dataclass
 class _MaxItems:
     """The items of one view's buckets of two or more tokens (singletons need no maximum),
@@ -403,7 +405,7 @@ def _maxima_and_items(t: torch.Tensor, items: _MaxItems,
         block = t[row:row + count * length].view(count, length, -1)
         top = torch.amax(block, dim=1, out=maxima[bucket:bucket + count])
         at_max = torch.eq(block, top[:, None], out=buffer[row:row + count * length].view_as(block))
-        tied = tied or _count_ones(at_max) != top.numel()
+        tied = tied or count_ones(at_max) != top.numel()
         rank = torch.arange(row, row + count * length, dtype=t.dtype, device=t.device).view(count, length, 1)
         rows[bucket:bucket + count] = at_max.mul_(rank).amax(dim=1)
         row, bucket = row + count * length, bucket + count
@@ -438,10 +440,9 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
 
         # linear part (the mean, and the maximum of singletons): sums of x and of the D-wide outputs
         wo, bo = out_weight.to(dtype), out_bias.to(dtype)
-        # (a weight is per segment: plain sums, then scaled rows, beat per-item weights by 2×)
-        weights = linear_pool_weights(plan.counts, pooling, dtype)[:, None]
-        pooled = F.embedding_bag(plan.tokens, xf, plan.starts, mode="sum").mul_(weights)
-        linear_out = torch.segment_reduce(out, "sum", lengths=plan.counts, axis=0, unsafe=True).mul_(weights)
+        weights = linear_pool_weights(plan.counts, pooling, dtype)
+        pooled = csr_mm(csr(plan.counts, plan.tokens, weights.index_select(0, plan.segment_of_position), len(xf)), xf)
+        linear_out = torch.segment_reduce(out, "sum", lengths=plan.counts, axis=0, unsafe=True).mul_(weights[:, None])
         bias_factor = 2 if pooling == "max+mean" else 1
         for view, (first, last) in enumerate(zip(segments.view_offsets[:-1], segments.view_offsets[1:])):
             pooled[first:last].addmm_(linear_out[first:last], wo[view].T).add_(bo[view], alpha=bias_factor)
@@ -484,8 +485,9 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
 
         # linear part: pooled = Σ w·x + (Σ w·out) W_oᵀ + b_o (twice b_o under max + mean)
         weights = linear_pool_weights(plan.counts, pooling, dtype)
-        segment_ids = segments.segment_ids.reshape(views, -1).T.contiguous()  # [B·N, M]
-        grad_x = F.embedding_bag(segment_ids, g * weights[:, None], mode="sum")
+        segment_ids = segments.segment_ids.reshape(views, -1).T.flatten()  # M per token, token after token
+        token_views = torch.full((xf.shape[0],), views, dtype=torch.long, device=g.device)
+        grad_x = csr_mm(csr(token_views, segment_ids, weights.index_select(0, segment_ids), len(weights)), g)
         grad_out_weight = torch.empty_like(wo)
         grad_out_bias = torch.empty(views, channels, dtype=dtype, device=g.device)
         grad_linear_out = torch.empty_like(linear_out)
@@ -513,7 +515,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
             t = _max_features(xf, out, plan, items, wo[view], features)
             at_max = torch.index_select(top, 0, items.local, out=masks[:len(t)]).eq_(t)
             g_max = g.index_select(0, items.segments)
-            if _count_ones(at_max) != g_max.numel():  # a maximum attained twice
+            if count_ones(at_max) != g_max.numel():  # a maximum attained twice
                 g_max = g_max / torch.zeros_like(g_max).index_add_(0, items.local, at_max)
             share = torch.index_select(g_max, 0, items.local, out=t).mul_(at_max)  # t is not needed any more
             grad_x.index_add_(0, plan.tokens.index_select(0, items.positions), share)

@@ -11,9 +11,8 @@ attain it, as the reference does.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ._common import compute_dtype, exclusive_cumsum, linear_pool_weights, without_autocast
+from ._common import compute_dtype, count_ones, csr, csr_mm, linear_pool_weights, without_autocast
 
 
 class _SegmentPool(torch.autograd.Function):
@@ -26,7 +25,7 @@ class _SegmentPool(torch.autograd.Function):
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids, minlength=num_segments)
         weights = linear_pool_weights(counts, pooling, dtype)
-        pooled = F.embedding_bag(order, v, exclusive_cumsum(counts), mode="sum").mul_(weights[:, None])
+        pooled = csr_mm(csr(counts, order, weights.index_select(0, ids.index_select(0, order)), len(v)), v)
         shared = rows = maxima = None
         if pooling == "max+mean":
             shared = (counts > 1).nonzero().squeeze(1)  # segments whose maximum is not their only row
@@ -48,14 +47,14 @@ class _SegmentPool(torch.autograd.Function):
         g = grad.to(dtype)
         grad_values = (g * linear_pool_weights(counts, ctx.pooling, dtype)[:, None]).index_select(0, ids)
         if ctx.pooling == "max+mean" and len(shared):
-            # a maximum is exact: the rows that attain it compare equal to it
+            # a maximum is exact: the rows that attain it compare equal to it (a float 0/1 mask: bool
+            # masks are several times slower to make and apply on the CPU)
             local = (torch.cumsum(counts > 1, 0) - 1).index_select(0, ids.index_select(0, rows))
-            below = values.to(dtype).index_select(0, rows) != maxima.index_select(0, local)
+            at_max = maxima.index_select(0, local).eq_(values.to(dtype).index_select(0, rows))
             g_max = g.index_select(0, shared)
-            if below.numel() - int(torch.count_nonzero(below)) != g_max.numel():  # a maximum attained twice
-                num_ties = torch.zeros_like(g_max).index_add_(0, local, (~below).to(dtype))
-                g_max = g_max / num_ties
-            grad_values.index_add_(0, rows, g_max.index_select(0, local).masked_fill_(below, 0))
+            if count_ones(at_max) != g_max.numel():  # a maximum attained twice
+                g_max = g_max / torch.zeros_like(g_max).index_add_(0, local, at_max)
+            grad_values.index_add_(0, rows, g_max.index_select(0, local).mul_(at_max))
         return grad_values.to(values.dtype), None, None, None
 
 
