@@ -49,8 +49,8 @@ from ._common import (
     without_autocast,
 )
 
-#: Buckets up to this length use an explicit softmax on exact lengths, laid out with the keys
-#: leading (``[L, n, L, H]``) so that every step is elementwise over the batch (cheaper than the
+#: Buckets up to this length use an explicit softmax on exact lengths, laid out with the buckets
+#: innermost (``[L, L, H, n]``) so that every step is elementwise over the batch (cheaper than the
 #: flash kernel or batched ``L × L`` matmuls at these lengths).
 EXPLICIT_MAX_LEN = 8
 #: Buckets up to this length are batched with others of exactly the same length (no padding).
@@ -158,35 +158,42 @@ def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
 
 
 def _short_chunks(n: int, length: int, width: int):
-    """Slices of ``n`` buckets whose ``[L, n, L, H, d]`` products stay under ``TILE_ELEMENTS``."""
+    """Slices of ``n`` buckets whose ``[L, L, d, H, n]`` products stay under ``TILE_ELEMENTS``."""
     step = max(1, TILE_ELEMENTS // (length * length * width))
     return [slice(first, first + step) for first in range(0, n, step)]
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``Σ_e a[..., e] b[..., e]`` with broadcasting; a few fused multiply-adds for small head dims."""
-    if a.shape[-1] > 4:
-        return (a * b).sum(dim=-1)
-    out = a[..., 0] * b[..., 0]
-    for e in range(1, a.shape[-1]):
-        out.addcmul_(a[..., e], b[..., e])
+def _buckets_last(block: torch.Tensor) -> torch.Tensor:
+    """``[n, L, 3, H, d]`` qkv as ``[3, L, d, H, n]``: with the buckets innermost, every step of the
+    short-bucket attention is elementwise over long contiguous rows (the head dims are tiny)."""
+    return block.permute(2, 1, 4, 3, 0).contiguous()
+
+
+def _head_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ_e a[..., e, :, :] b[..., e, :, :]`` over the head-dim axis (third from last), broadcast;
+    a few fused multiply-adds for small head dims."""
+    if a.shape[-3] > 4:
+        return (a * b).sum(dim=-3)
+    out = a[..., 0, :, :] * b[..., 0, :, :]
+    for e in range(1, a.shape[-3]):
+        out.addcmul_(a[..., e, :, :], b[..., e, :, :])
     return out
 
 
 def _short_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax probabilities ``[L_k, n, L_q, H]`` of short buckets; ``q, k``: ``[n, L, H, d]``."""
-    s = _dot(q[None], k.transpose(0, 1)[:, :, None]).mul_(scale)
-    s = s.sub_(s.amax(dim=0)).exp_()
-    return s.div_(s.sum(dim=0))
+    """Softmax probabilities ``[L_q, L_k, H, n]`` of short buckets; ``q, k``: ``[L, d, H, n]``."""
+    s = _head_dot(q[:, None], k[None]).mul_(scale)
+    s = s.sub_(s.amax(dim=1, keepdim=True)).exp_()
+    return s.div_(s.sum(dim=1, keepdim=True))
 
 
 def _short_attention(block: torch.Tensor, scale: float) -> torch.Tensor:
     """Outputs ``[n, L, H, d]`` of short buckets from their ``[n, L, 3, H, d]`` qkv."""
     out = block.new_empty(block[:, :, 0].shape)
     for chunk in _short_chunks(block.shape[0], block.shape[1], block[0, 0, 0].numel()):
-        q, k, v = block[chunk].unbind(2)
+        q, k, v = _buckets_last(block[chunk])
         p = _short_probs(q, k, scale)
-        out[chunk] = (p[..., None] * v.transpose(0, 1)[:, :, None]).sum(dim=0)
+        out[chunk] = (p[:, :, None] * v[None]).sum(dim=1).permute(3, 0, 2, 1)
     return out
 
 
@@ -194,14 +201,15 @@ def _short_attention_backward(do: torch.Tensor, block: torch.Tensor, scale: floa
     """Gradient ``[n, L, 3, H, d]`` of the qkv of short buckets from that of their outputs ``[n, L, H, d]``."""
     grad = torch.empty_like(block)
     for chunk in _short_chunks(block.shape[0], block.shape[1], block[0, 0, 0].numel()):
-        q, k, v = block[chunk].unbind(2)
-        d_out = do[chunk]
-        p = _short_probs(q, k, scale)  # [L_k, n, L_q, H]
-        grad[chunk, :, 2] = (p[..., None] * d_out[None]).sum(dim=2).transpose(0, 1)
-        dp = _dot(d_out[None], v.transpose(0, 1)[:, :, None])
-        ds = dp.sub_((p * dp).sum(dim=0)).mul_(p).mul_(scale)
-        grad[chunk, :, 0] = (ds[..., None] * k.transpose(0, 1)[:, :, None]).sum(dim=0)
-        grad[chunk, :, 1] = (ds[..., None] * q[None]).sum(dim=2).transpose(0, 1)
+        q, k, v = _buckets_last(block[chunk])  # [L, d, H, n] each
+        d_out = do[chunk].permute(1, 3, 2, 0).contiguous()
+        p = _short_probs(q, k, scale)  # [L_q, L_k, H, n]
+        grad_v = (p[:, :, None] * d_out[:, None]).sum(dim=0)
+        dp = _head_dot(d_out[:, None], v[None])
+        ds = dp.sub_((p * dp).sum(dim=1, keepdim=True)).mul_(p).mul_(scale)
+        grad_q = (ds[:, :, None] * k[None]).sum(dim=1)
+        grad_k = (ds[:, :, None] * q[:, None]).sum(dim=0)
+        grad[chunk] = torch.stack((grad_q, grad_k, grad_v)).permute(4, 1, 0, 3, 2)
     return grad
 
 
