@@ -69,6 +69,9 @@ TILE_ELEMENTS = 1 << 18
 #: items costs forward a few passes over the features, and the scatter handles ``[S_j, C, D]``
 #: products: both pay off only once buckets are this long.
 ARGMAX_MIN_LENGTH = 48
+#: Such views find their maxima per length class ``[n, L, C]``, a few ops per class; their classes
+#: are exact up to this length, then this many per octave (a power of two; padding under 1/4).
+ARGMAX_CLASSES = 4
 
 #: PyTorch's fused CPU flash attention (forward and backward, key masks, float32/float64).
 FLASH_ON_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
@@ -122,13 +125,14 @@ class _Plan:
     batches: list[_Batch]
 
 
-def _padded_lengths(counts: torch.Tensor) -> torch.Tensor:
-    """Length class of every bucket: exact up to ``EXACT_MAX_LEN``, then ``CLASSES_PER_OCTAVE`` per octave."""
+def _padded_lengths(counts: torch.Tensor, exact_max: int = EXACT_MAX_LEN,
+                    per_octave: int = CLASSES_PER_OCTAVE) -> torch.Tensor:
+    """Length class of every bucket: exact up to ``exact_max``, then ``per_octave`` (a power of two) per octave."""
     _, exponent = torch.frexp((counts - 1).clamp_min(1).double())  # 2^(e-1) ≤ count − 1 < 2^e
-    shift = (exponent - CLASSES_PER_OCTAVE.bit_length()).clamp_min(0)
+    shift = (exponent - per_octave.bit_length()).clamp_min(0)
     step = torch.pow(2.0, shift.double()).long()
     padded = torch.div(counts + step - 1, step, rounding_mode="floor") * step
-    return torch.where(counts > EXACT_MAX_LEN, padded, counts)
+    return torch.where(counts > exact_max, padded, counts)
 
 
 def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
@@ -338,16 +342,17 @@ def _segment_max(t: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) 
 
 @dataclass
 class _MaxItems:
-    """The items of one view's buckets of two or more tokens (singletons need no maximum),
-    grouped by length class as in :func:`_padded_lengths`.
+    """The items of one view's buckets of two or more tokens (singletons need no maximum).
 
     Attributes:
         positions: ``[T_j]`` sorted positions of the items, bucket after bucket, the buckets
-            ordered by length class; padding repeats a bucket's first item.
+            ordered by length class (:data:`ARGMAX_CLASSES` where ``saves_argmax``, exact
+            otherwise); padding repeats a bucket's first item.
         local: ``[T_j]`` bucket of every item, numbered ``0..S_j − 1`` in that order.
         segments: ``[S_j]`` global segment of every such bucket.
         classes: ``(length, buckets)`` of every class, in order.
         padding: ``[P]`` rows of ``positions`` that are padding, ``None`` without padding.
+        saves_argmax: the view's buckets are long (:data:`ARGMAX_MIN_LENGTH`).
     """
 
     positions: torch.Tensor
@@ -355,11 +360,7 @@ class _MaxItems:
     segments: torch.Tensor
     classes: list[tuple[int, int]]
     padding: torch.Tensor | None
-
-    @property
-    def saves_argmax(self) -> bool:
-        # (item ranks are found in t's float dtype: exact below 2^24)
-        return ARGMAX_MIN_LENGTH * max(1, len(self.segments)) <= len(self.positions) < 2**24
+    saves_argmax: bool
 
 
 def _max_items(plan: _Plan, segments: Segments) -> list[_MaxItems]:
@@ -367,7 +368,11 @@ def _max_items(plan: _Plan, segments: Segments) -> list[_MaxItems]:
     for first, last in zip(segments.view_offsets[:-1], segments.view_offsets[1:]):
         counts = plan.counts[first:last]
         chosen = (counts > 1).nonzero().squeeze(1)
-        lengths = _padded_lengths(counts.index_select(0, chosen))
+        lengths = counts.index_select(0, chosen)
+        # (item ranks are found in t's float dtype: exact below 2^24, padding of under 1/4 included)
+        saves_argmax = ARGMAX_MIN_LENGTH * max(1, len(chosen)) <= int(lengths.sum()) < 2**23
+        if saves_argmax:
+            lengths = _padded_lengths(lengths, ARGMAX_CLASSES, ARGMAX_CLASSES)
         order = torch.argsort(lengths, stable=True)
         chosen, lengths = chosen.index_select(0, order), lengths.index_select(0, order)
         classes, sizes = torch.unique_consecutive(lengths, return_counts=True)
@@ -377,7 +382,7 @@ def _max_items(plan: _Plan, segments: Segments) -> list[_MaxItems]:
         positions = plan.starts.index_select(0, chosen + first).index_select(0, local) + torch.where(valid, step, 0)
         padding = None if bool(valid.all()) else (~valid).nonzero().squeeze(1)
         result.append(_MaxItems(positions, local, chosen + first, list(zip(classes.tolist(), sizes.tolist())),
-                                padding))
+                                padding, saves_argmax))
     return result
 
 
