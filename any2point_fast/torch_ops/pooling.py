@@ -30,8 +30,9 @@ class _SegmentPool(torch.autograd.Function):
         if pooling == "max+mean":
             shared = (counts > 1).nonzero().squeeze(1)  # segments whose maximum is not their only row
             rows = order[(counts > 1).index_select(0, ids.index_select(0, order))]  # their rows, segment by segment
-            maxima = torch.segment_reduce(v.index_select(0, rows), "max", lengths=counts.index_select(0, shared),
-                                          axis=0, unsafe=True)
+            # (a scatter over all rows: several times faster than segment_reduce on long segments)
+            top = v.new_full((num_segments, v.shape[1]), float("-inf"))
+            maxima = top.scatter_reduce_(0, ids[:, None].expand_as(v), v, "amax").index_select(0, shared)
             pooled.index_add_(0, shared, maxima)
         ctx.save_for_backward(values, ids, counts, shared, rows, maxima)
         ctx.pooling = pooling
