@@ -21,6 +21,7 @@ from any2point_fast import reference, torch_ops
 from any2point_fast.config import Any2PointConfig
 from any2point_fast.geometry import ProjectionSpec, Segments
 from any2point_fast.torch_ops import attention as torch_attention
+from tests.margins import min_max_margin
 from tests.tolerances import assert_close_to_reference
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -127,32 +128,6 @@ def view_weights(views: int, channels: int, width: int, gen: torch.Generator) ->
         torch.randn(views, channels, width, generator=gen) / math.sqrt(width),
         0.3 * torch.randn(views, channels, generator=gen),
     ]
-
-
-def min_max_margin(x: torch.Tensor, segments: Segments, weights: list[torch.Tensor], num_heads: int) -> float:
-    """Smallest relative gap between a bucket's largest ``t_j`` value and the next one.
-
-    Max-pooling gradients jump where two tokens swap places; the torch op and the reference
-    round differently (by ~1e-7), so draws whose top two values are that close are skipped;
-    exact ties are tested on their own.
-    """
-    margin = math.inf
-    for j in range(segments.num_views):
-        ids = segments.segment_ids[j]
-        w = [p.detach()[j].float() for p in weights]
-        t = reference.adapter.bucket_attention(x.detach().float(), ids[:, :, None] == ids[:, None, :], *w, num_heads)
-        t, flat = t.reshape(-1, t.shape[-1]), ids.flatten()
-        index = flat[:, None].expand_as(t)
-        empty = torch.full((segments.num_segments, t.shape[1]), float("-inf"))
-        top = empty.scatter_reduce(0, index, t, "amax")
-        at_top = t == top[flat]
-        num_top = torch.zeros_like(top).scatter_add_(0, index, at_top.float())
-        second = empty.scatter_reduce(0, index, t.masked_fill(at_top, float("-inf")), "amax")
-        gap = torch.where(num_top > 1, 0.0, (top - second) / top.abs().clamp_min(1))
-        shared = torch.bincount(flat, minlength=segments.num_segments) > 1
-        if bool(shared.any()):
-            margin = min(margin, float(gap[shared].min()))
-    return margin
 
 
 # ----------------------------------------------------------------------------------- bucket_sort
