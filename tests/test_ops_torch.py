@@ -21,6 +21,7 @@ from any2point_fast import reference, torch_ops
 from any2point_fast.config import Any2PointConfig
 from any2point_fast.geometry import ProjectionSpec, Segments
 from any2point_fast.torch_ops import attention as torch_attention
+from any2point_fast.torch_ops._common import segment_max
 from tests.margins import min_max_margin
 from tests.tolerances import assert_close_to_reference
 
@@ -307,7 +308,7 @@ def test_saved_argmax_rows_hold_the_maxima_of_padded_classes():
     xf, out = torch.randn(ids.shape[-1], 36, generator=gen), torch.randn(len(plan.rows), 12, generator=gen)
     buffer = xf.new_empty(len(items.positions), 36)
     t = torch_attention._max_features(xf, out, plan, items, torch.randn(36, 12, generator=gen), buffer)
-    expected = torch_attention._segment_max(t, items.local, len(items.segments))
+    expected = segment_max(t, items.local, len(items.segments))
     maxima, rows = torch_attention._maxima_and_items(t.clone(), items, torch.empty_like(t))
     assert rows is not None and torch.equal(maxima, expected)
     assert torch.equal(t.gather(0, rows), maxima)

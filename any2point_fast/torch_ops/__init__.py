@@ -5,14 +5,15 @@ and returns the same values (within ``tests/tolerances.py``; :func:`bucket_sort`
 differs is how they are computed, the same way as the Triton kernels:
 
 - tokens are visited in the sorted order of :class:`~any2point_fast.geometry.Segments`, so every
-  bucket is a contiguous run and pooling is a segment reduction (``embedding_bag`` with
-  offsets, ``segment_reduce``), never a scatter over unsorted rows;
+  bucket is a contiguous run; pooled sums are sparse CSR products (a matrix row per bucket),
+  pooled maxima one ``scatter_reduce``;
 - attention runs inside each bucket only: buckets are batched by length, short ones exactly
   (no padding), long ones padded to a length class and handed to PyTorch's fused CPU flash
   attention, so no ``N × N`` tensor per cloud is ever allocated;
 - ``neighborhood_attention_pool`` and ``ensemble_propagate`` are autograd Functions that keep
-  only small per-token tensors (``D = 12`` attention channels, ``M`` weights) for backward and
-  recompute the rest; no ``[M, B·N, C]`` tensor exists in forward or backward.
+  only small per-token tensors (``D = 12`` attention channels, ``M`` weights) and per-bucket
+  rows (the pooled maxima, or the items holding them) for backward and recompute the rest; no
+  ``[M, B·N, C]`` tensor exists in forward or backward.
 
 Inputs may be float16/bfloat16 (computed in float32, returned in the input dtype), float32, or
 float64 (computed in float64, for ``gradcheck``), contiguous or not.

@@ -46,6 +46,8 @@ from ._common import (
     exclusive_cumsum,
     grad_as,
     linear_pool_weights,
+    max_gradient_shares,
+    segment_max,
     without_autocast,
 )
 
@@ -334,12 +336,6 @@ def _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype):
     return folded_weight.flatten(0, 1), folded_bias.flatten()
 
 
-def _segment_max(t: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """``[S, C]`` maxima of the rows of ``t`` per segment (every segment non-empty)."""
-    maxima = t.new_full((num_segments, t.shape[1]), float("-inf"))
-    return maxima.scatter_reduce_(0, segment_ids[:, None].expand_as(t), t, "amax")
-
-
 @dataclass
 class _MaxItems:
     """The items of one view's buckets of two or more tokens (singletons need no maximum).
@@ -472,7 +468,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
                 if items.saves_argmax:
                     top, rows = _maxima_and_items(t, items, masks)
                 else:
-                    top = _segment_max(t, items.local, len(items.segments))
+                    top = segment_max(t, items.local, len(items.segments))
                 pooled.index_add_(0, items.segments, top)
             maxima.append(top if rows is None else None)
             argmax_rows.append(rows)
@@ -514,8 +510,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         grad_out = grad_linear_out.mul_(weights[:, None]).index_select(0, plan.segment_of_position)
 
         # maximum, one view at a time: scattered to the saved items holding it, or (t_j recomputed,
-        # compared with the saved maxima) shared equally among tied tokens. The masks are float (0/1):
-        # bool masks are several times slower to make and apply on the CPU.
+        # compared with the saved maxima) shared equally among tied tokens
         recomputed = [items for items, top in zip(ctx.max_items, ctx.maxima) if top is not None]
         features, masks = _scratch(recomputed, xf, 2)
         for view, (items, top, rows) in enumerate(zip(ctx.max_items, ctx.maxima, ctx.argmax_rows)):
@@ -527,10 +522,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
                 continue
             t = _max_features(xf, out, plan, items, wo[view], features)
             at_max = torch.index_select(top, 0, items.local, out=masks[:len(t)]).eq_(t)
-            g_max = g.index_select(0, items.segments)
-            if count_ones(at_max) != g_max.numel():  # a maximum attained twice
-                g_max = g_max / torch.zeros_like(g_max).index_add_(0, items.local, at_max)
-            share = torch.index_select(g_max, 0, items.local, out=t).mul_(at_max)  # t is not needed any more
+            share = max_gradient_shares(g.index_select(0, items.segments), at_max, items.local, out=t)  # t is done
             grad_x.index_add_(0, plan.tokens.index_select(0, items.positions), share)
             grad_out.index_add_(0, items.positions, torch.mm(share, wo[view]))
             grad_out_weight[view].addmm_(share.T, out.index_select(0, items.positions))

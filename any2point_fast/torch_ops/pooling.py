@@ -1,18 +1,25 @@
 """``segment_pool``: ``mean`` / ``max + mean`` of rows grouped by segment, as segment reductions.
 
-The rows are visited in the stable order of their segment ids, so every segment is a
-contiguous run: the sums are one ``embedding_bag`` with offsets (gather and reduce fused), the
-maxima a ``segment_reduce`` over the rows of the segments of two or more rows — a singleton's
-maximum is its row, which joins the linear part with weight 2. Backward spreads the linear
-gradient back with one gather and shares each maximum's gradient equally among the rows that
-attain it, as the reference does.
+The weighted sums are one sparse CSR product (a matrix row per segment, an entry per row of
+``values`` in the stable order of their segment ids), the maxima one ``scatter_reduce``, added
+for the segments of two or more rows — a singleton's maximum is its row, which joins the linear
+part with weight 2. Backward spreads the linear gradient back with one gather and shares each
+maximum's gradient equally among the rows that attain it, as the reference does.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import compute_dtype, count_ones, csr, csr_mm, linear_pool_weights, without_autocast
+from ._common import (
+    compute_dtype,
+    csr,
+    csr_mm,
+    linear_pool_weights,
+    max_gradient_shares,
+    segment_max,
+    without_autocast,
+)
 
 
 class _SegmentPool(torch.autograd.Function):
@@ -30,9 +37,7 @@ class _SegmentPool(torch.autograd.Function):
         if pooling == "max+mean":
             shared = (counts > 1).nonzero().squeeze(1)  # segments whose maximum is not their only row
             rows = order[(counts > 1).index_select(0, ids.index_select(0, order))]  # their rows, segment by segment
-            # (a scatter over all rows: several times faster than segment_reduce on long segments)
-            top = v.new_full((num_segments, v.shape[1]), float("-inf"))
-            maxima = top.scatter_reduce_(0, ids[:, None].expand_as(v), v, "amax").index_select(0, shared)
+            maxima = segment_max(v, ids, num_segments).index_select(0, shared)
             pooled.index_add_(0, shared, maxima)
         ctx.save_for_backward(values, ids, counts, shared, rows, maxima)
         ctx.pooling = pooling
@@ -48,14 +53,10 @@ class _SegmentPool(torch.autograd.Function):
         g = grad.to(dtype)
         grad_values = (g * linear_pool_weights(counts, ctx.pooling, dtype)[:, None]).index_select(0, ids)
         if ctx.pooling == "max+mean" and len(shared):
-            # a maximum is exact: the rows that attain it compare equal to it (a float 0/1 mask: bool
-            # masks are several times slower to make and apply on the CPU)
+            # a maximum is exact: the rows that attain it compare equal to it
             local = (torch.cumsum(counts > 1, 0) - 1).index_select(0, ids.index_select(0, rows))
             at_max = maxima.index_select(0, local).eq_(values.to(dtype).index_select(0, rows))
-            g_max = g.index_select(0, shared)
-            if count_ones(at_max) != g_max.numel():  # a maximum attained twice
-                g_max = g_max / torch.zeros_like(g_max).index_add_(0, local, at_max)
-            grad_values.index_add_(0, rows, g_max.index_select(0, local).mul_(at_max))
+            grad_values.index_add_(0, rows, max_gradient_shares(g.index_select(0, shared), at_max, local))
         return grad_values.to(values.dtype), None, None, None
 
 
