@@ -4,7 +4,7 @@ The ``M·B·N`` cosines need the dot products ``B_i · F_ij`` of a token's basel
 view rows: one sampled matrix product (SDDMM) of the two row tables, evaluated only at the
 ``(view row, baseline row)`` pair of every item, with no row gathered. The weighted sum
 ``Σ_j w_ij F_ij`` is one ``embedding_bag`` over the ``M`` rows of every token. Only the
-``[M, B·N]`` dot products are kept for backward.
+``[M, B·N]`` dot products and the rows' norms (``[S]``, ``[Sv]``) are kept for backward.
 
 Backward, with ``g`` the output gradient: the weight gradients need ``g_i · F_ij``, the same
 sampled product against ``g``; the table gradients are sums over the items of every row with
@@ -67,26 +67,24 @@ class _EnsemblePropagate(torch.autograd.Function):
         rows_f, rows_b = view_rows.to(dtype), base_rows.to(dtype)
         bid, vid = base_ids.reshape(-1).long(), view_ids.reshape(views, -1).long()
         dots = _sampled_dots(rows_f, vid, rows_b, bid)
-        base_norm = rows_b.norm(dim=1).index_select(0, bid)
-        view_norm = rows_f.norm(dim=1)[vid]
-        w = _weights(dots, base_norm, view_norm)[0]
+        norms_f, norms_b = rows_f.norm(dim=1), rows_b.norm(dim=1)
+        w = _weights(dots, norms_b.index_select(0, bid), norms_f[vid])[0]
         out = F.embedding_bag(vid.T.contiguous(), rows_f, per_sample_weights=w.T.contiguous(), mode="sum")
         y = torch.add(x.reshape(batch * tokens, channels).to(dtype), out, alpha=coef)
-        ctx.save_for_backward(base_rows, bid, view_rows, vid, dots)
+        ctx.save_for_backward(base_rows, bid, view_rows, vid, dots, norms_f, norms_b)
         ctx.coef = coef
         return y.view(batch, tokens, channels).to(x.dtype)
 
     @staticmethod
     @without_autocast
     def backward(ctx, grad):
-        base_rows, bid, view_rows, vid, dots = ctx.saved_tensors
+        base_rows, bid, view_rows, vid, dots, norms_f, norms_b = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if not (needs[1] or needs[3]):
             return grad if needs[0] else None, None, None, None, None, None
         coef, dtype = ctx.coef, dots.dtype
         views = vid.shape[0]
         rows_f, rows_b = view_rows.to(dtype), base_rows.to(dtype)
-        norms_f, norms_b = rows_f.norm(dim=1), rows_b.norm(dim=1)
         base_norm, view_norm = norms_b.index_select(0, bid), norms_f[vid]
         w, cos, denominator, den_passes, total, total_passes = _weights(dots, base_norm, view_norm)
         g = grad.reshape(vid.shape[1], -1).to(dtype)
