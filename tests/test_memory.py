@@ -2,7 +2,8 @@
 
 Every allocation made while an op runs forward and backward is recorded by the profiler
 (``profile_memory=True`` reports each allocation of the CPU allocator, buffers allocated
-inside ATen kernels such as the flash attention's included). The torch path must never allocate
+inside ATen kernels such as the flash attention's included, and so the compiled kernel's,
+which takes its buffers from that allocator). The torch path must never allocate
 an ``N × N`` tensor per cloud nor an ``[M, B·N, C]`` tensor; the checks below flag any
 allocation of ``N²/8`` float32 elements, or of ``M·B·N·C``, and the same checks are shown to
 catch the reference, which materialises both.
@@ -17,6 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from any2point_fast import Any2PointConfig, reference, torch_ops
 from any2point_fast.geometry import ProjectionSpec, Segments, voxel_grid_size
 from any2point_fast.torch_ops import attention as torch_attention
+from any2point_fast.torch_ops import native
+from tests.routes import attention_route
 
 TOKENS, CHANNELS, VIEWS, HEADS, WIDTH = 4096, 96, 6, 6, 12
 FLOAT = 4  # bytes
@@ -81,9 +84,11 @@ def guided_branch(ops, views: Segments, voxels: Segments, tokens: int, pooling: 
     return run
 
 
+@pytest.mark.parametrize("route", ["compiled", "flash"])
 @pytest.mark.parametrize("pooling", ["mean", "max+mean"])
 @pytest.mark.parametrize("kind", ["language preset", "one bucket"])
-def test_torch_path_allocates_no_quadratic_or_per_view_tensor(kind, pooling):
+def test_torch_path_allocates_no_quadratic_or_per_view_tensor(kind, pooling, route, monkeypatch):
+    attention_route(monkeypatch, route)
     views, voxels = layout(kind, TOKENS)
     if kind == "one bucket":
         assert views.max_len == TOKENS
@@ -96,6 +101,7 @@ def test_torch_path_allocates_no_quadratic_or_per_view_tensor(kind, pooling):
 def test_explicit_attention_path_allocates_no_quadratic_tensor(monkeypatch):
     """Off the CPU flash kernel (other devices), one bucket of N tokens is attended tile by tile
     (N = 2048 and two views: the explicit softmax is several times slower than the flash kernel)."""
+    monkeypatch.setattr(native, "available", lambda device: False)
     monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", False)
     tokens, views = 2048, 2
     assert torch_attention.TILE_ELEMENTS < tokens * tokens // 8

@@ -23,6 +23,7 @@ from any2point_fast.geometry import ProjectionSpec, Segments
 from any2point_fast.torch_ops import attention as torch_attention
 from any2point_fast.torch_ops._common import segment_max
 from tests.margins import min_max_margin
+from tests.routes import ROUTES, attention_route
 from tests.tolerances import assert_close_to_reference
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -223,11 +224,12 @@ def max_route(monkeypatch: pytest.MonkeyPatch, saved_argmax: bool) -> None:
 
 @SETTINGS
 @given(layouts(), st.sampled_from([8, 36, 96, 100]), HEADS_AND_WIDTH, st.sampled_from(["mean", "max+mean"]),
-       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans())
+       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans(), st.sampled_from(ROUTES[:2]))
 def test_neighborhood_attention_pool_matches_reference(layout, channels, heads_width, pooling, dtype, noncontiguous,
-                                                       saved_argmax):
+                                                       saved_argmax, route):
     with pytest.MonkeyPatch.context() as monkeypatch:
         max_route(monkeypatch, saved_argmax)
+        attention_route(monkeypatch, route)
         check_neighborhood_attention_pool(layout, channels, heads_width, pooling, dtype, noncontiguous)
 
 
@@ -271,22 +273,23 @@ def test_neighborhood_max_pool_ties_match_reference(dtype, saved_argmax, buckets
 
 
 @pytest.mark.parametrize("saved_argmax", [True, False])
-@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("pooling", ["mean", "max+mean"])
-def test_long_buckets_of_every_length_class(pooling, flash, saved_argmax, monkeypatch):
-    """Buckets of 1..130 tokens: exact classes, the explicit and flash paths, padded classes.
-
-    Without flash (the path off the CPU), the long buckets are cut into small logits tiles.
-    """
+def test_long_buckets_of_every_length_class(pooling, route, saved_argmax, monkeypatch):
+    """Buckets of 1..130 tokens: the explicit short path, then the compiled kernel, or the exact
+    and padded length classes of the flash and tiled paths."""
     max_route(monkeypatch, saved_argmax)
-    monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", flash and torch_attention.FLASH_ON_CPU)
-    monkeypatch.setattr(torch_attention, "TILE_ELEMENTS", torch_attention.TILE_ELEMENTS if flash else 20_000)
+    attention_route(monkeypatch, route)
     lengths = [1, 2, 3, 4, 5, 17, 64, 65, 67, 68, 71, 72, 129, 130]
     ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(1))]
     segments = torch_ops.bucket_sort(torch.stack((ids, ids.flip(0)))[:, None], len(lengths))
     plan = torch_attention._plan(segments, len(ids))
-    assert any(b.keep is not None for b in plan.batches), "no padded class exercised"
+    if route == "compiled":
+        assert plan.native is not None and len(plan.native[0]) == 2 * 9, "the long buckets are not compiled"
+        assert max(b.length for b in plan.batches) == 5
+    else:
+        assert plan.native is None and any(b.keep is not None for b in plan.batches), "no padded class exercised"
     gen = torch.Generator().manual_seed(2)
     inputs = prepare([torch.randn(1, len(ids), 36, generator=gen), *view_weights(2, 36, 12, gen)], torch.float32,
                      noncontiguous=True)
@@ -316,13 +319,12 @@ def test_saved_argmax_rows_hold_the_maxima_of_padded_classes():
 
 
 @pytest.mark.parametrize("saved_argmax", [True, False])
-@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("pooling", ["mean", "max+mean"])
-def test_neighborhood_attention_pool_gradcheck(pooling, flash, saved_argmax, monkeypatch):
+def test_neighborhood_attention_pool_gradcheck(pooling, route, saved_argmax, monkeypatch):
     """float64 ``gradcheck`` on a layout with singletons, short, exact and padded long buckets."""
     max_route(monkeypatch, saved_argmax)
-    monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", flash and torch_attention.FLASH_ON_CPU)
-    monkeypatch.setattr(torch_attention, "TILE_ELEMENTS", torch_attention.TILE_ELEMENTS if flash else 20_000)
+    attention_route(monkeypatch, route)
     gen = torch.Generator().manual_seed(3)
     lengths = torch.tensor([1, 1, 2, 3, 6, 20, 67, 68])
     ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)

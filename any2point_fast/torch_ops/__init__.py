@@ -1,4 +1,4 @@
-"""The fused sorted-bucket algorithm in plain PyTorch: the production path on CPU.
+"""The fused sorted-bucket algorithm in PyTorch: the production path on CPU.
 
 Every function has the name and signature of its oracle in :mod:`any2point_fast.reference`
 and returns the same values (within ``tests/tolerances.py``; :func:`bucket_sort` bitwise). What
@@ -8,8 +8,10 @@ differs is how they are computed, the same way as the Triton kernels:
   bucket is a contiguous run; pooled sums are sparse CSR products (a matrix row per bucket),
   pooled maxima one ``scatter_reduce``;
 - attention runs inside each bucket only: buckets are batched by length, short ones exactly
-  (no padding), long ones padded to a length class and handed to PyTorch's fused CPU flash
-  attention, so no ``N × N`` tensor per cloud is ever allocated;
+  (no padding); long ones go to a small compiled C++ kernel on the CPU (:mod:`.native`, built
+  on first use; plain PyTorch where it cannot build), or are padded to a length class and
+  handed to PyTorch's fused CPU flash attention, so no ``N × N`` tensor per cloud is ever
+  allocated;
 - ``neighborhood_attention_pool`` and ``ensemble_propagate`` are autograd Functions that keep
   only small per-token tensors (``D = 12`` attention channels, ``M`` weights) and per-bucket
   rows (the pooled maxima, or the items holding them) for backward and recompute the rest; no

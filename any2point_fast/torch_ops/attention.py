@@ -10,11 +10,13 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
 2. **Attention on sorted items.** Items (token, view) in the order of
    :class:`~any2point_fast.geometry.Segments` make every bucket a contiguous run. Buckets are
    batched by length: singletons copy ``v``; lengths ≤ ``EXPLICIT_MAX_LEN`` run an explicit
-   softmax on exact lengths; longer ones are exact up to ``EXACT_MAX_LEN``, then padded to
-   ``CLASSES_PER_OCTAVE`` length classes per octave with a key mask (a bounded number of
-   batches, under 1/32 padding), and go to PyTorch's fused CPU flash attention — or, off the
-   CPU, to an explicit softmax over tiles of at most ``TILE_ELEMENTS`` logits. Memory is
-   ``O(items · D)`` plus one tile: no ``N × N`` tensor, however long a bucket.
+   softmax on exact lengths. Longer ones go, on the CPU, to the compiled kernel of
+   :mod:`.native` (one bucket per thread at a time, no padding), where it builds; otherwise
+   they are exact up to ``EXACT_MAX_LEN``, then padded to ``CLASSES_PER_OCTAVE`` length classes
+   per octave with a key mask (a bounded number of batches, under 1/32 padding), and go to
+   PyTorch's fused CPU flash attention — or, off the CPU, to an explicit softmax over tiles of
+   at most ``TILE_ELEMENTS`` logits. Memory is ``O(items · D)`` plus one tile or one bucket's
+   keys: no ``N × N`` tensor, however long a bucket.
 3. **Pooling without token features.** The mean is linear:
    ``mean_s(t_j) = mean_s(x) + mean_s(Attn) W_oᵀ + b_o``, so it needs only one sparse
    ``[S, B·N]`` product with ``x`` (all views at once) and the ``D``-wide attention outputs; so
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..geometry import Segments
+from . import native
 from ._common import (
     compute_dtype,
     count_ones,
@@ -117,6 +120,9 @@ class _Plan:
         segment_of_position: ``[T]`` segment of every sorted item.
         counts: ``[S]`` items per segment; ``starts``: ``[S]`` first sorted position.
         batches: the length classes.
+        native: ``(starts, lengths)`` ``[S_n]`` of the buckets longer than ``EXPLICIT_MAX_LEN``,
+            which the compiled kernel attends (:mod:`.native`); ``None`` where it does not run,
+            and those buckets are in ``batches``.
     """
 
     tokens: torch.Tensor
@@ -125,6 +131,7 @@ class _Plan:
     counts: torch.Tensor
     starts: torch.Tensor
     batches: list[_Batch]
+    native: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _padded_lengths(counts: torch.Tensor, exact_max: int = EXACT_MAX_LEN,
@@ -145,13 +152,20 @@ def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
     tokens = perm % tokens_per_view
     rows = tokens * views + torch.div(perm, tokens_per_view, rounding_mode="floor")
     segment_of_position = torch.repeat_interleave(torch.arange(len(counts), device=perm.device), counts)
-    padded = _padded_lengths(counts)
+    batched, native_buckets = counts, None
+    if native.available(perm.device):
+        long = counts > EXPLICIT_MAX_LEN
+        native_buckets = starts[long], counts[long]
+        batched = counts.masked_fill(long, 0)  # length 0: in no batch
+    padded = _padded_lengths(batched)
     order = torch.argsort(padded, stable=True)
     lengths, sizes = torch.unique_consecutive(padded[order], return_counts=True)
     batches, first = [], 0
     for length, size in zip(lengths.tolist(), sizes.tolist()):
         chosen = order[first:first + size]
         first += size
+        if length == 0:
+            continue
         steps = torch.arange(length, device=perm.device)
         count = counts[chosen][:, None]
         if length <= EXACT_MAX_LEN or bool((count == length).all()):
@@ -160,7 +174,7 @@ def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
         valid = steps < count
         positions = (starts[chosen][:, None] + torch.where(valid, steps, 0)).flatten()
         batches.append(_Batch(length, positions, valid.flatten().nonzero().squeeze(1), valid))
-    return _Plan(tokens, rows, segment_of_position, counts, starts, batches)
+    return _Plan(tokens, rows, segment_of_position, counts, starts, batches, native_buckets)
 
 
 def _short_chunks(n: int, length: int, width: int):
@@ -292,6 +306,9 @@ def _attention_forward(qkv_rows: torch.Tensor, plan: _Plan, num_heads: int) -> t
             out.index_copy_(0, batch.positions, outputs)
         else:
             out.index_copy_(0, batch.positions.index_select(0, batch.keep), outputs.index_select(0, batch.keep))
+    if plan.native is not None:  # last entry of lse: [T, H], written at the long buckets' items
+        lse.append(qkv_rows.new_empty(len(plan.rows), num_heads))
+        native.ops().bucket_attention(qkv_rows, plan.rows, *plan.native, num_heads, scale, out, lse[-1])
     return out, lse
 
 
@@ -325,6 +342,9 @@ def _attention_backward(grad_out: torch.Tensor, qkv_rows: torch.Tensor, out: tor
             grad_rows.index_copy_(0, rows, grad_block)
         else:
             grad_rows.index_copy_(0, rows.index_select(0, batch.keep), grad_block.index_select(0, batch.keep))
+    if plan.native is not None:
+        native.ops().bucket_attention_backward(grad_out.contiguous(), qkv_rows, out, lse[-1], plan.rows, *plan.native,
+                                               num_heads, scale, grad_rows)
     return grad_rows
 
 

@@ -1,0 +1,234 @@
+// Softmax attention inside the buckets of sorted items, on the CPU (loaded by any2point_fast.torch_ops.native).
+//
+// For the buckets the caller lists (sorted positions start[b] .. start[b] + length[b] - 1), each
+// head attends among the bucket's items only: no padding, no mask, no N x N tensor. Loops over a
+// bucket's keys are contiguous ([head_dim][L] copies of k and v) and vectorise, which is what
+// small head dims need (PyTorch's flash kernel is built for head dims of 64 and more). Buckets
+// are spread over ATen's threads, the longest first. Rows of qkv are [q | k | v], each
+// head-major ([H][d]); every qkv row belongs to exactly one item, so backward writes each
+// gradient row once, without atomics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+// e^x for float32, vectorizable: Cody-Waite reduction and a degree-6 polynomial (relative error
+// under 2e-7 where it is used, x ≤ 0); below -87.3 it returns 0.
+inline float exp_approx(float x) {
+  x = std::max(x, -87.3f);
+  x = std::min(x, 88.0f);
+  const float shifted = std::fma(x, 1.44269504088896341f, 12582912.0f);  // 1.5·2^23: rounds to an integer
+  const float n = shifted - 12582912.0f;
+  float r = std::fma(n, -0.693359375f, x);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r + 1.0f);
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_approx(double x) { return std::exp(x); }
+
+// Calls body(start, length) for every listed bucket, the longest first, each thread taking the
+// next bucket when it is free (bucket lengths vary by orders of magnitude).
+template <typename F>
+void for_each_bucket(const int64_t* starts, const int64_t* lengths, int64_t num_buckets, F body) {
+  std::vector<int64_t> order(num_buckets);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < num_buckets; i = next++) body(starts[order[i]], lengths[order[i]]);
+  });
+}
+
+// Per-bucket buffers come from ATen's allocator, so that memory profiles see them (O(d·L) each).
+template <typename T>
+at::Tensor scratch(int64_t size) {
+  return at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// k and v of one head of a bucket's items as [d][L], from the [q | k | v] rows.
+template <typename T>
+void gather_keys(const T* qkv, const int64_t* rows, int64_t length, int64_t head, int64_t dim, int64_t width,
+                 T* k, T* v) {
+  for (int64_t j = 0; j < length; ++j) {
+    const T* row = qkv + rows[j] * 3 * width + head * dim;
+    for (int64_t e = 0; e < dim; ++e) {
+      k[e * length + j] = row[width + e];
+      v[e * length + j] = row[2 * width + e];
+    }
+  }
+}
+
+// scores[j] = scale · q · k_j over the bucket's keys k [d][L].
+template <typename T>
+void scores(const T* q, const T* k, int64_t length, int64_t dim, T scale, T* out) {
+  std::fill(out, out + length, T(0));
+  for (int64_t e = 0; e < dim; ++e) {
+    const T qe = q[e] * scale;
+    const T* ke = k + e * length;
+#pragma omp simd
+    for (int64_t j = 0; j < length; ++j) out[j] += qe * ke[j];
+  }
+}
+
+template <typename T>
+void forward_kernel(const T* qkv, const int64_t* rows, const int64_t* starts, const int64_t* lengths,
+                    int64_t num_buckets, int64_t heads, int64_t dim, T scale, T* out, T* lse) {
+  const int64_t width = heads * dim;
+  for_each_bucket(starts, lengths, num_buckets, [&](int64_t start, int64_t length) {
+    const auto buffer = scratch<T>(3 * dim * length);
+    T* k = buffer.template data_ptr<T>();
+    T* v = k + dim * length;
+    T* p = v + dim * length;
+    for (int64_t h = 0; h < heads; ++h) {
+      gather_keys(qkv, rows + start, length, h, dim, width, k, v);
+      for (int64_t i = start; i < start + length; ++i) {
+        scores(qkv + rows[i] * 3 * width + h * dim, k, length, dim, scale, p);
+        T top = -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < length; ++j) top = std::max(top, p[j]);
+        T total = 0;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < length; ++j) {
+          p[j] = exp_approx(p[j] - top);
+          total += p[j];
+        }
+        T* o = out + i * width + h * dim;
+        for (int64_t e = 0; e < dim; ++e) {
+          const T* ve = v + e * length;
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < length; ++j) acc += p[j] * ve[j];
+          o[e] = acc / total;
+        }
+        lse[i * heads + h] = top + std::log(total);
+      }
+    }
+  });
+}
+
+// Recomputes the probabilities from the log-sum-exps; dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)).
+template <typename T>
+void backward_kernel(const T* grad_out, const T* qkv, const T* out, const T* lse, const int64_t* rows,
+                     const int64_t* starts, const int64_t* lengths, int64_t num_buckets, int64_t heads,
+                     int64_t dim, T scale, T* grad_qkv) {
+  const int64_t width = heads * dim;
+  for_each_bucket(starts, lengths, num_buckets, [&](int64_t start, int64_t length) {
+    const auto buffer = scratch<T>(4 * dim * length + 2 * length);
+    T* k = buffer.template data_ptr<T>();
+    T* v = k + dim * length;
+    T* dk = v + dim * length;
+    T* dv = dk + dim * length;
+    T* p = dv + dim * length;
+    T* ds = p + length;
+    for (int64_t h = 0; h < heads; ++h) {
+      gather_keys(qkv, rows + start, length, h, dim, width, k, v);
+      std::fill(dk, dk + 2 * dim * length, T(0));
+      for (int64_t i = start; i < start + length; ++i) {
+        const T* q = qkv + rows[i] * 3 * width + h * dim;
+        const T* go = grad_out + i * width + h * dim;
+        const T* o = out + i * width + h * dim;
+        T delta = 0;
+        for (int64_t e = 0; e < dim; ++e) delta += go[e] * o[e];
+        scores(q, k, length, dim, scale, p);
+        scores(go, v, length, dim, T(1), ds);
+        const T m = lse[i * heads + h];
+#pragma omp simd
+        for (int64_t j = 0; j < length; ++j) {
+          p[j] = exp_approx(p[j] - m);
+          ds[j] = p[j] * (ds[j] - delta) * scale;
+        }
+        T* gq = grad_qkv + rows[i] * 3 * width + h * dim;
+        for (int64_t e = 0; e < dim; ++e) {
+          const T* ke = k + e * length;
+          T* dke = dk + e * length;
+          T* dve = dv + e * length;
+          const T qe = q[e], ge = go[e];
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < length; ++j) {
+            acc += ds[j] * ke[j];
+            dke[j] += ds[j] * qe;
+            dve[j] += p[j] * ge;
+          }
+          gq[e] = acc;
+        }
+      }
+      for (int64_t j = 0; j < length; ++j) {
+        T* row = grad_qkv + rows[start + j] * 3 * width + h * dim;
+        for (int64_t e = 0; e < dim; ++e) {
+          row[width + e] = dk[e * length + j];
+          row[2 * width + e] = dv[e * length + j];
+        }
+      }
+    }
+  });
+}
+
+void check_buckets(const at::Tensor& qkv, const at::Tensor& rows, const at::Tensor& starts,
+                   const at::Tensor& lengths, int64_t heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && heads > 0 && qkv.size(1) % (3 * heads) == 0,
+              "qkv must be contiguous [R, 3 * heads * head_dim]");
+  for (const at::Tensor* t : {&rows, &starts, &lengths})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(), "int64 contiguous 1-D indices");
+  TORCH_CHECK(starts.numel() == lengths.numel(), "one start per length");
+}
+
+// out [T, D], lse [T, H]: written at the listed buckets' positions only.
+void bucket_attention(const at::Tensor& qkv, const at::Tensor& rows, const at::Tensor& starts,
+                      const at::Tensor& lengths, int64_t heads, double scale, at::Tensor out, at::Tensor lse) {
+  check_buckets(qkv, rows, starts, lengths, heads);
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && out.scalar_type() == qkv.scalar_type() &&
+                  lse.scalar_type() == qkv.scalar_type(), "out and lse must be contiguous, of qkv's dtype");
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "bucket_attention", [&] {
+    forward_kernel<scalar_t>(qkv.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                             lengths.data_ptr<int64_t>(), starts.numel(), heads, qkv.size(1) / 3 / heads,
+                             static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+  });
+}
+
+// grad_qkv [R, 3D]: the rows of the listed buckets' items are overwritten.
+void bucket_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                               const at::Tensor& lse, const at::Tensor& rows, const at::Tensor& starts,
+                               const at::Tensor& lengths, int64_t heads, double scale, at::Tensor grad_qkv) {
+  check_buckets(qkv, rows, starts, lengths, heads);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grad_out, &out, &lse, &grad_qkv})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == qkv.scalar_type(), "contiguous tensors of qkv's dtype");
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "bucket_attention_backward", [&] {
+    backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                              lse.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                              lengths.data_ptr<int64_t>(), starts.numel(), heads, qkv.size(1) / 3 / heads,
+                              static_cast<scalar_t>(scale), grad_qkv.data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(any2point_native, m) {
+  m.def("bucket_attention(Tensor qkv, Tensor rows, Tensor starts, Tensor lengths, int heads, float scale, "
+        "Tensor(a!) out, Tensor(b!) lse) -> ()");
+  m.def("bucket_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor rows, "
+        "Tensor starts, Tensor lengths, int heads, float scale, Tensor(a!) grad_qkv) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
+  m.impl("bucket_attention", &bucket_attention);
+  m.impl("bucket_attention_backward", &bucket_attention_backward);
+}

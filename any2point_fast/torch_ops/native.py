@@ -1,0 +1,59 @@
+"""Compiled CPU kernels of the torch path, built on first use.
+
+The torch path is plain PyTorch everywhere; where PyTorch has no kernel fit for a step, a small
+C++ kernel (``csrc/``) does that step on CPU tensors. Today that is the attention inside buckets
+longer than :data:`~any2point_fast.torch_ops.attention.EXPLICIT_MAX_LEN`: heads of dim 2 are far
+below what PyTorch's flash kernel is built for, and the C++ loops run several times faster.
+
+The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
+(a C++ compiler with OpenMP and ``ninja``; about 15 s, cached afterwards under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Where that fails, the torch
+path keeps its plain PyTorch code for the step and warns once; ``ANY2POINT_NATIVE=0`` skips the
+build altogether. Both routes compute the same values (the tests run each against the reference).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+#: Environment variable: ``0`` keeps the torch path in plain PyTorch (no compilation).
+ENV_VAR = "ANY2POINT_NATIVE"
+SOURCES = (Path(__file__).with_name("csrc") / "bucket_attention.cpp",)
+#: The ``torch.ops`` namespace of the compiled kernels.
+NAMESPACE = "any2point_native"
+
+
+@functools.cache
+def _build() -> bool:
+    if os.environ.get(ENV_VAR, "1").strip() == "0":
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(NAMESPACE, [str(path) for path in SOURCES], is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler, no ninja, a failed build: fall back, but say so
+        warnings.warn(f"any2point_fast: could not build the compiled CPU kernels ({type(error).__name__}: "
+                      f"{str(error).strip()[-300:]}); the torch backend uses plain PyTorch for bucket attention, "
+                      f"which is slower on long buckets. Set {ENV_VAR}=0 to skip the build.",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def available(device: torch.device) -> bool:
+    """Whether the compiled kernels run tensors on ``device`` (CPU only), building them on first call."""
+    return device.type == "cpu" and _build()
+
+
+def ops():
+    """The compiled kernels' ``torch.ops`` namespace (call :func:`available` first)."""
+    return getattr(torch.ops, NAMESPACE)
+
+
+__all__ = ["ENV_VAR", "NAMESPACE", "available", "ops"]
