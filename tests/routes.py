@@ -1,4 +1,12 @@
-"""The routes of the torch path's bucket attention, for tests to run each one against the reference."""
+"""The routes of the torch path's neighbourhood attention pool, for tests to run each against the reference.
+
+A route names how the long buckets (``> EXPLICIT_MAX_LEN``) are attended: ``compiled``, by the
+C++ kernel of :mod:`any2point_fast.torch_ops.native`; ``flash``, by PyTorch's fused CPU flash
+kernel; ``tiles``, by explicit logits tiles small enough to split test buckets (the plain PyTorch
+path on other devices); then, optionally, how the maxima's backward goes: ``saved argmax``
+(scattered from the items saved in forward) or ``recompute`` (the features recomputed and
+compared); without it, the op's own thresholds choose.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +18,22 @@ import torch
 from any2point_fast.torch_ops import attention as torch_attention
 from any2point_fast.torch_ops import native
 
-#: ``compiled``: the C++ kernel (:mod:`any2point_fast.torch_ops.native`) attends the long buckets;
-#: ``flash``: plain PyTorch, with its fused CPU flash kernel; ``tiles``: plain PyTorch off that
-#: kernel (the path on other devices), with logits tiles small enough to split test buckets.
-ROUTES = ("compiled", "flash", "tiles")
+ROUTES = tuple(f"{attention}, {maximum}" for attention in ("compiled", "flash", "tiles")
+               for maximum in ("saved argmax", "recompute"))
 
 
-def attention_route(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
-    """Send the long buckets of every view through ``route`` (one of :data:`ROUTES`)."""
-    if route == "compiled":
+def use_route(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
+    """Send every view through ``route`` (one of :data:`ROUTES`, or only its attention part)."""
+    attention, _, maximum = route.partition(", ")
+    assert attention in ("compiled", "flash", "tiles") and maximum in ("", "saved argmax", "recompute"), route
+    if maximum:
+        monkeypatch.setattr(torch_attention, "ARGMAX_MIN_LENGTH", 1 if maximum == "saved argmax" else 10**9)
+    if attention == "compiled":
         require_compiled()
         return
     monkeypatch.setattr(native, "available", lambda device: False)
-    monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", route == "flash" and torch_attention.FLASH_ON_CPU)
-    if route == "tiles":
+    monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", attention == "flash" and torch_attention.FLASH_ON_CPU)
+    if attention == "tiles":
         monkeypatch.setattr(torch_attention, "TILE_ELEMENTS", 20_000)
 
 

@@ -19,7 +19,7 @@ from any2point_fast import Any2PointConfig, reference, torch_ops
 from any2point_fast.geometry import ProjectionSpec, Segments, voxel_grid_size
 from any2point_fast.torch_ops import attention as torch_attention
 from any2point_fast.torch_ops import native
-from tests.routes import attention_route
+from tests.routes import use_route
 
 TOKENS, CHANNELS, VIEWS, HEADS, WIDTH = 4096, 96, 6, 6, 12
 FLOAT = 4  # bytes
@@ -88,7 +88,7 @@ def guided_branch(ops, views: Segments, voxels: Segments, tokens: int, pooling: 
 @pytest.mark.parametrize("pooling", ["mean", "max+mean"])
 @pytest.mark.parametrize("kind", ["language preset", "one bucket"])
 def test_torch_path_allocates_no_quadratic_or_per_view_tensor(kind, pooling, route, monkeypatch):
-    attention_route(monkeypatch, route)
+    use_route(monkeypatch, route)
     views, voxels = layout(kind, TOKENS)
     if kind == "one bucket":
         assert views.max_len == TOKENS

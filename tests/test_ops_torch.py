@@ -23,7 +23,7 @@ from any2point_fast.geometry import ProjectionSpec, Segments
 from any2point_fast.torch_ops import attention as torch_attention
 from any2point_fast.torch_ops._common import segment_max
 from tests.margins import min_max_margin
-from tests.routes import ROUTES, attention_route
+from tests.routes import ROUTES, use_route
 from tests.tolerances import assert_close_to_reference
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -217,19 +217,13 @@ HEADS_AND_WIDTH = st.sampled_from([(6, 12), (1, 4), (2, 16), (3, 3), (1, 64)])
 # difference; either amplifies rounding noise (in the reference too) beyond any fixed tolerance.
 
 
-def max_route(monkeypatch: pytest.MonkeyPatch, saved_argmax: bool) -> None:
-    """Send every view's maximum through the saved-argmax backward, or through recomputation."""
-    monkeypatch.setattr(torch_attention, "ARGMAX_MIN_LENGTH", 1 if saved_argmax else 10**9)
-
-
 @SETTINGS
 @given(layouts(), st.sampled_from([8, 36, 96, 100]), HEADS_AND_WIDTH, st.sampled_from(["mean", "max+mean"]),
-       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans(), st.sampled_from(ROUTES[:2]))
+       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.sampled_from(ROUTES[:4]))
 def test_neighborhood_attention_pool_matches_reference(layout, channels, heads_width, pooling, dtype, noncontiguous,
-                                                       saved_argmax, route):
+                                                       route):
     with pytest.MonkeyPatch.context() as monkeypatch:
-        max_route(monkeypatch, saved_argmax)
-        attention_route(monkeypatch, route)
+        use_route(monkeypatch, route)
         check_neighborhood_attention_pool(layout, channels, heads_width, pooling, dtype, noncontiguous)
 
 
@@ -249,13 +243,13 @@ def check_neighborhood_attention_pool(layout, channels, heads_width, pooling, dt
 
 
 @pytest.mark.parametrize("buckets", [4, 1])
-@pytest.mark.parametrize("saved_argmax", [True, False])
+@pytest.mark.parametrize("route", ROUTES[:4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_neighborhood_max_pool_ties_match_reference(dtype, saved_argmax, buckets, monkeypatch):
+def test_neighborhood_max_pool_ties_match_reference(dtype, route, buckets, monkeypatch):
     """Duplicated tokens in every bucket tie for the maximum; they share its gradient equally
     (a view that would save argmaxes finds the tie in forward and recomputes instead, also with
     padded length classes: one bucket of 30 tokens)."""
-    max_route(monkeypatch, saved_argmax)
+    use_route(monkeypatch, route)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 30, 8, generator=gen)
     x[:, 0] += 3  # the maxima of the first bucket of a cloud, whose first token pads a length class
@@ -272,20 +266,18 @@ def test_neighborhood_max_pool_ties_match_reference(dtype, saved_argmax, buckets
             inputs, names, dtype, grad_scale=4)
 
 
-@pytest.mark.parametrize("saved_argmax", [True, False])
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("pooling", ["mean", "max+mean"])
-def test_long_buckets_of_every_length_class(pooling, route, saved_argmax, monkeypatch):
-    """Buckets of 1..130 tokens: the explicit short path, then the compiled kernel, or the exact
+def test_long_buckets_of_every_length_class(pooling, route, monkeypatch):
+    """Buckets of 1..130 tokens: the explicit short path, then the compiled kernels, or the exact
     and padded length classes of the flash and tiled paths."""
-    max_route(monkeypatch, saved_argmax)
-    attention_route(monkeypatch, route)
+    use_route(monkeypatch, route)
     lengths = [1, 2, 3, 4, 5, 17, 64, 65, 67, 68, 71, 72, 129, 130]
     ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(1))]
     segments = torch_ops.bucket_sort(torch.stack((ids, ids.flip(0)))[:, None], len(lengths))
     plan = torch_attention._plan(segments, len(ids))
-    if route == "compiled":
+    if route.startswith("compiled"):
         assert plan.native is not None and len(plan.native[0]) == 2 * 9, "the long buckets are not compiled"
         assert max(b.length for b in plan.batches) == 5
     else:
@@ -318,13 +310,11 @@ def test_saved_argmax_rows_hold_the_maxima_of_padded_classes():
     assert not torch.isin(rows, items.padding).any()
 
 
-@pytest.mark.parametrize("saved_argmax", [True, False])
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("pooling", ["mean", "max+mean"])
-def test_neighborhood_attention_pool_gradcheck(pooling, route, saved_argmax, monkeypatch):
+def test_neighborhood_attention_pool_gradcheck(pooling, route, monkeypatch):
     """float64 ``gradcheck`` on a layout with singletons, short, exact and padded long buckets."""
-    max_route(monkeypatch, saved_argmax)
-    attention_route(monkeypatch, route)
+    use_route(monkeypatch, route)
     gen = torch.Generator().manual_seed(3)
     lengths = torch.tensor([1, 1, 2, 3, 6, 20, 67, 68])
     ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)

@@ -3,7 +3,7 @@
 The torch path is plain PyTorch everywhere; where PyTorch has no kernel fit for a step, a small
 C++ kernel (``csrc/``) does that step on CPU tensors. Today that is the attention inside buckets
 longer than :data:`~any2point_fast.torch_ops.attention.EXPLICIT_MAX_LEN`: heads of dim 2 are far
-below what PyTorch's flash kernel is built for, and the C++ loops run several times faster.
+below what PyTorch's flash kernel is built for, and the C++ loops over a bucket's keys vectorise.
 
 The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
 (a C++ compiler with OpenMP and ``ninja``; about 15 s, cached afterwards under

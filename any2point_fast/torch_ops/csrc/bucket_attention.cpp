@@ -7,19 +7,19 @@
 // are spread over ATen's threads, the longest first. Rows of qkv are [q | k | v], each
 // head-major ([H][d]); every qkv row belongs to exactly one item, so backward writes each
 // gradient row once, without atomics.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
-#include <vector>
+
+#include "common.h"
 
 namespace {
+
+using any2point::for_each_bucket;
+using any2point::scratch;
 
 // e^x for float32, vectorizable: Cody-Waite reduction and a degree-6 polynomial (relative error
 // under 2e-7 where it is used, x ≤ 0); below -87.3 it returns 0.
@@ -43,25 +43,6 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 inline double exp_approx(double x) { return std::exp(x); }
-
-// Calls body(start, length) for every listed bucket, the longest first, each thread taking the
-// next bucket when it is free (bucket lengths vary by orders of magnitude).
-template <typename F>
-void for_each_bucket(const int64_t* starts, const int64_t* lengths, int64_t num_buckets, F body) {
-  std::vector<int64_t> order(num_buckets);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next++; i < num_buckets; i = next++) body(starts[order[i]], lengths[order[i]]);
-  });
-}
-
-// Per-bucket buffers come from ATen's allocator, so that memory profiles see them (O(d·L) each).
-template <typename T>
-at::Tensor scratch(int64_t size) {
-  return at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
 
 // k and v of one head of a bucket's items as [d][L], from the [q | k | v] rows.
 template <typename T>
@@ -92,7 +73,8 @@ template <typename T>
 void forward_kernel(const T* qkv, const int64_t* rows, const int64_t* starts, const int64_t* lengths,
                     int64_t num_buckets, int64_t heads, int64_t dim, T scale, T* out, T* lse) {
   const int64_t width = heads * dim;
-  for_each_bucket(starts, lengths, num_buckets, [&](int64_t start, int64_t length) {
+  for_each_bucket(lengths, num_buckets, [&](int64_t b) {
+    const int64_t start = starts[b], length = lengths[b];
     const auto buffer = scratch<T>(3 * dim * length);
     T* k = buffer.template data_ptr<T>();
     T* v = k + dim * length;
@@ -130,7 +112,8 @@ void backward_kernel(const T* grad_out, const T* qkv, const T* out, const T* lse
                      const int64_t* starts, const int64_t* lengths, int64_t num_buckets, int64_t heads,
                      int64_t dim, T scale, T* grad_qkv) {
   const int64_t width = heads * dim;
-  for_each_bucket(starts, lengths, num_buckets, [&](int64_t start, int64_t length) {
+  for_each_bucket(lengths, num_buckets, [&](int64_t b) {
+    const int64_t start = starts[b], length = lengths[b];
     const auto buffer = scratch<T>(4 * dim * length + 2 * length);
     T* k = buffer.template data_ptr<T>();
     T* v = k + dim * length;
@@ -184,10 +167,9 @@ void backward_kernel(const T* grad_out, const T* qkv, const T* out, const T* lse
 
 void check_buckets(const at::Tensor& qkv, const at::Tensor& rows, const at::Tensor& starts,
                    const at::Tensor& lengths, int64_t heads) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && heads > 0 && qkv.size(1) % (3 * heads) == 0,
-              "qkv must be contiguous [R, 3 * heads * head_dim]");
-  for (const at::Tensor* t : {&rows, &starts, &lengths})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(), "int64 contiguous 1-D indices");
+  TORCH_CHECK(qkv.dim() == 2 && heads > 0 && qkv.size(1) % (3 * heads) == 0,
+              "qkv must be [R, 3 * heads * head_dim]");
+  any2point::check_indices({&rows, &starts, &lengths});
   TORCH_CHECK(starts.numel() == lengths.numel(), "one start per length");
 }
 
@@ -195,8 +177,7 @@ void check_buckets(const at::Tensor& qkv, const at::Tensor& rows, const at::Tens
 void bucket_attention(const at::Tensor& qkv, const at::Tensor& rows, const at::Tensor& starts,
                       const at::Tensor& lengths, int64_t heads, double scale, at::Tensor out, at::Tensor lse) {
   check_buckets(qkv, rows, starts, lengths, heads);
-  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && out.scalar_type() == qkv.scalar_type() &&
-                  lse.scalar_type() == qkv.scalar_type(), "out and lse must be contiguous, of qkv's dtype");
+  any2point::check_values(qkv, {&qkv, &out, &lse});
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "bucket_attention", [&] {
     forward_kernel<scalar_t>(qkv.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                              lengths.data_ptr<int64_t>(), starts.numel(), heads, qkv.size(1) / 3 / heads,
@@ -209,8 +190,7 @@ void bucket_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv
                                const at::Tensor& lse, const at::Tensor& rows, const at::Tensor& starts,
                                const at::Tensor& lengths, int64_t heads, double scale, at::Tensor grad_qkv) {
   check_buckets(qkv, rows, starts, lengths, heads);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grad_out, &out, &lse, &grad_qkv})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == qkv.scalar_type(), "contiguous tensors of qkv's dtype");
+  any2point::check_values(qkv, {&qkv, &grad_out, &out, &lse, &grad_qkv});
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "bucket_attention_backward", [&] {
     backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                               lse.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),

@@ -1,0 +1,46 @@
+// Helpers shared by the compiled kernels of any2point_fast.torch_ops.native.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+namespace any2point {
+
+// Calls body(b) for every bucket b < num_buckets, the longest first, each thread taking the next
+// bucket when it is free (bucket lengths vary by orders of magnitude).
+template <typename Body>
+inline void for_each_bucket(const int64_t* lengths, int64_t num_buckets, Body body) {
+  std::vector<int64_t> order(num_buckets);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < num_buckets; i = next++) body(order[i]);
+  });
+}
+
+// Per-bucket buffers come from ATen's allocator, so that memory profiles see them.
+template <typename T>
+at::Tensor scratch(int64_t size) {
+  return at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Checks shared by the kernels' entry points.
+inline void check_indices(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors)
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(), "int64 contiguous 1-D indices");
+}
+
+inline void check_values(const at::Tensor& like, std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors)
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == like.scalar_type() && t->device().is_cpu(),
+                "contiguous CPU tensors of one floating dtype");
+}
+
+}  // namespace any2point
