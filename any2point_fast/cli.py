@@ -214,6 +214,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__, ops
+    from .torch_ops import native
 
     print(f"any2point-fast {__version__}")
     print(f"python {platform.python_version()} ({platform.platform()})")
@@ -231,6 +232,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"device: cuda:{index} {props.name} ({props.total_memory / 2**30:.0f} GiB)")
         devices.append("cuda")
     print(f"ops backend selected: {ops.get_backend()} (set with ANY2POINT_BACKEND or train.backend)")
+    compiled = native.available(torch.device("cpu"))  # builds them on first use (about 15 s)
+    print(f"compiled CPU kernels of the torch path: {'built' if compiled else 'unavailable (plain PyTorch)'}"
+          f" (set {native.ENV_VAR}=0 to skip them)")
     for device in devices:
         for name, reasons in ops.available_backends(device).items():
             state = "available" if not reasons else "unavailable: " + "; ".join(reasons)

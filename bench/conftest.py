@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from any2point_fast import ops
+from any2point_fast.torch_ops import native
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -94,7 +95,7 @@ def measure(benchmark, quick):
             result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=int(warmup))
         peak = peak_memory_bytes(fn, dev)[1] if memory else None
         benchmark.extra_info.update(info, peak_bytes=peak, device=str(dev), threads=torch.get_num_threads(),
-                                    quick=quick, cpu_count=os.cpu_count())
+                                    quick=quick, cpu_count=os.cpu_count(), compiled_kernels=native.available(dev))
         if cost is not None:
             seconds = benchmark.stats.stats.median
             gbps, tflops = cost.bytes / seconds / 1e9, cost.flops / seconds / 1e12

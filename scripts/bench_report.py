@@ -210,6 +210,16 @@ def machine(data: dict) -> list[str]:
     ]
 
 
+def compiled_kernels(rows: list[dict]) -> str:
+    """Whether the torch path ran with its compiled CPU kernels (``any2point_fast.torch_ops.native``)."""
+    states = {r.get("compiled_kernels") for r in rows}
+    if states == {True}:
+        return "built"
+    if states == {False}:
+        return "unavailable (plain PyTorch)"
+    return "not recorded" if states == {None} else "mixed"
+
+
 def render(data: dict, rows: list[dict], plots: list[str], source: Path, versions: dict[str, str],
            note: str = "") -> str:
     device = rows[0]["device"] if rows else "?"
@@ -227,7 +237,8 @@ def render(data: dict, rows: list[dict], plots: list[str], source: Path, version
         "## Machine",
         "",
         *machine(data),
-        f"- device: {device}; torch threads: {rows[0].get('threads') if rows else '?'}",
+        f"- device: {device}; torch threads: {rows[0].get('threads') if rows else '?'}; compiled CPU kernels of the "
+        f"torch path: {compiled_kernels(rows)}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
         "## Targets",

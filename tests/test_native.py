@@ -1,0 +1,72 @@
+"""Building and falling back from the compiled CPU kernels of the torch path (``torch_ops.native``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from any2point_fast import reference, torch_ops
+from any2point_fast.torch_ops import attention as torch_attention
+from any2point_fast.torch_ops import native
+from tests.routes import require_compiled
+from tests.tolerances import assert_close_to_reference
+
+
+@pytest.fixture
+def fresh_build(monkeypatch):
+    """Forget whether the kernels were built, before and after the test (the build is cached on disk)."""
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    native._build.cache_clear()
+    yield
+    native._build.cache_clear()
+
+
+def long_buckets() -> tuple:
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 25, 11]))[None, None]
+    segments = torch_ops.bucket_sort(ids, 3)
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(1, 16, generator=gen) * 0.1 + 1, torch.randn(1, 16, generator=gen) * 0.1,
+               torch.randn(1, 36, 16, generator=gen) * 0.3, torch.randn(1, 36, generator=gen) * 0.1,
+               torch.randn(1, 16, 12, generator=gen) * 0.3, torch.randn(1, 16, generator=gen) * 0.1]
+    return torch.randn(1, ids.shape[-1], 16, generator=gen), segments, weights
+
+
+def test_the_kernels_build_and_attend_the_long_buckets(fresh_build):
+    require_compiled()
+    x, segments, weights = long_buckets()
+    plan = torch_attention._plan(segments, x.shape[1])
+    assert plan.native is not None and plan.native[1].tolist() == [40, 25, 11] and not plan.batches
+    assert_close_to_reference(torch_ops.neighborhood_attention_pool(x, segments, *weights, 6, "max+mean"),
+                              reference.neighborhood_attention_pool(x, segments, *weights, 6, "max+mean"),
+                              torch.float32)
+
+
+def test_a_failed_build_warns_once_and_the_torch_path_stays_plain_pytorch(fresh_build, monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'any2point_native': c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    x, segments, weights = long_buckets()
+    with pytest.warns(RuntimeWarning, match=r"could not build .*c\+\+: not found.*ANY2POINT_NATIVE=0"):
+        out = torch_ops.neighborhood_attention_pool(x, segments, *weights, 6, "max+mean")
+    assert torch_attention._plan(segments, x.shape[1]).native is None
+    assert_close_to_reference(out, reference.neighborhood_attention_pool(x, segments, *weights, 6, "max+mean"),
+                              torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later calls neither retry nor warn
+        assert not native.available(torch.device("cpu"))
+
+
+def test_the_environment_variable_skips_the_build(fresh_build, monkeypatch):
+    monkeypatch.setenv(native.ENV_VAR, "0")
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("built although turned off"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.available(torch.device("cpu"))
+
+
+def test_only_cpu_tensors_take_the_kernels():
+    assert not native.available(torch.device("meta"))
