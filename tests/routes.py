@@ -37,6 +37,14 @@ def use_route(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
         monkeypatch.setattr(torch_attention, "TILE_ELEMENTS", 20_000)
 
 
+def use_compiled(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """Run the torch ops with their compiled kernels, or in plain PyTorch."""
+    if compiled:
+        require_compiled()
+    else:
+        monkeypatch.setattr(native, "available", lambda device: False)
+
+
 def require_compiled() -> None:
     """Skip where the user turned the compiled kernels off; anywhere else they must build."""
     if os.environ.get(native.ENV_VAR, "").strip() == "0":

@@ -23,7 +23,7 @@ from any2point_fast.geometry import ProjectionSpec, Segments
 from any2point_fast.torch_ops import attention as torch_attention
 from any2point_fast.torch_ops._common import segment_max
 from tests.margins import min_max_margin
-from tests.routes import ROUTES, use_route
+from tests.routes import ROUTES, use_compiled, use_route
 from tests.tolerances import assert_close_to_reference
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -332,8 +332,15 @@ def test_neighborhood_attention_pool_gradcheck(pooling, route, monkeypatch):
 # ---------------------------------------------------------------------------- ensemble_propagate
 @SETTINGS
 @given(layouts(), st.sampled_from([2, 8, 36, 96, 100]), st.floats(0.05, 1.0),
-       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans(), st.booleans())
-def test_ensemble_propagate_matches_reference(layout, channels, coef, dtype, noncontiguous, zero_rows, shared_rows):
+       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans(), st.booleans(), st.booleans())
+def test_ensemble_propagate_matches_reference(layout, channels, coef, dtype, noncontiguous, zero_rows, shared_rows,
+                                              compiled):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_compiled(monkeypatch, compiled)
+        check_ensemble_propagate(layout, channels, coef, dtype, noncontiguous, zero_rows, shared_rows)
+
+
+def check_ensemble_propagate(layout, channels, coef, dtype, noncontiguous, zero_rows, shared_rows):
     # C = 1 is left out: every cosine is ±1, and where all M are −1 the 1/eps of the weight
     # normalisation turns rounding noise into the gradient, in the reference as well.
     segments, batch, tokens, seed = layout[2:]
@@ -373,8 +380,10 @@ def test_ensemble_propagate_matches_reference(layout, channels, coef, dtype, non
             grad_rows=kept)
 
 
-def test_ensemble_opposite_and_aligned_views_hand_made():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_ensemble_opposite_and_aligned_views_hand_made(compiled, monkeypatch):
     """Token 0 sees one view opposite to its baseline (cos = −1, weight 0) and one aligned (weight 1)."""
+    use_compiled(monkeypatch, compiled)
     base = torch.tensor([[1.0, 2.0, -1.0]], requires_grad=True)
     rows = torch.tensor([[-2.0, -4.0, 2.0], [0.5, 1.0, -0.5], [1.0, 0.0, 0.0]], requires_grad=True)
     view_ids = torch.tensor([[[0, 2]], [[1, 2]]])
@@ -390,7 +399,9 @@ def test_ensemble_opposite_and_aligned_views_hand_made():
         assert_close_to_reference(grad, ref_grad)
 
 
-def test_ensemble_propagate_gradcheck():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_ensemble_propagate_gradcheck(compiled, monkeypatch):
+    use_compiled(monkeypatch, compiled)
     gen = torch.Generator().manual_seed(4)
     view_ids = torch.randint(0, 7, (3, 2, 9), generator=gen)
     base_ids = torch.randint(0, 4, (2, 9), generator=gen)

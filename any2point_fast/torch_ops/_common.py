@@ -46,10 +46,15 @@ def linear_pool_weights(counts: torch.Tensor, pooling: str, dtype: torch.dtype) 
     return weights.masked_fill_(counts == 1, 2.0) if pooling == "max+mean" else weights
 
 
+def csr_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """``[0, c0, c0 + c1, ..., Σ c]``: where every row of a CSR matrix with ``counts`` entries per row starts."""
+    return torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+
+
 def csr(counts: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, num_columns: int) -> torch.Tensor:
     """Sparse CSR ``[len(counts), num_columns]`` matrix with ``counts[r]`` entries in row ``r``
     (``columns`` and ``values`` listed row after row; a column may repeat in a row: its entries add)."""
-    crow = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+    crow = csr_offsets(counts)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
         return torch.sparse_csr_tensor(crow, columns, values, size=(len(counts), num_columns),

@@ -21,7 +21,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._common import compute_dtype, csr, csr_mm, grad_as, without_autocast
+from . import native
+from ._common import compute_dtype, csr, csr_mm, csr_offsets, grad_as, without_autocast
 
 #: ``eps`` of :func:`any2point_fast.reference.ensemble_weights`, for both clamps.
 EPS = 1e-8
@@ -64,15 +65,20 @@ class _EnsemblePropagate(torch.autograd.Function):
         dtype = compute_dtype(x, base_rows, view_rows)
         batch, tokens, channels = x.shape
         views = view_ids.shape[0]
-        rows_f, rows_b = view_rows.to(dtype), base_rows.to(dtype)
-        bid, vid = base_ids.reshape(-1).long(), view_ids.reshape(views, -1).long()
-        dots = _sampled_dots(rows_f, vid, rows_b, bid)
+        rows_f, rows_b = view_rows.to(dtype).contiguous(), base_rows.to(dtype).contiguous()
+        bid, vid = base_ids.reshape(-1).long().contiguous(), view_ids.reshape(views, -1).long().contiguous()
+        compiled = native.available(x.device)
+        dots = native.ops().row_dots(rows_f, vid, rows_b, bid) if compiled else _sampled_dots(rows_f, vid, rows_b, bid)
         norms_f, norms_b = rows_f.norm(dim=1), rows_b.norm(dim=1)
         w = _weights(dots, norms_b.index_select(0, bid), norms_f[vid])[0]
-        out = F.embedding_bag(vid.T.contiguous(), rows_f, per_sample_weights=w.T.contiguous(), mode="sum")
-        y = torch.add(x.reshape(batch * tokens, channels).to(dtype), out, alpha=coef)
+        x_rows = x.reshape(batch * tokens, channels).to(dtype)
+        if compiled:
+            y = native.ops().weighted_sum(x_rows.contiguous(), rows_f, vid, w.contiguous(), coef)
+        else:
+            out = F.embedding_bag(vid.T.contiguous(), rows_f, per_sample_weights=w.T.contiguous(), mode="sum")
+            y = torch.add(x_rows, out, alpha=coef)
         ctx.save_for_backward(base_rows, bid, view_rows, vid, dots, norms_f, norms_b)
-        ctx.coef = coef
+        ctx.coef, ctx.compiled, ctx.tokens_per_cloud = coef, compiled, tokens
         return y.view(batch, tokens, channels).to(x.dtype)
 
     @staticmethod
@@ -82,14 +88,14 @@ class _EnsemblePropagate(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if not (needs[1] or needs[3]):
             return grad if needs[0] else None, None, None, None, None, None
-        coef, dtype = ctx.coef, dots.dtype
+        coef, dtype, compiled = ctx.coef, dots.dtype, ctx.compiled
         views = vid.shape[0]
-        rows_f, rows_b = view_rows.to(dtype), base_rows.to(dtype)
+        rows_f, rows_b = view_rows.to(dtype).contiguous(), base_rows.to(dtype).contiguous()
         base_norm, view_norm = norms_b.index_select(0, bid), norms_f[vid]
         w, cos, denominator, den_passes, total, total_passes = _weights(dots, base_norm, view_norm)
-        g = grad.reshape(vid.shape[1], -1).to(dtype)
+        g = grad.reshape(vid.shape[1], -1).to(dtype).contiguous()
 
-        grad_w = _sampled_dots(rows_f, vid, g).mul_(coef)
+        grad_w = (native.ops().row_dots(rows_f, vid, g, None) if compiled else _sampled_dots(rows_f, vid, g)).mul_(coef)
         grad_u = (grad_w - total_passes * (grad_w * w).sum(dim=0)) / total
         grad_cos = grad_u / 2
         grad_dot = grad_cos / denominator
@@ -102,17 +108,31 @@ class _EnsemblePropagate(torch.autograd.Function):
             order = torch.argsort(vid.flatten(), stable=True)
             token = order % vid.shape[1]
             counts = torch.bincount(vid.flatten(), minlength=rows_f.shape[0])
-            grad_f = csr_mm(csr(counts, token, (w * coef).flatten()[order], vid.shape[1]), g)
-            grad_f.addmm_(csr(counts, bid[token], grad_dot.flatten()[order], rows_b.shape[0]), rows_b)
             norm_grad = torch.zeros_like(norms_f).index_add_(0, vid.flatten(), grad_view_norm.flatten())
-            grad_f.addcmul_((norm_grad * _inverse_or_zero(norms_f))[:, None], rows_f)
+            scale = norm_grad * _inverse_or_zero(norms_f)
+            on_g, on_base = (w * coef).flatten()[order], grad_dot.flatten()[order]
+            if compiled:  # rows visited cloud by cloud: the g and baseline rows they read stay in cache
+                offsets = csr_offsets(counts)
+                first_token = token[offsets[:-1].clamp_max(len(token) - 1)]
+                order = torch.argsort(torch.div(first_token, ctx.tokens_per_cloud, rounding_mode="floor"), stable=True)
+                grad_f = native.ops().segment_rows(offsets, order, on_g, token, g, on_base, bid[token], rows_b, scale,
+                                                   rows_f)
+            else:
+                grad_f = csr_mm(csr(counts, token, on_g, vid.shape[1]), g)
+                grad_f.addmm_(csr(counts, bid[token], on_base, rows_b.shape[0]), rows_b)
+                grad_f.addcmul_(scale[:, None], rows_f)
         if needs[1]:  # rows: baseline rows, an entry per item of each of their tokens
             order = torch.argsort(bid, stable=True)
             counts = torch.bincount(bid, minlength=rows_b.shape[0]) * views
-            grad_b = csr_mm(csr(counts, vid[:, order].T.flatten(), grad_dot[:, order].T.flatten(),
-                                  rows_f.shape[0]), rows_f)
             norm_grad = torch.zeros_like(norms_b).index_add_(0, bid, grad_base_norm)
-            grad_b.addcmul_((norm_grad * _inverse_or_zero(norms_b))[:, None], rows_b)
+            scale = norm_grad * _inverse_or_zero(norms_b)
+            rows, on_rows = vid[:, order].T.flatten(), grad_dot[:, order].T.flatten()
+            if compiled:
+                grad_b = native.ops().segment_rows(csr_offsets(counts), None, None, None, None, on_rows, rows, rows_f,
+                                                   scale, rows_b)
+            else:
+                grad_b = csr_mm(csr(counts, rows, on_rows, rows_f.shape[0]), rows_f)
+                grad_b.addcmul_(scale[:, None], rows_b)
         return (grad if needs[0] else None, grad_as(grad_b, base_rows, needs[1]), None,
                 grad_as(grad_f, view_rows, needs[3]), None, None)
 

@@ -1,9 +1,14 @@
 """Compiled CPU kernels of the torch path, built on first use.
 
 The torch path is plain PyTorch everywhere; where PyTorch has no kernel fit for a step, a small
-C++ kernel (``csrc/``) does that step on CPU tensors. Today that is the attention inside buckets
-longer than :data:`~any2point_fast.torch_ops.attention.EXPLICIT_MAX_LEN`: heads of dim 2 are far
-below what PyTorch's flash kernel is built for, and the C++ loops over a bucket's keys vectorise.
+C++ kernel (``csrc/``) does that step on CPU tensors:
+
+- ``bucket_attention``: the attention inside buckets longer than
+  :data:`~any2point_fast.torch_ops.attention.EXPLICIT_MAX_LEN`. Heads of dim 2 are far below
+  what PyTorch's flash kernel is built for; the C++ loops over a bucket's keys vectorise.
+- ``row_dots``, ``weighted_sum``, ``segment_rows``: the row products of ``ensemble_propagate``,
+  which PyTorch spreads over sampled and CSR sparse products, sorts and several elementwise
+  passes; in C++ each is one pass over the rows it reads.
 
 The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
 (a C++ compiler with OpenMP and ``ninja``; about 15 s, cached afterwards under
@@ -23,7 +28,7 @@ import torch
 
 #: Environment variable: ``0`` keeps the torch path in plain PyTorch (no compilation).
 ENV_VAR = "ANY2POINT_NATIVE"
-SOURCES = (Path(__file__).with_name("csrc") / "bucket_attention.cpp",)
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("bucket_attention.cpp", "ensemble.cpp"))
 #: The ``torch.ops`` namespace of the compiled kernels.
 NAMESPACE = "any2point_native"
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -29,6 +30,29 @@ inline void for_each_bucket(const int64_t* lengths, int64_t num_buckets, Body bo
 template <typename T>
 at::Tensor scratch(int64_t size) {
   return at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// SIMD registers of T as GCC/Clang vector types, which the compiler maps to what the CPU has.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename Simd<T>::type;
+template <typename T>
+constexpr int64_t kLanes = sizeof(Vec<T>) / sizeof(T);
+
+template <typename T>
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
 // Checks shared by the kernels' entry points.
