@@ -12,6 +12,8 @@ differs is how they are computed, the same way as the Triton kernels:
   on first use; plain PyTorch where it cannot build), or are padded to a length class and
   handed to PyTorch's fused CPU flash attention, so no ``N × N`` tensor per cloud is ever
   allocated;
+- the ensemble's gathers and scatters of table rows are sparse products, or on the CPU the
+  compiled row products of :mod:`.native`;
 - ``neighborhood_attention_pool`` and ``ensemble_propagate`` are autograd Functions that keep
   only small per-token tensors (``D = 12`` attention channels, ``M`` weights) and per-bucket
   rows (the pooled maxima, or the items holding them) for backward and recompute the rest; no

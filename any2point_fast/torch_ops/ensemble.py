@@ -12,6 +12,12 @@ per-item coefficients, i.e. products of a sparse CSR matrix (a row per table row
 item) with ``g`` or a table: ``∂F_s = Σ_{(i,j)→s} (c·w_ij g_i + ∂dot_ij B_i) + ∂‖F_s‖ F_s/‖F_s‖``
 and ``∂B_v = Σ_{i→v} Σ_j ∂dot_ij F_ij + ∂‖B_v‖ B_v/‖B_v‖`` (on the CPU several times faster than
 ``embedding_bag`` with per-sample weights). No ``[M, B·N, C]`` tensor is formed.
+
+On CPU tensors, where the compiled kernels of :mod:`.native` build, the same products are each
+one pass over the rows they read: ``row_dots`` for the dot products (a token's ``M`` dots at
+once), ``weighted_sum`` for the weighted sum and residual, ``segment_rows`` for the table
+gradients (the rows of a table visited cloud by cloud, so the rows they read stay in cache).
+The weights and their gradients (``[M, B·N]``) are computed the same way on both routes.
 """
 
 from __future__ import annotations

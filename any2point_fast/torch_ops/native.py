@@ -11,7 +11,7 @@ C++ kernel (``csrc/``) does that step on CPU tensors:
   passes; in C++ each is one pass over the rows it reads.
 
 The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
-(a C++ compiler with OpenMP and ``ninja``; about 15 s, cached afterwards under
+(a C++ compiler with OpenMP and ``ninja``; about 20 s on 2 cores, cached afterwards under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Where that fails, the torch
 path keeps its plain PyTorch code for the step and warns once; ``ANY2POINT_NATIVE=0`` skips the
 build altogether. Both routes compute the same values (the tests run each against the reference).
