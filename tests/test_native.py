@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +74,16 @@ def test_the_environment_variable_skips_the_build(fresh_build, monkeypatch):
 
 def test_only_cpu_tensors_take_the_kernels():
     assert not native.available(torch.device("meta"))
+
+
+def test_the_ninja_of_an_inactive_virtual_environment_is_found(monkeypatch, tmp_path):
+    """``cpp_extension`` runs ``ninja`` from ``PATH``; the package's dependency installs it beside
+    the Python, which is not on ``PATH`` unless the environment is activated."""
+    beside = Path(sys.executable).parent
+    if shutil.which("ninja", path=str(beside)) is None:
+        pytest.skip("no ninja beside this Python (the package is not installed in this environment)")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("ninja") is None
+    with native._ninja_on_path():
+        assert Path(shutil.which("ninja")).parent == beside
+    assert os.environ["PATH"] == str(tmp_path)

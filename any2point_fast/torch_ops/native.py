@@ -19,8 +19,11 @@ build altogether. Both routes compute the same values (the tests run each agains
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,6 +36,20 @@ SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("bucket_att
 NAMESPACE = "any2point_native"
 
 
+@contextlib.contextmanager
+def _ninja_on_path():
+    """``cpp_extension`` runs ``ninja`` from ``PATH``: where there is none, the one the ``ninja``
+    package installed beside this Python (a virtual environment that is not activated)."""
+    path = os.environ.get("PATH", "")
+    beside = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=beside):
+        os.environ["PATH"] = os.pathsep.join((beside, path))
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 @functools.cache
 def _build() -> bool:
     if os.environ.get(ENV_VAR, "1").strip() == "0":
@@ -40,8 +57,9 @@ def _build() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(NAMESPACE, [str(path) for path in SOURCES], is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        with _ninja_on_path():
+            cpp_extension.load(NAMESPACE, [str(path) for path in SOURCES], is_python_module=False,
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, but say so
         warnings.warn(f"any2point_fast: could not build the compiled CPU kernels ({type(error).__name__}: "
                       f"{str(error).strip()[-300:]}); the torch backend uses plain PyTorch for bucket attention, "
