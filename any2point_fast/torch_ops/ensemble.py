@@ -120,9 +120,9 @@ class _EnsemblePropagate(torch.autograd.Function):
             if compiled:  # rows visited cloud by cloud: the g and baseline rows they read stay in cache
                 offsets = csr_offsets(counts)
                 first_token = token[offsets[:-1].clamp_max(len(token) - 1)]
-                order = torch.argsort(torch.div(first_token, ctx.tokens_per_cloud, rounding_mode="floor"), stable=True)
-                grad_f = native.ops().segment_rows(offsets, order, on_g, token, g, on_base, bid[token], rows_b, scale,
-                                                   rows_f)
+                clouds = torch.div(first_token, ctx.tokens_per_cloud, rounding_mode="floor")
+                grad_f = native.ops().segment_rows(offsets, torch.argsort(clouds, stable=True), on_g, token, g, on_base,
+                                                   bid[token], rows_b, scale, rows_f)
             else:
                 grad_f = csr_mm(csr(counts, token, on_g, vid.shape[1]), g)
                 grad_f.addmm_(csr(counts, bid[token], on_base, rows_b.shape[0]), rows_b)

@@ -7,8 +7,8 @@ C++ kernel (``csrc/``) does that step on CPU tensors:
   :data:`~any2point_fast.torch_ops.attention.EXPLICIT_MAX_LEN`. Heads of dim 2 are far below
   what PyTorch's flash kernel is built for; the C++ loops over a bucket's keys vectorise.
 - ``row_dots``, ``weighted_sum``, ``segment_rows``: the row products of ``ensemble_propagate``,
-  which PyTorch spreads over sampled and CSR sparse products, sorts and several elementwise
-  passes; in C++ each is one pass over the rows it reads.
+  which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
+  C++ each is one pass over the rows it reads.
 
 The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
 (a C++ compiler with OpenMP and ``ninja``; about 20 s on 2 cores, cached afterwards under
@@ -62,8 +62,8 @@ def _build() -> bool:
                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, but say so
         warnings.warn(f"any2point_fast: could not build the compiled CPU kernels ({type(error).__name__}: "
-                      f"{str(error).strip()[-300:]}); the torch backend uses plain PyTorch for bucket attention, "
-                      f"which is slower on long buckets. Set {ENV_VAR}=0 to skip the build.",
+                      f"{str(error).strip()[-300:]}); the torch backend runs in plain PyTorch, slower on long "
+                      f"buckets. Set {ENV_VAR}=0 to skip the build.",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
