@@ -6,7 +6,8 @@ differs is how they are computed, the same way as the Triton kernels:
 
 - tokens are visited in the sorted order of :class:`~any2point_fast.geometry.Segments`, so every
   bucket is a contiguous run; pooled sums are sparse CSR products (a matrix row per bucket),
-  pooled maxima one ``scatter_reduce``;
+  pooled maxima one ``scatter_reduce`` (or, in ``neighborhood_attention_pool`` on the CPU, a
+  compiled kernel of :mod:`.native`);
 - attention runs inside each bucket only: buckets are batched by length, short ones exactly
   (no padding); long ones go to a small compiled C++ kernel on the CPU (:mod:`.native`, built
   on first use; plain PyTorch where it cannot build), or are padded to a length class and

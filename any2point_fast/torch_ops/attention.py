@@ -31,6 +31,12 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
    elsewhere, or where some maximum is attained twice, the maxima themselves, and ``t_j`` is
    recomputed one view at a time and compared with them. Tied tokens share the maximum's
    gradient equally, as in the reference.
+
+On the CPU, where the compiled kernels of :mod:`.native` build, one kernel finds the maxima of
+every view's buckets, forming each item's features a block of channels at a time in registers,
+and keeps per channel the bucket-local index of the item holding the maximum (``[K, C]``); its
+backward hands each maximum's gradient straight to that item. A view where some maximum is
+attained twice takes the PyTorch route above.
 """
 
 from __future__ import annotations
@@ -402,6 +408,55 @@ def _max_items(plan: _Plan, segments: Segments) -> list[_MaxItems]:
     return result
 
 
+@dataclass
+class _CompiledMax:
+    """The maxima of the buckets of two or more tokens, found by the compiled kernel (:mod:`.native`).
+
+    Attributes:
+        segments, starts, lengths: ``[K]`` each, the buckets view after view.
+        bounds: ``M + 1`` ints, the range of every view's buckets.
+        argmax: ``[K, C]`` bucket-local index of the item holding every maximum (in ``x``'s dtype).
+        tied: the views where some maximum is attained twice; they take the PyTorch route.
+    """
+
+    segments: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    bounds: list[int]
+    argmax: torch.Tensor
+    tied: set[int]
+
+
+def _compiled_maxima(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, plan: _Plan, segments: Segments,
+                     pooled: torch.Tensor) -> _CompiledMax:
+    """Add the maxima of ``t_j − b_o`` of every view without a tie to ``pooled`` ``[S, C]``."""
+    chosen = (plan.counts > 1).nonzero().squeeze(1)
+    offsets = torch.tensor(segments.view_offsets, device=chosen.device)
+    bounds = torch.searchsorted(chosen, offsets).tolist()
+    views = torch.bucketize(chosen, offsets[1:-1], right=True)
+    starts, lengths = plan.starts.index_select(0, chosen), plan.counts.index_select(0, chosen)
+    maxima, argmax, tied = native.ops().bucket_max_pool(xf, out, wo.transpose(1, 2).contiguous(), plan.tokens,
+                                                         starts, lengths, views)
+    tied_views = set(views[tied].tolist())
+    for view, (first, last) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if view not in tied_views:
+            pooled.index_add_(0, chosen[first:last], maxima[first:last])
+    return _CompiledMax(chosen, starts, lengths, bounds, argmax, tied_views)
+
+
+def _compiled_max_backward(g: torch.Tensor, maxima: _CompiledMax, out: torch.Tensor, wo: torch.Tensor,
+                           plan: _Plan, grad_x: torch.Tensor, grad_out: torch.Tensor,
+                           grad_out_weight: torch.Tensor) -> None:
+    """Accumulate the gradient ``g`` ``[S, C]`` through the compiled maxima, view by view: the kernel
+    hands each maximum's gradient to the item holding it, through ``t_j = x + Attn_j W_oᵀ``."""
+    for view, (first, last) in enumerate(zip(maxima.bounds[:-1], maxima.bounds[1:])):
+        if first == last or view in maxima.tied:
+            continue
+        grad_out_weight[view] += native.ops().bucket_max_pool_backward(
+            g.index_select(0, maxima.segments[first:last]), maxima.argmax[first:last], out, wo[view].contiguous(),
+            plan.tokens, maxima.starts[first:last], maxima.lengths[first:last], grad_x, grad_out)
+
+
 def _scratch(max_items: list[_MaxItems], like: torch.Tensor, count: int) -> list[torch.Tensor]:
     """``count`` buffers of the largest view's ``[T_j, C]``, reused by every view: on the CPU, a
     fresh allocation of this size per view costs more in page faults than its fill."""
@@ -475,15 +530,19 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         bias_factor = 2 if pooling == "max+mean" else 1
         for view, (first, last) in enumerate(zip(segments.view_offsets[:-1], segments.view_offsets[1:])):
             pooled[first:last].addmm_(linear_out[first:last], wo[view].T).add_(bo[view], alpha=bias_factor)
-        # maximum of the buckets of two or more tokens, one view at a time
-        max_items = _max_items(plan, segments) if pooling == "max+mean" else []
+        # maximum of the buckets of two or more tokens: by the compiled kernel (views with a tie
+        # excepted), or one view at a time
+        compiled = None
+        if pooling == "max+mean" and native.available(xf.device):
+            compiled = _compiled_maxima(xf.contiguous(), out, wo, plan, segments, pooled)
+        max_items = _max_items(plan, segments) if pooling == "max+mean" and (compiled is None or compiled.tied) else []
         # per view, for backward, [S_j, C] (far smaller than the [T_j, C] features): the maxima, or
         # the rows of the items that hold them
         maxima, argmax_rows = [], []
         features, masks = _scratch(max_items, xf, 2)
         for view, items in enumerate(max_items):
             top = rows = None
-            if len(items.segments):
+            if len(items.segments) and (compiled is None or view in compiled.tied):
                 t = _max_features(xf, out, plan, items, wo[view], features)
                 if items.saves_argmax:
                     top, rows = _maxima_and_items(t, items, masks)
@@ -496,7 +555,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         ctx.save_for_backward(xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, mean, rstd, qkv, out,
                               linear_out)
         ctx.plan, ctx.max_items, ctx.lse, ctx.segments = plan, max_items, lse, segments
-        ctx.maxima, ctx.argmax_rows = maxima, argmax_rows
+        ctx.maxima, ctx.argmax_rows, ctx.compiled = maxima, argmax_rows, compiled
         ctx.num_heads, ctx.pooling, ctx.eps, ctx.x_dtype, ctx.x_shape = num_heads, pooling, eps, x.dtype, x.shape
         return pooled.to(x.dtype)
 
@@ -529,8 +588,10 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
             torch.mm(g_view, wo[view], out=grad_linear_out[first:last])
         grad_out = grad_linear_out.mul_(weights[:, None]).index_select(0, plan.segment_of_position)
 
-        # maximum, one view at a time: scattered to the saved items holding it, or (t_j recomputed,
-        # compared with the saved maxima) shared equally among tied tokens
+        # maximum: scattered to the saved items holding it (by the compiled kernel, or one view at a
+        # time), or (t_j recomputed, compared with the saved maxima) shared equally among tied tokens
+        if ctx.compiled is not None:
+            _compiled_max_backward(g, ctx.compiled, out, wo, plan, grad_x, grad_out, grad_out_weight)
         recomputed = [items for items, top in zip(ctx.max_items, ctx.maxima) if top is not None]
         features, masks = _scratch(recomputed, xf, 2)
         for view, (items, top, rows) in enumerate(zip(ctx.max_items, ctx.maxima, ctx.argmax_rows)):

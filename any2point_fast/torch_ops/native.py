@@ -6,6 +6,9 @@ C++ kernel (``csrc/``) does that step on CPU tensors:
 - ``bucket_attention``: the attention inside buckets longer than
   :data:`~any2point_fast.torch_ops.attention.EXPLICIT_MAX_LEN`. Heads of dim 2 are far below
   what PyTorch's flash kernel is built for; the C++ loops over a bucket's keys vectorise.
+- ``bucket_max_pool``: the per-bucket maxima of ``t_j = x + Attn_j W_oᵀ`` under ``max + mean``,
+  formed a block of channels at a time in registers, with the item holding each maximum; PyTorch
+  needs several passes over every view's ``[T_j, C]`` features for the same.
 - ``row_dots``, ``weighted_sum``, ``segment_rows``: the row products of ``ensemble_propagate``,
   which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
   C++ each is one pass over the rows it reads.
@@ -31,7 +34,8 @@ import torch
 
 #: Environment variable: ``0`` keeps the torch path in plain PyTorch (no compilation).
 ENV_VAR = "ANY2POINT_NATIVE"
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("bucket_attention.cpp", "ensemble.cpp"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("bucket_attention.cpp", "bucket_max_pool.cpp", "ensemble.cpp"))
 #: The ``torch.ops`` namespace of the compiled kernels.
 NAMESPACE = "any2point_native"
 

@@ -1,0 +1,235 @@
+// Per-bucket maxima of t = x + Attn · W_oᵀ (bias left out), on the CPU (loaded by
+// any2point_fast.torch_ops.native).
+//
+// Forward forms, for every listed bucket (sorted positions start[k] .. start[k] + length[k] - 1,
+// view view[k]), the C-wide features t of its items a block of channels at a time in registers
+// and keeps, per channel, the maximum, the bucket-local index of the item holding it, and
+// whether another item ties with it: the [T, C] features of a view never exist. Backward hands
+// each maximum's gradient to its item (a view with a tie goes the caller's recompute route).
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using any2point::for_each_bucket;
+using any2point::scratch;
+using any2point::Vec;
+
+// Vectors of channels formed together: independent chains of adds over e, which then pipeline.
+constexpr int64_t kBlock = 4;
+
+// Channels [first, first + n·lanes) as n values of V: Vec<T> (n ≤ kBlock), or T for the last
+// channels, one at a time.
+template <typename V, int64_t n>
+struct Block {
+  using type = V;
+  static constexpr int64_t size = n;
+};
+
+template <typename T, typename Body>
+inline void for_each_block(int64_t channels, Body body) {
+  constexpr int64_t lanes = any2point::kLanes<T>;
+  int64_t c = 0;
+  for (; c + kBlock * lanes <= channels; c += kBlock * lanes) body(c, Block<Vec<T>, kBlock>{});
+  for (; c + lanes <= channels; c += lanes) body(c, Block<Vec<T>, 1>{});
+  for (; c < channels; ++c) body(c, Block<T, 1>{});
+}
+
+// One value of V (a vector, or a scalar) at p: per value, not per array, so that the values stay
+// in registers.
+template <typename V, typename T>
+inline V load_as(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store_as(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename T, typename V>
+inline bool any_nonzero(const V& v) {
+  T lanes[sizeof(V) / sizeof(T)];
+  std::memcpy(lanes, &v, sizeof(V));
+  return std::any_of(lanes, lanes + sizeof(V) / sizeof(T), [](T value) { return value != T(0); });
+}
+
+template <typename T>
+void forward_kernel(const T* x, const T* out, const T* wt, const int64_t* tokens, const int64_t* starts,
+                    const int64_t* lengths, const int64_t* views, int64_t num_buckets, int64_t dim,
+                    int64_t channels, T* maxima, T* argmax, bool* tied) {
+  for_each_bucket(lengths, num_buckets, [&](int64_t k) {
+    const T* w = wt + views[k] * dim * channels;
+    bool tie_found = false;
+    for_each_block<T>(channels, [&](int64_t first, auto block) {
+      using V = typename decltype(block)::type;
+      constexpr int64_t n = decltype(block)::size, lanes = sizeof(V) / sizeof(T);
+      V best[n], arg[n], tie[n];
+      for (int64_t b = 0; b < n; ++b) {
+        best[b] = V{} - T(INFINITY);
+        arg[b] = V{};
+        tie[b] = V{};
+      }
+      for (int64_t i = 0; i < lengths[k]; ++i) {
+        const int64_t item = starts[k] + i;
+        const T* xr = x + tokens[item] * channels + first;
+        const T* o = out + item * dim;
+        V t[n];
+        for (int64_t b = 0; b < n; ++b) t[b] = load_as<V>(xr + b * lanes);
+        for (int64_t e = 0; e < dim; ++e) {
+          const T* we = w + e * channels + first;
+          for (int64_t b = 0; b < n; ++b) t[b] += o[e] * load_as<V>(we + b * lanes);
+        }
+        const V index = V{} + T(i);
+        for (int64_t b = 0; b < n; ++b) {
+          const auto above = t[b] > best[b];
+          tie[b] = above ? V{} : (t[b] == best[b] ? V{} + T(1) : tie[b]);
+          arg[b] = above ? index : arg[b];
+          best[b] = above ? t[b] : best[b];
+        }
+      }
+      for (int64_t b = 0; b < n; ++b) {
+        store_as(maxima + k * channels + first + b * lanes, best[b]);
+        store_as(argmax + k * channels + first + b * lanes, arg[b]);
+        tie_found = tie_found || any_nonzero<T>(tie[b]);
+      }
+    });
+    tied[k] = tie_found;
+  });
+}
+
+// The backward of one view's buckets is cut into this many runs of consecutive buckets (of about
+// equal items); each run sums its part of grad_w in its own buffer, and the buffers are added in
+// run order, so that the result does not depend on which thread took which run.
+constexpr int64_t kRuns = 8;
+constexpr int64_t kLanesOfOut = 8;
+
+// One view's buckets (so their items' tokens differ, and each item is in one bucket): every
+// maximum's gradient g goes to the item holding it, to its token's row of grad_x, to its row of
+// grad_out (g · w[c]) and to grad_w[c] (g · out[item]); w and grad_w are the view's W_o, [C][D].
+// kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
+template <typename T, int64_t kDim>
+void backward_kernel(const T* grad, const T* argmax, const T* out, const T* w, const int64_t* tokens,
+                     const int64_t* starts, const int64_t* lengths, int64_t num_buckets, int64_t runtime_dim,
+                     int64_t channels, T* grad_x, T* grad_out, T* grad_w) {
+  const int64_t dim = kDim > 0 ? kDim : runtime_dim;
+  const int64_t runs = std::min(num_buckets, kRuns);
+  const int64_t items = std::accumulate(lengths, lengths + num_buckets, int64_t(0));
+  std::vector<int64_t> first(runs + 1, 0), run_items(runs, 0);
+  for (int64_t k = 0, seen = 0; k < num_buckets; seen += lengths[k++]) {
+    const int64_t r = std::min(runs - 1, seen * runs / std::max<int64_t>(items, 1));
+    first[r + 1] = k + 1;
+    run_items[r] += lengths[k];
+  }
+  for (int64_t r = 1; r <= runs; ++r) first[r] = std::max(first[r], first[r - 1]);  // empty runs
+  auto partial = at::zeros({runs, channels * dim}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* partials = partial.template data_ptr<T>();
+  for_each_bucket(run_items.data(), runs, [&](int64_t r) {
+    T* gw = partials + r * channels * dim;
+    // the items' grad_out rows, summed in kLanesOfOut buffers by channel: in short buckets,
+    // consecutive channels mostly hit the same item, and one buffer would chain their adds
+    if (first[r] == first[r + 1]) return;
+    const int64_t longest = *std::max_element(lengths + first[r], lengths + first[r + 1]);
+    const auto buffer = scratch<T>(kLanesOfOut * longest * dim);
+    T* local = buffer.template data_ptr<T>();
+    for (int64_t k = first[r]; k < first[r + 1]; ++k) {
+      const T* g = grad + k * channels;
+      const T* a = argmax + k * channels;
+      const int64_t length = lengths[k];
+      std::fill(local, local + kLanesOfOut * length * dim, T(0));
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t i = static_cast<int64_t>(a[c]), item = starts[k] + i;
+        const T gc = g[c];
+        grad_x[tokens[item] * channels + c] += gc;
+        T* go = local + ((c % kLanesOfOut) * length + i) * dim;
+        const T* wc = w + c * dim;
+        const T* o = out + item * dim;
+        T* gwc = gw + c * dim;
+#pragma omp simd
+        for (int64_t e = 0; e < dim; ++e) {
+          go[e] += gc * wc[e];
+          gwc[e] += gc * o[e];
+        }
+      }
+      for (int64_t i = 0; i < length; ++i) {
+        T* go = grad_out + (starts[k] + i) * dim;
+        for (int64_t q = 0; q < kLanesOfOut; ++q)
+          for (int64_t e = 0; e < dim; ++e) go[e] += local[(q * length + i) * dim + e];
+      }
+    }
+  });
+  for (int64_t r = 0; r < runs; ++r)
+    for (int64_t j = 0; j < channels * dim; ++j) grad_w[j] += partials[r * channels * dim + j];
+}
+
+// (maxima [K, C], argmax [K, C] (the bucket-local index of the item holding each maximum, in
+// x's dtype), tied [K] (bool)) of the K listed buckets; wt is [M, D, C], W_oᵀ of every view.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_max_pool(const at::Tensor& x, const at::Tensor& out,
+                                                               const at::Tensor& wt, const at::Tensor& tokens,
+                                                               const at::Tensor& starts, const at::Tensor& lengths,
+                                                               const at::Tensor& views) {
+  any2point::check_values(x, {&x, &out, &wt});
+  any2point::check_indices({&tokens, &starts, &lengths, &views});
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && wt.dim() == 3 && wt.size(1) == out.size(1) && wt.size(2) == x.size(1),
+              "x [R, C], out [T, D], wt [M, D, C]");
+  const int64_t num_buckets = starts.numel(), channels = x.size(1);
+  TORCH_CHECK(lengths.numel() == num_buckets && views.numel() == num_buckets, "one start, length and view per bucket");
+  TORCH_CHECK(num_buckets == 0 || lengths.max().item<int64_t>() < (int64_t(1) << 24),
+              "a bucket of 2^24 items or more: its item indices are not exact in float32");
+  auto maxima = at::empty({num_buckets, channels}, x.options());
+  auto argmax = at::empty({num_buckets, channels}, x.options());
+  auto tied = at::empty({num_buckets}, x.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bucket_max_pool", [&] {
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                             tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+                             views.data_ptr<int64_t>(), num_buckets, out.size(1), channels,
+                             maxima.data_ptr<scalar_t>(), argmax.data_ptr<scalar_t>(), tied.data_ptr<bool>());
+  });
+  return {maxima, argmax, tied};
+}
+
+// Adds the gradient through one view's maxima (their buckets listed by starts and lengths) to
+// grad_x [R, C] and grad_out [T, D], and returns that of the view's W_o ([C, D], as w).
+at::Tensor bucket_max_pool_backward(const at::Tensor& grad, const at::Tensor& argmax, const at::Tensor& out,
+                                    const at::Tensor& w, const at::Tensor& tokens, const at::Tensor& starts,
+                                    const at::Tensor& lengths, at::Tensor grad_x, at::Tensor grad_out) {
+  any2point::check_values(grad_x, {&grad, &argmax, &out, &w, &grad_x, &grad_out});
+  any2point::check_indices({&tokens, &starts, &lengths});
+  const int64_t num_buckets = starts.numel(), channels = grad_x.size(1), dim = out.size(1);
+  TORCH_CHECK(lengths.numel() == num_buckets && grad.sizes() == argmax.sizes() && grad.size(0) == num_buckets &&
+                  grad.size(1) == channels && w.dim() == 2 && w.size(0) == channels && w.size(1) == dim &&
+                  grad_out.sizes() == out.sizes(),
+              "grad and argmax [K, C], out and grad_out [T, D], w [C, D], one start and length per bucket");
+  auto grad_w = at::zeros_like(w);
+  AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "bucket_max_pool_backward", [&] {
+    const auto kernel = dim == 12 ? backward_kernel<scalar_t, 12> : backward_kernel<scalar_t, 0>;
+    kernel(grad.data_ptr<scalar_t>(), argmax.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+           tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), num_buckets, dim,
+           channels, grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
+  });
+  return grad_w;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
+  m.def("bucket_max_pool(Tensor x, Tensor out, Tensor wt, Tensor tokens, Tensor starts, Tensor lengths, "
+        "Tensor views) -> (Tensor, Tensor, Tensor)");
+  m.def("bucket_max_pool_backward(Tensor grad, Tensor argmax, Tensor out, Tensor w, Tensor tokens, Tensor starts, "
+        "Tensor lengths, Tensor(a!) grad_x, Tensor(b!) grad_out) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
+  m.impl("bucket_max_pool", &bucket_max_pool);
+  m.impl("bucket_max_pool_backward", &bucket_max_pool_backward);
+}
