@@ -1,11 +1,12 @@
 """The routes of the torch path's neighbourhood attention pool, for tests to run each against the reference.
 
 A route names how the long buckets (``> EXPLICIT_MAX_LEN``) are attended: ``compiled``, by the
-C++ kernel of :mod:`any2point_fast.torch_ops.native`; ``flash``, by PyTorch's fused CPU flash
-kernel; ``tiles``, by explicit logits tiles small enough to split test buckets (the plain PyTorch
-path on other devices); then, optionally, how the maxima's backward goes: ``saved argmax``
-(scattered from the items saved in forward) or ``recompute`` (the features recomputed and
-compared); without it, the op's own thresholds choose.
+C++ kernels of :mod:`any2point_fast.torch_ops.native` (which also find the maxima); ``flash``, by
+PyTorch's fused CPU flash kernel; ``tiles``, by explicit logits tiles small enough to split test
+buckets (the plain PyTorch path on other devices); then, optionally, how PyTorch's maxima go
+backward (under ``compiled``, in the views with a tie only): ``saved argmax`` (scattered from the
+items saved in forward) or ``recompute`` (the features recomputed and compared); without it, the
+op's own thresholds choose.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ def use_route(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     assert attention in ("compiled", "flash", "tiles") and maximum in ("", "saved argmax", "recompute"), route
     if maximum:
         monkeypatch.setattr(torch_attention, "ARGMAX_MIN_LENGTH", 1 if maximum == "saved argmax" else 10**9)
+    use_compiled(monkeypatch, attention == "compiled")
     if attention == "compiled":
-        require_compiled()
         return
-    monkeypatch.setattr(native, "available", lambda device: False)
     monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", attention == "flash" and torch_attention.FLASH_ON_CPU)
     if attention == "tiles":
         monkeypatch.setattr(torch_attention, "TILE_ELEMENTS", 20_000)

@@ -415,7 +415,7 @@ class _CompiledMax:
     Attributes:
         segments, starts, lengths: ``[K]`` each, the buckets view after view.
         bounds: ``M + 1`` ints, the range of every view's buckets.
-        argmax: ``[K, C]`` bucket-local index of the item holding every maximum (in ``x``'s dtype).
+        argmax: ``[K, C]`` bucket-local index of the item holding every maximum (in the compute dtype).
         tied: the views where some maximum is attained twice; they take the PyTorch route.
     """
 

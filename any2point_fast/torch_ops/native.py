@@ -1,7 +1,7 @@
 """Compiled CPU kernels of the torch path, built on first use.
 
-The torch path is plain PyTorch everywhere; where PyTorch has no kernel fit for a step, a small
-C++ kernel (``csrc/``) does that step on CPU tensors:
+The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C++ kernel
+(``csrc/``) does that step on CPU tensors:
 
 - ``bucket_attention``: the attention inside buckets longer than
   :data:`~any2point_fast.torch_ops.attention.EXPLICIT_MAX_LEN`. Heads of dim 2 are far below
@@ -66,8 +66,8 @@ def _build() -> bool:
                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, but say so
         warnings.warn(f"any2point_fast: could not build the compiled CPU kernels ({type(error).__name__}: "
-                      f"{str(error).strip()[-300:]}); the torch backend runs in plain PyTorch, slower on long "
-                      f"buckets. Set {ENV_VAR}=0 to skip the build.",
+                      f"{str(error).strip()[-300:]}); the torch backend runs in plain PyTorch, slower (several "
+                      f"times on long buckets). Set {ENV_VAR}=0 to skip the build.",
                       RuntimeWarning, stacklevel=3)
         return False
     return True

@@ -20,7 +20,9 @@
 namespace {
 
 using any2point::for_each_bucket;
+using any2point::load_as;
 using any2point::scratch;
+using any2point::store_as;
 using any2point::Vec;
 
 // Vectors of channels formed together: independent chains of adds over e, which then pipeline.
@@ -41,20 +43,6 @@ inline void for_each_block(int64_t channels, Body body) {
   for (; c + kBlock * lanes <= channels; c += kBlock * lanes) body(c, Block<Vec<T>, kBlock>{});
   for (; c + lanes <= channels; c += lanes) body(c, Block<Vec<T>, 1>{});
   for (; c < channels; ++c) body(c, Block<T, 1>{});
-}
-
-// One value of V (a vector, or a scalar) at p: per value, not per array, so that the values stay
-// in registers.
-template <typename V, typename T>
-inline V load_as(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline void store_as(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
 }
 
 template <typename T, typename V>

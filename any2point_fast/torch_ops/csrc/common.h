@@ -48,11 +48,18 @@ using Vec = typename Simd<T>::type;
 template <typename T>
 constexpr int64_t kLanes = sizeof(Vec<T>) / sizeof(T);
 
-template <typename T>
-inline Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
+// One value of V (a Vec, or a scalar) at p. Load and store values one at a time, not whole
+// arrays of them, so that the compiler keeps them in registers.
+template <typename V, typename T>
+inline V load_as(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
   return v;
+}
+
+template <typename V, typename T>
+inline void store_as(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
 }
 
 // Checks shared by the kernels' entry points.

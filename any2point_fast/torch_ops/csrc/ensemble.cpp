@@ -1,7 +1,8 @@
 // The row products of ensemble_propagate, on the CPU (loaded by any2point_fast.torch_ops.native).
 //
 // Every product reads whole C-wide rows of the pooled tables by index, one token (or one table
-// row) per task, and writes each output once: no [M, B·N, C] tensor, no atomics, no sort.
+// row) per task, and writes each output once: no [M, B·N, C] tensor, no atomics (the caller
+// lists segment_rows' entries row after row).
 //   row_dots:     dots[j][i] = a[ids[j][i]] · b[b_ids[i]]          (cosine numerators, gradients of w)
 //   weighted_sum: y[i] = x[i] + coef · Σ_j w[j][i] · a[ids[j][i]]  (Eq. 3 and the residual)
 //   segment_rows: out[r] = Σ_{k in r} (alpha[k] · p[p_ids[k]] + beta[k] · q[q_ids[k]]) + gamma[r] · self[r]
@@ -38,8 +39,8 @@ void row_dots_kernel(const T* a, const int64_t* ids, const T* b, const int64_t* 
           acc[j] = V{};
         }
         for (int64_t c = 0; c < full; c += lanes) {
-          const V bv = any2point::load(bi + c);
-          for (int64_t j = 0; j < kViews; ++j) acc[j] += any2point::load(rows[j] + c) * bv;
+          const V bv = any2point::load_as<V>(bi + c);
+          for (int64_t j = 0; j < kViews; ++j) acc[j] += any2point::load_as<V>(rows[j] + c) * bv;
         }
         for (int64_t j = 0; j < n; ++j) {
           T sum = 0;
