@@ -27,6 +27,7 @@ import torch
 from . import ops
 from .geometry import Segments
 from .reference import ReferenceAdapter
+from .reference.adapter import RowBatchNorm
 
 
 class Any2PointAdapter(ReferenceAdapter):
@@ -41,6 +42,8 @@ class Any2PointAdapter(ReferenceAdapter):
       (``ops.neighborhood_attention_pool``): no ``N × N`` attention matrix, no per-view token
       features kept for backward;
     - :meth:`pool_voxels` — pooling of the 3D baseline branch (``ops.segment_pool``);
+    - :meth:`normalize` — BatchNorm of the pooled rows, view by view, and GELU
+      (``ops.batch_norm_gelu``; the running statistics are updated as ``nn.BatchNorm1d`` does);
     - :meth:`ensemble` — Eq. 3's weighted ensemble and residual (``ops.ensemble_propagate``).
 
     ``view_attention`` (``LN_j`` and ``Attn_j`` of the ``M`` views) is shared by all the blocks
@@ -64,6 +67,37 @@ class Any2PointAdapter(ReferenceAdapter):
     def ensemble(self, tokens, base_rows, base_ids, view_rows, view_ids) -> torch.Tensor:
         """``tokens + c · Σ_j w_ij F_ij`` (Eq. 3), ``[B, N, C]``."""
         return ops.ensemble_propagate(tokens, base_rows, base_ids, view_rows, view_ids, self.coef)
+
+    def normalize(self, rows: torch.Tensor, offsets: tuple[int, ...], norms) -> torch.Tensor:
+        """``GELU(norms[g](rows of group g))`` ``[S, C]`` in one op. Norms other than plain
+        :class:`RowBatchNorm` (``SyncBatchNorm``, whose statistics span every rank) go module by module."""
+        if not _fusable(norms):
+            return super().normalize(rows, offsets, norms)
+        counts = [last - first for first, last in zip(offsets[:-1], offsets[1:])]
+        batch = tuple(self.training and count > 1 for count in counts)  # as RowBatchNorm: one row, running stats
+        out, mean, var = ops.batch_norm_gelu(
+            rows, offsets, torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms]),
+            torch.stack([norm.running_mean for norm in norms]), torch.stack([norm.running_var for norm in norms]),
+            batch, norms[0].eps)
+        with torch.no_grad():
+            for norm, own, count, batch_mean, batch_var in zip(norms, batch, counts, mean, var):
+                if own:
+                    _update_running_stats(norm, batch_mean, batch_var * count / (count - 1))
+        return out
+
+
+def _fusable(norms) -> bool:
+    """Plain :class:`RowBatchNorm` s with affine parameters, running statistics and one ``eps``."""
+    return (all(type(norm) is RowBatchNorm and norm.affine and norm.track_running_stats for norm in norms)
+            and len({norm.eps for norm in norms}) == 1)
+
+
+def _update_running_stats(norm: RowBatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    """What ``nn.BatchNorm1d`` does to its buffers in a training step (``momentum=None``: cumulative average)."""
+    norm.num_batches_tracked.add_(1)
+    factor = 1 / norm.num_batches_tracked.item() if norm.momentum is None else norm.momentum
+    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+    norm.running_var.lerp_(unbiased_var.to(norm.running_var.dtype), factor)
 
 
 __all__ = ["Any2PointAdapter"]

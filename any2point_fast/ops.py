@@ -168,6 +168,29 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
     )
 
 
+def batch_norm_gelu(rows: torch.Tensor, offsets: tuple[int, ...], weight: torch.Tensor, bias: torch.Tensor,
+                    running_mean: torch.Tensor, running_var: torch.Tensor, batch: tuple[bool, ...],
+                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``GELU(BN_g(rows))`` per group of rows → ``[S, C]``, and the statistics used; see
+    :func:`reference.batch_norm_gelu`."""
+    op = "batch_norm_gelu"
+    if rows.dim() != 2:
+        raise InputError(f"{op}: rows must be [S, C], got {list(rows.shape)}")
+    offsets, batch = tuple(int(o) for o in offsets), tuple(bool(b) for b in batch)
+    groups = len(offsets) - 1
+    if groups < 0 or offsets[0] != 0 or offsets[-1] != rows.shape[0] or list(offsets) != sorted(offsets):
+        raise InputError(f"{op}: offsets must rise from 0 to the {rows.shape[0]} rows, got {list(offsets)}")
+    if len(batch) != groups:
+        raise InputError(f"{op}: batch needs one flag per group ({groups}), got {len(batch)}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _expect_shape(op, name, t, (groups, rows.shape[1]))
+    small = [g for g, own in enumerate(batch) if own and offsets[g + 1] - offsets[g] < 2]
+    if small:
+        raise InputError(f"{op}: groups {small} have fewer than 2 rows and cannot use their own statistics")
+    device = _same_device(op, rows=rows, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    return _resolve(op, device)(rows, offsets, weight, bias, running_mean, running_var, batch, eps)
+
+
 def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch.Tensor, view_rows: torch.Tensor,
                        view_ids: torch.Tensor, coef: float) -> torch.Tensor:
     """``x + c · Σ_j w_ij F_ij`` → ``[B, N, C]``; see :func:`reference.ensemble_propagate`."""
@@ -186,7 +209,7 @@ def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch
 
 
 __all__ = [
-    "BACKENDS", "BackendError", "available_backends", "bucket_sort", "ensemble_propagate", "get_backend",
-    "neighborhood_attention_pool", "not_supported_reasons", "project_pe", "segment_pool",
+    "BACKENDS", "BackendError", "available_backends", "batch_norm_gelu", "bucket_sort", "ensemble_propagate",
+    "get_backend", "neighborhood_attention_pool", "not_supported_reasons", "project_pe", "segment_pool",
     "set_backend", "use_backend",
 ]

@@ -120,3 +120,26 @@ def test_adapter_is_permutation_equivariant_over_the_tokens_of_a_cloud(preset):
         out_p = fast(hidden[:, full], ffn[:, full], build_geometry(centers[:, perm], table, spec, config.voxel_size)[1])
     torch.testing.assert_close(out_p, out[:, full], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out, hidden + ffn, atol=1e-2)
+
+
+@pytest.mark.parametrize("norms", ["cumulative momentum", "other modules"])
+def test_adapter_batch_norms_match_over_steps(norms):
+    """Running statistics after two training steps and an eval step: with ``momentum=None`` on the
+    fused path, and with norm modules it does not fuse (plain ``nn.BatchNorm1d``: module by module)."""
+    config, centers, table, hidden, ffn = make_inputs("vision", seed=5)
+    _, geometry = reference_geometry(centers, table, ProjectionSpec.from_config(config), config.voxel_size)
+    ref, fast = make_pair(config, seed=5)
+    for adapter in (ref, fast):
+        if norms == "other modules":
+            adapter.view_norms = torch.nn.ModuleList(torch.nn.BatchNorm1d(norm.num_features)
+                                                     for norm in adapter.view_norms)
+        for norm in [*adapter.view_norms, adapter.voxel_norm]:
+            norm.momentum = None if norms == "cumulative momentum" else 0.3
+    fast.load_state_dict(ref.state_dict())
+    with ops.use_backend("torch"), torch.no_grad():
+        for step in range(3):
+            ref.train(step < 2), fast.train(step < 2)
+            assert_close_to_reference(fast(hidden, ffn, geometry), ref(hidden, ffn, geometry), msg=f"step {step}")
+    for name, buffer in fast.named_buffers():
+        assert_close_to_reference(buffer.float(), dict(ref.named_buffers())[name].float(), msg=name)
+    assert int(fast.voxel_norm.num_batches_tracked) == 2

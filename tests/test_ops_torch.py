@@ -9,6 +9,7 @@ bitwise repeatable.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -413,3 +414,74 @@ def test_ensemble_propagate_gradcheck(compiled, monkeypatch):
         return torch_ops.ensemble_propagate(x, base, base_ids, rows, view_ids, 0.7)
 
     assert torch.autograd.gradcheck(op, (x, base, rows))
+
+
+# ------------------------------------------------------------------------------- batch_norm_gelu
+@st.composite
+def row_groups(draw) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Offsets of 1..8 groups of rows (empty, single and longer ones), and which groups use their
+    own statistics (only groups of two rows or more can)."""
+    sizes = draw(st.lists(st.one_of(st.integers(0, 2), st.integers(3, 80)), min_size=1, max_size=8))
+    batch = tuple(draw(st.booleans()) and size > 1 for size in sizes)
+    return tuple(itertools.accumulate(sizes, initial=0)), batch
+
+
+def norm_inputs(offsets: tuple[int, ...], channels: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Rows off-centre and wide (the statistics matter), affine weights, running statistics."""
+    groups = len(offsets) - 1
+    rows = 2 + 3 * torch.randn(offsets[-1], channels, generator=gen)
+    return [rows, 1 + 0.5 * torch.randn(groups, channels, generator=gen),
+            0.5 * torch.randn(groups, channels, generator=gen), torch.randn(groups, channels, generator=gen),
+            0.5 + torch.rand(groups, channels, generator=gen)]
+
+
+@SETTINGS
+@given(row_groups(), st.sampled_from([1, 8, 36, 96, 100]), st.sampled_from([torch.float32, torch.float16]),
+       st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_batch_norm_gelu_matches_reference(groups, channels, dtype, noncontiguous, compiled, seed):
+    offsets, batch = groups
+    rows, weight, bias, running_mean, running_var = norm_inputs(offsets, channels, torch.Generator().manual_seed(seed))
+    inputs = prepare([rows, weight, bias], dtype, noncontiguous)
+
+    def torch_op(rows, weight, bias):
+        return torch_ops.batch_norm_gelu(rows, offsets, weight, bias, running_mean, running_var, batch)[0]
+
+    def ref_op(rows, weight, bias):
+        return reference.batch_norm_gelu(rows, offsets, weight, bias, running_mean, running_var, batch)[0]
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_compiled(monkeypatch, compiled)
+        check_op(torch_op, ref_op, inputs, ["rows", "weight", "bias"], dtype, grad_scale=4, seed=seed)
+        _, mean, var = torch_ops.batch_norm_gelu(inputs[0], offsets, *inputs[1:], running_mean, running_var, batch)
+    _, ref_mean, ref_var = reference.batch_norm_gelu(inputs[0], offsets, *inputs[1:], running_mean, running_var, batch)
+    assert mean.dtype == var.dtype == torch.float32 and not mean.requires_grad
+    assert_close_to_reference(mean, ref_mean, dtype, msg="mean")
+    assert_close_to_reference(var, ref_var, dtype, scale=4, msg="var")
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_batch_norm_gelu_hand_made(compiled, monkeypatch):
+    """Group 0 (own statistics): rows ±1 around 3 → mean 3, biased var 1, z = ±1/√(1 + eps);
+    group 1 (given statistics) is x·rstd·γ + β exactly; group 2 is empty."""
+    use_compiled(monkeypatch, compiled)
+    rows = torch.tensor([[2.0], [4.0], [0.5]])
+    out, mean, var = torch_ops.batch_norm_gelu(rows, (0, 2, 3, 3), torch.tensor([[1.0], [2.0], [1.0]]),
+                                               torch.tensor([[0.0], [-1.0], [0.0]]), torch.zeros(3, 1),
+                                               torch.full((3, 1), 4.0), (True, False, False), eps=0.0)
+    torch.testing.assert_close(mean, torch.tensor([[3.0], [0.0], [0.0]]))
+    torch.testing.assert_close(var, torch.tensor([[1.0], [4.0], [4.0]]))
+    z = torch.tensor([[-1.0], [1.0], [-0.5]])  # group 1: 0.5 · 4^-½ · 2 − 1
+    torch.testing.assert_close(out, z * 0.5 * (1 + torch.erf(z / math.sqrt(2))))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_batch_norm_gelu_gradcheck(compiled, monkeypatch):
+    use_compiled(monkeypatch, compiled)
+    offsets, batch = (0, 3, 3, 4, 9), (True, False, False, True)
+    rows, weight, bias, running_mean, running_var = (
+        t.double() for t in norm_inputs(offsets, 5, torch.Generator().manual_seed(5)))
+
+    def op(rows, weight, bias):
+        return torch_ops.batch_norm_gelu(rows, offsets, weight, bias, running_mean, running_var, batch)[0]
+
+    assert torch.autograd.gradcheck(op, tuple(t.requires_grad_() for t in (rows, weight, bias)))

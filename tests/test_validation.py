@@ -81,6 +81,13 @@ def test_ops_refuse_bad_shapes_before_any_backend(backend):
                                    geometry.views.segment_ids, 0.3)
         with pytest.raises(InputError, match=r"segment ids \[T\]"):
             ops.segment_pool(torch.randn(10, 4), torch.zeros(9, dtype=torch.long), 1, "mean")
+        stats = [torch.ones(2, 4)] * 4
+        with pytest.raises(InputError, match="offsets must rise from 0 to the 5 rows"):
+            ops.batch_norm_gelu(torch.randn(5, 4), (0, 3, 4), *stats, (True, False))
+        with pytest.raises(InputError, match=r"groups \[1\] have fewer than 2 rows"):
+            ops.batch_norm_gelu(torch.randn(5, 4), (0, 4, 5), *stats, (True, True))
+        with pytest.raises(InputError, match=r"running_var must have shape \[2, 4\]"):
+            ops.batch_norm_gelu(torch.randn(5, 4), (0, 4, 5), *stats[:3], torch.ones(2, 3), (True, False))
 
 
 def test_unknown_backend_is_refused():

@@ -8,6 +8,7 @@ vectorised over tokens and buckets.
 from .adapter import (
     ReferenceAdapter,
     ViewAttention,
+    batch_norm_gelu,
     ensemble_propagate,
     ensemble_weights,
     neighborhood_attention_pool,
@@ -24,6 +25,7 @@ __all__ = [
     "ReferenceAdapter",
     "ReferenceModel",
     "ViewAttention",
+    "batch_norm_gelu",
     "bucket_sort",
     "build_geometry",
     "ensemble_propagate",

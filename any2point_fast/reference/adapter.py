@@ -105,6 +105,38 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
     return torch.cat(pooled).to(x.dtype)
 
 
+def batch_norm_gelu(rows: torch.Tensor, offsets: tuple[int, ...], weight: torch.Tensor, bias: torch.Tensor,
+                    running_mean: torch.Tensor, running_var: torch.Tensor, batch: tuple[bool, ...],
+                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``GELU(BN_g(rows))`` for every group ``g`` of consecutive rows, each with its own BatchNorm.
+
+    Args:
+        rows: ``[S, C]``; group ``g`` is rows ``offsets[g] … offsets[g + 1] − 1`` (``G + 1`` offsets).
+        weight, bias: ``[G, C]`` affine parameters of the groups' BatchNorms.
+        running_mean, running_var: ``[G, C]`` statistics of the groups not in ``batch``.
+        batch: ``G`` bools: group ``g`` normalises with its own statistics (training mode; at
+            least two rows), otherwise with ``running_mean[g]``, ``running_var[g]``.
+
+    Returns:
+        ``[S, C]`` of ``rows``' dtype, computed in float32; and the ``[G, C]`` float32 mean and
+        biased variance each group was normalised with (no gradient), for the running statistics.
+    """
+    x = rows.float()
+    out, means, variances = [], [], []
+    for g, own in enumerate(batch):
+        group = x[offsets[g]:offsets[g + 1]]
+        if own:
+            var, mean = torch.var_mean(group.detach(), dim=0, correction=0)
+            normed = F.batch_norm(group, None, None, weight[g].float(), bias[g].float(), True, 0.0, eps)
+        else:
+            mean, var = running_mean[g].float(), running_var[g].float()
+            normed = F.batch_norm(group, mean, var, weight[g].float(), bias[g].float(), False, 0.0, eps)
+        out.append(F.gelu(normed))
+        means.append(mean)
+        variances.append(var)
+    return torch.cat(out).to(rows.dtype), torch.stack(means), torch.stack(variances)
+
+
 def ensemble_weights(base: torch.Tensor, views: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Eq. 3's weights ``w_ij = (cos(B_i, F_ij) + 1)/2``, normalised to sum to 1 over ``j``.
 
@@ -185,8 +217,8 @@ class ReferenceAdapter(nn.Module):
     4. ``x ← x + c · Σ_j w_ij F_ij`` (Eq. 3); prefix tokens (``[CLS]``) skip steps 2–4.
 
     ``view_attention`` is shared by all blocks of a model; pass the same module to each adapter.
-    Subclasses swap the three compute steps (:meth:`pool_views`, :meth:`pool_voxels`,
-    :meth:`ensemble`) for fused ops and keep the same parameters.
+    Subclasses swap the four compute steps (:meth:`pool_views`, :meth:`pool_voxels`,
+    :meth:`normalize`, :meth:`ensemble`) for fused ops and keep the same parameters.
     """
 
     def __init__(self, config: Any2PointConfig, view_attention: ViewAttention | None = None):
@@ -213,18 +245,21 @@ class ReferenceAdapter(nn.Module):
     def ensemble(self, tokens, base_rows, base_ids, view_rows, view_ids) -> torch.Tensor:
         return ensemble_propagate(tokens, base_rows, base_ids, view_rows, view_ids, self.coef)
 
+    def normalize(self, rows: torch.Tensor, offsets: tuple[int, ...], norms) -> torch.Tensor:
+        """``GELU(norms[g](rows of group g))`` ``[S, C]``, group ``g`` the rows ``offsets[g] … offsets[g + 1] − 1``."""
+        # split, not slices: the backward of G slices would zero-fill G full-size [S, C] gradients
+        groups = rows.split([last - first for first, last in zip(offsets[:-1], offsets[1:])])
+        return F.gelu(torch.cat([norm(group) for group, norm in zip(groups, norms)]))
+
     def forward(self, hidden: torch.Tensor, ffn_out: torch.Tensor, geometry: Geometry,
                 num_prefix_tokens: int = 1) -> torch.Tensor:
         """``hidden``, ``ffn_out``: ``[B, P + N, C]`` (``P`` prefix tokens) → ``[B, P + N, C]``."""
         check_adapter_inputs(hidden, ffn_out, geometry, num_prefix_tokens)
         x = hidden + ffn_out + self.scale * self.up(quick_gelu(self.down(ffn_out)))
         prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-        views = self.pool_views(tokens, geometry.views)
-        offsets = geometry.views.view_offsets
-        # split, not slices: the backward of M slices would zero-fill M full-size [S, C] gradients
-        per_view = views.split([last - first for first, last in zip(offsets[:-1], offsets[1:])])
-        views = torch.cat([norm(rows) for rows, norm in zip(per_view, self.view_norms)])
-        base = self.voxel_norm(self.pool_voxels(tokens, geometry.voxels))
-        tokens = self.ensemble(tokens, F.gelu(base), geometry.voxels.segment_ids[0], F.gelu(views),
-                               geometry.views.segment_ids)
+        views = self.normalize(self.pool_views(tokens, geometry.views), geometry.views.view_offsets,
+                               self.view_norms)
+        voxels = self.pool_voxels(tokens, geometry.voxels)
+        base = self.normalize(voxels, (0, len(voxels)), [self.voxel_norm])
+        tokens = self.ensemble(tokens, base, geometry.voxels.segment_ids[0], views, geometry.views.segment_ids)
         return torch.cat((prefix, tokens), dim=1)

@@ -27,7 +27,9 @@ float64 (computed in float64, for ``gradcheck``), contiguous or not.
 from .attention import neighborhood_attention_pool
 from .buckets import bucket_sort
 from .ensemble import ensemble_propagate
+from .norm import batch_norm_gelu
 from .pooling import segment_pool
 from .projection import project_pe
 
-__all__ = ["bucket_sort", "ensemble_propagate", "neighborhood_attention_pool", "project_pe", "segment_pool"]
+__all__ = ["batch_norm_gelu", "bucket_sort", "ensemble_propagate", "neighborhood_attention_pool", "project_pe",
+           "segment_pool"]

@@ -12,6 +12,8 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
 - ``row_dots``, ``weighted_sum``, ``segment_rows``: the row products of ``ensemble_propagate``,
   which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
   C++ each is one pass over the rows it reads.
+- ``batch_norm_gelu``: BatchNorm of the pooled rows, view by view, and GELU, forward and
+  backward, each element read from memory once (PyTorch: a pass per BatchNorm step and per GELU).
 
 The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
 (a C++ compiler with OpenMP and ``ninja``; about 20 s on 2 cores, cached afterwards under
@@ -35,7 +37,7 @@ import torch
 #: Environment variable: ``0`` keeps the torch path in plain PyTorch (no compilation).
 ENV_VAR = "ANY2POINT_NATIVE"
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("bucket_attention.cpp", "bucket_max_pool.cpp", "ensemble.cpp"))
+                for name in ("batch_norm_gelu.cpp", "bucket_attention.cpp", "bucket_max_pool.cpp", "ensemble.cpp"))
 #: The ``torch.ops`` namespace of the compiled kernels.
 NAMESPACE = "any2point_native"
 

@@ -1,0 +1,272 @@
+// BatchNorm of groups of rows followed by exact GELU, on the CPU (loaded by any2point_fast.torch_ops.native).
+//
+// Rows [S, C] come in G groups of consecutive rows, offsets[g] .. offsets[g + 1] - 1 (the pooled
+// rows of the M views, or of the voxels), each group with its own BatchNorm. A group normalises
+// with its own statistics where batch[g] is set (training), otherwise with the given mean and var
+// (running statistics). Work goes in chunks of whole rows (streamed, not strided): a pass for the
+// statistics, partial per chunk and combined in a fixed order (repeated runs are bit-identical),
+// then a pass writing the output; backward likewise, dz recomputed in its second pass.
+//   batch_norm_gelu:          y = gelu(z), z = (x - mean[g]) * rstd[g] * weight[g] + bias[g]
+//   batch_norm_gelu_backward: the gradients of x, weight and bias (through the batch statistics
+//                             where batch[g] is set)
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using any2point::exp_approx;
+
+// Φ(z) (GELU = z·Φ(z)) and the normal density φ(z) (GELU' = Φ + z·φ). In float, erf by
+// Abramowitz & Stegun 7.1.26 (absolute error under 1.5e-7; PyTorch's vectorised CPU erf uses the
+// same approximation) with a vectorisable exp; in double, the exact functions.
+inline void normal_cdf_pdf(float z, float& cdf, float& pdf) {
+  const float t = 1.0f / std::fma(0.3275911f * 0.70710678f, std::fabs(z), 1.0f);
+  float r = 1.061405429f;
+  r = std::fma(r, t, -1.453152027f);
+  r = std::fma(r, t, 1.421413741f);
+  r = std::fma(r, t, -0.284496736f);
+  r = std::fma(r, t, 0.254829592f);
+  const float e = exp_approx(-0.5f * z * z);
+  const float tail = 0.5f * r * t * e;  // (1 - erf(|z|/√2)) / 2
+  cdf = z >= 0.0f ? 1.0f - tail : tail;
+  pdf = 0.3989422804014327f * e;
+}
+
+inline void normal_cdf_pdf(double z, double& cdf, double& pdf) {
+  cdf = 0.5 * std::erfc(-z * 0.7071067811865476);
+  pdf = 0.3989422804014327 * std::exp(-0.5 * z * z);
+}
+
+// Chunks of at most kRows consecutive rows of one group: the unit of work. Each chunk's partial
+// statistics stay apart and are combined in chunk order, so results do not depend on threads.
+constexpr int64_t kRows = 32;
+
+struct Chunk {
+  int64_t g, first, n;
+};
+
+std::vector<Chunk> chunks_of(const int64_t* offsets, int64_t groups) {
+  std::vector<Chunk> chunks;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t first = offsets[g]; first < offsets[g + 1]; first += kRows)
+      chunks.push_back({g, first, std::min(kRows, offsets[g + 1] - first)});
+  return chunks;
+}
+
+template <typename Body>
+void for_each_chunk(const std::vector<Chunk>& chunks, Body body) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) body(k, chunks[k]);
+  });
+}
+
+// Per batch group, mean and biased var from each chunk's mean and sum of squared deviations
+// (Chan et al.'s pairwise update, in chunk order, in double).
+template <typename T>
+void combine_stats(const std::vector<Chunk>& chunks, const bool* batch, const double* chunk_mean,
+                   const double* chunk_m2, int64_t groups, int64_t channels, T* mean, T* var) {
+  std::vector<double> mu(channels), m2(channels);
+  for (int64_t g = 0, k = 0; g < groups; ++g) {
+    int64_t count = 0;
+    std::fill(mu.begin(), mu.end(), 0.0);
+    std::fill(m2.begin(), m2.end(), 0.0);
+    for (; k < static_cast<int64_t>(chunks.size()) && chunks[k].g == g; ++k) {
+      const int64_t n = chunks[k].n, total = count + n;
+      const double *cm = chunk_mean + k * channels, *cq = chunk_m2 + k * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const double delta = cm[c] - mu[c];
+        mu[c] += delta * n / total;
+        m2[c] += cq[c] + delta * delta * count * n / total;
+      }
+      count = total;
+    }
+    if (!batch[g] || count == 0) continue;
+    for (int64_t c = 0; c < channels; ++c) {
+      mean[g * channels + c] = static_cast<T>(mu[c]);
+      var[g * channels + c] = static_cast<T>(m2[c] / count);
+    }
+  }
+}
+
+template <typename T>
+void forward_kernel(const T* x, const int64_t* offsets, int64_t groups, int64_t channels, const T* weight,
+                    const T* bias, const bool* batch, T eps, T* mean, T* var, T* rstd, T* y) {
+  const auto chunks = chunks_of(offsets, groups);
+  auto partial = any2point::scratch<double>(2 * static_cast<int64_t>(chunks.size()) * channels);
+  double* chunk_mean = partial.data_ptr<double>();
+  double* chunk_m2 = chunk_mean + chunks.size() * channels;
+  for_each_chunk(chunks, [&](int64_t k, const Chunk& t) {
+    if (!batch[t.g]) return;
+    double* mu = chunk_mean + k * channels;
+    double* m2 = chunk_m2 + k * channels;
+    std::fill(mu, mu + channels, 0.0);
+    std::fill(m2, m2 + channels, 0.0);
+    for (int64_t i = 0; i < t.n; ++i) {
+      const T* row = x + (t.first + i) * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) mu[c] += row[c];
+    }
+    for (int64_t c = 0; c < channels; ++c) mu[c] /= t.n;
+    for (int64_t i = 0; i < t.n; ++i) {  // the chunk is in cache now
+      const T* row = x + (t.first + i) * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const double d = row[c] - mu[c];
+        m2[c] += d * d;
+      }
+    }
+  });
+  combine_stats(chunks, batch, chunk_mean, chunk_m2, groups, channels, mean, var);
+  for (int64_t c = 0; c < groups * channels; ++c) rstd[c] = T(1) / std::sqrt(var[c] + eps);
+  for_each_chunk(chunks, [&](int64_t, const Chunk& t) {
+    const int64_t base = t.g * channels;
+    const T *m = mean + base, *s = rstd + base, *w = weight + base, *b = bias + base;
+    for (int64_t i = 0; i < t.n; ++i) {
+      const T* row = x + (t.first + i) * channels;
+      T* out = y + (t.first + i) * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const T z = (row[c] - m[c]) * s[c] * w[c] + b[c];
+        T cdf, pdf;
+        normal_cdf_pdf(z, cdf, pdf);
+        out[c] = z * cdf;
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const T* dy, const T* x, const int64_t* offsets, int64_t groups, int64_t channels,
+                     const T* weight, const T* bias, const bool* batch, const T* mean, const T* rstd, T* dx,
+                     T* dweight, T* dbias) {
+  const auto chunks = chunks_of(offsets, groups);
+  // dz = dy · GELU'(z) and xhat = (x - mean) · rstd of row r, channel c of group g
+  auto grad_z = [&](int64_t g, int64_t r, int64_t c, T& xhat) {
+    const int64_t p = g * channels + c;
+    xhat = (x[r * channels + c] - mean[p]) * rstd[p];
+    const T z = xhat * weight[p] + bias[p];
+    T cdf, pdf;
+    normal_cdf_pdf(z, cdf, pdf);
+    return dy[r * channels + c] * (cdf + z * pdf);
+  };
+  auto partial = any2point::scratch<double>(2 * static_cast<int64_t>(chunks.size()) * channels);
+  double* chunk_dz = partial.data_ptr<double>();
+  double* chunk_dz_xhat = chunk_dz + chunks.size() * channels;
+  for_each_chunk(chunks, [&](int64_t k, const Chunk& t) {
+    double* sum_dz = chunk_dz + k * channels;
+    double* sum_dz_xhat = chunk_dz_xhat + k * channels;
+    std::fill(sum_dz, sum_dz + channels, 0.0);
+    std::fill(sum_dz_xhat, sum_dz_xhat + channels, 0.0);
+    for (int64_t r = t.first; r < t.first + t.n; ++r) {
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        T xhat;
+        const T dz = grad_z(t.g, r, c, xhat);
+        sum_dz[c] += dz;
+        sum_dz_xhat[c] += dz * xhat;
+      }
+    }
+  });
+  // per group: d bias = Σ dz, d weight = Σ dz · xhat (chunk order); with batch statistics, the
+  // mean and var depend on every row of the group, which brings in the two means
+  std::vector<T> scale(groups * channels), mean_dz(groups * channels, T(0)), mean_dz_xhat(groups * channels, T(0));
+  for (int64_t g = 0, k = 0; g < groups; ++g) {
+    std::vector<double> sum_dz(channels, 0.0), sum_dz_xhat(channels, 0.0);
+    for (; k < static_cast<int64_t>(chunks.size()) && chunks[k].g == g; ++k)
+      for (int64_t c = 0; c < channels; ++c) {
+        sum_dz[c] += chunk_dz[k * channels + c];
+        sum_dz_xhat[c] += chunk_dz_xhat[k * channels + c];
+      }
+    const int64_t n = offsets[g + 1] - offsets[g];
+    for (int64_t c = 0, p = g * channels; c < channels; ++c, ++p) {
+      dbias[p] = static_cast<T>(sum_dz[c]);
+      dweight[p] = static_cast<T>(sum_dz_xhat[c]);
+      scale[p] = weight[p] * rstd[p];
+      if (batch[g] && n > 0) {
+        mean_dz[p] = static_cast<T>(sum_dz[c] / n);
+        mean_dz_xhat[p] = static_cast<T>(sum_dz_xhat[c] / n);
+      }
+    }
+  }
+  for_each_chunk(chunks, [&](int64_t, const Chunk& t) {
+    const int64_t base = t.g * channels;
+    const T *a = scale.data() + base, *md = mean_dz.data() + base, *mdx = mean_dz_xhat.data() + base;
+    for (int64_t r = t.first; r < t.first + t.n; ++r) {
+      T* out = dx + r * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        T xhat;
+        const T dz = grad_z(t.g, r, c, xhat);
+        out[c] = a[c] * (dz - md[c] - xhat * mdx[c]);
+      }
+    }
+  });
+}
+
+void check_groups(const at::Tensor& rows, const at::Tensor& offsets, const at::Tensor& batch,
+                  std::initializer_list<const at::Tensor*> per_group) {
+  any2point::check_indices({&offsets});
+  const int64_t groups = offsets.numel() - 1;
+  TORCH_CHECK(rows.dim() == 2 && groups >= 0 && offsets.size(0) > 0, "rows [S, C], offsets [G + 1]");
+  TORCH_CHECK(batch.scalar_type() == at::kBool && batch.is_contiguous() && batch.numel() == groups, "batch: G bools");
+  for (const at::Tensor* t : per_group)
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == groups && t->size(1) == rows.size(1), "per-group tensors [G, C]");
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[groups] == rows.size(0) && std::is_sorted(o, o + groups + 1),
+              "offsets: non-decreasing from 0 to S");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_gelu(
+    const at::Tensor& rows, const at::Tensor& offsets, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& batch, double eps) {
+  any2point::check_values(rows, {&rows, &weight, &bias, &mean, &var});
+  check_groups(rows, offsets, batch, {&weight, &bias, &mean, &var});
+  auto y = at::empty_like(rows);
+  auto used_mean = mean.clone(), used_var = var.clone(), rstd = at::empty_like(var);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "batch_norm_gelu", [&] {
+    forward_kernel<scalar_t>(rows.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), offsets.numel() - 1,
+                             rows.size(1), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                             batch.data_ptr<bool>(), static_cast<scalar_t>(eps), used_mean.data_ptr<scalar_t>(),
+                             used_var.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), y.data_ptr<scalar_t>());
+  });
+  return {y, used_mean, used_var, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_gelu_backward(
+    const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& offsets, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& batch) {
+  any2point::check_values(rows, {&grad, &rows, &weight, &bias, &mean, &rstd});
+  check_groups(rows, offsets, batch, {&weight, &bias, &mean, &rstd});
+  TORCH_CHECK(grad.sizes() == rows.sizes(), "grad: the shape of rows");
+  auto dx = at::empty_like(rows), dweight = at::empty_like(weight), dbias = at::empty_like(bias);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "batch_norm_gelu_backward", [&] {
+    backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(),
+                              offsets.numel() - 1, rows.size(1), weight.data_ptr<scalar_t>(),
+                              bias.data_ptr<scalar_t>(), batch.data_ptr<bool>(), mean.data_ptr<scalar_t>(),
+                              rstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dweight.data_ptr<scalar_t>(),
+                              dbias.data_ptr<scalar_t>());
+  });
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
+  m.def("batch_norm_gelu(Tensor rows, Tensor offsets, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
+        "Tensor batch, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_norm_gelu_backward(Tensor grad, Tensor rows, Tensor offsets, Tensor weight, Tensor bias, "
+        "Tensor mean, Tensor rstd, Tensor batch) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
+  m.impl("batch_norm_gelu", &batch_norm_gelu);
+  m.impl("batch_norm_gelu_backward", &batch_norm_gelu_backward);
+}
