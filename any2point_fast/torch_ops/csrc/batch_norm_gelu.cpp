@@ -148,28 +148,27 @@ void backward_kernel(const T* dy, const T* x, const int64_t* offsets, int64_t gr
                      const T* weight, const T* bias, const bool* batch, const T* mean, const T* rstd, T* dx,
                      T* dweight, T* dbias) {
   const auto chunks = chunks_of(offsets, groups);
-  // dz = dy · GELU'(z) and xhat = (x - mean) · rstd of row r, channel c of group g
-  auto grad_z = [&](int64_t g, int64_t r, int64_t c, T& xhat) {
-    const int64_t p = g * channels + c;
-    xhat = (x[r * channels + c] - mean[p]) * rstd[p];
-    const T z = xhat * weight[p] + bias[p];
-    T cdf, pdf;
-    normal_cdf_pdf(z, cdf, pdf);
-    return dy[r * channels + c] * (cdf + z * pdf);
-  };
   auto partial = any2point::scratch<double>(2 * static_cast<int64_t>(chunks.size()) * channels);
   double* chunk_dz = partial.data_ptr<double>();
   double* chunk_dz_xhat = chunk_dz + chunks.size() * channels;
+  // per chunk, Σ dz and Σ dz · xhat with dz = dy · GELU'(z), xhat = (x - mean) · rstd
   for_each_chunk(chunks, [&](int64_t k, const Chunk& t) {
+    const int64_t base = t.g * channels;
+    const T *m = mean + base, *s = rstd + base, *w = weight + base, *b = bias + base;
     double* sum_dz = chunk_dz + k * channels;
     double* sum_dz_xhat = chunk_dz_xhat + k * channels;
     std::fill(sum_dz, sum_dz + channels, 0.0);
     std::fill(sum_dz_xhat, sum_dz_xhat + channels, 0.0);
-    for (int64_t r = t.first; r < t.first + t.n; ++r) {
+    for (int64_t i = 0; i < t.n; ++i) {
+      const T* row = x + (t.first + i) * channels;
+      const T* grad = dy + (t.first + i) * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) {
-        T xhat;
-        const T dz = grad_z(t.g, r, c, xhat);
+        const T xhat = (row[c] - m[c]) * s[c];
+        const T z = xhat * w[c] + b[c];
+        T cdf, pdf;
+        normal_cdf_pdf(z, cdf, pdf);
+        const T dz = grad[c] * (cdf + z * pdf);
         sum_dz[c] += dz;
         sum_dz_xhat[c] += dz * xhat;
       }
@@ -196,16 +195,22 @@ void backward_kernel(const T* dy, const T* x, const int64_t* offsets, int64_t gr
       }
     }
   }
+  // dz recomputed: cheaper than a round trip of [S, C] through memory
   for_each_chunk(chunks, [&](int64_t, const Chunk& t) {
     const int64_t base = t.g * channels;
+    const T *m = mean + base, *s = rstd + base, *w = weight + base, *b = bias + base;
     const T *a = scale.data() + base, *md = mean_dz.data() + base, *mdx = mean_dz_xhat.data() + base;
-    for (int64_t r = t.first; r < t.first + t.n; ++r) {
-      T* out = dx + r * channels;
+    for (int64_t i = 0; i < t.n; ++i) {
+      const T* row = x + (t.first + i) * channels;
+      const T* grad = dy + (t.first + i) * channels;
+      T* out = dx + (t.first + i) * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) {
-        T xhat;
-        const T dz = grad_z(t.g, r, c, xhat);
-        out[c] = a[c] * (dz - md[c] - xhat * mdx[c]);
+        const T xhat = (row[c] - m[c]) * s[c];
+        const T z = xhat * w[c] + b[c];
+        T cdf, pdf;
+        normal_cdf_pdf(z, cdf, pdf);
+        out[c] = a[c] * (grad[c] * (cdf + z * pdf) - md[c] - xhat * mdx[c]);
       }
     }
   });
