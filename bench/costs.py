@@ -79,6 +79,12 @@ def neighborhood_attention_pool(s: Sizes, backward: bool) -> Cost:
     return forward + Cost(moved + F32 * t * c + weights, 2 * flops) if backward else forward
 
 
+def batch_norm_gelu(s: Sizes, backward: bool) -> Cost:
+    rows = s.view_segments * s.channels
+    forward = Cost(2 * F32 * rows, 10 * rows)  # the statistics, the normalisation and the GELU polynomial
+    return forward + Cost(3 * F32 * rows, 20 * rows) if backward else forward
+
+
 def ensemble_propagate(s: Sizes, backward: bool) -> Cost:
     t, c, m = s.tokens, s.channels, s.views
     moved = 2 * F32 * t * c + F32 * (m + 1) * t * c + I64 * (m + 1) * t
@@ -99,7 +105,7 @@ def op_cost(op: str, case: AdapterCase, mode: str) -> Cost:
     """The analytic :class:`Cost` of ``op`` on ``case`` in ``mode`` (``forward`` or ``forward+backward``)."""
     sizes, backward = Sizes.of(case), mode == "forward+backward"
     differentiable = {"segment_pool": segment_pool, "neighborhood_attention_pool": neighborhood_attention_pool,
-                      "ensemble_propagate": ensemble_propagate}
+                      "batch_norm_gelu": batch_norm_gelu, "ensemble_propagate": ensemble_propagate}
     if op in differentiable:
         return differentiable[op](sizes, backward)
     return {"project_pe": project_pe, "bucket_sort": bucket_sort}[op](sizes)

@@ -29,7 +29,7 @@ def case(request) -> AdapterCase:
 
 
 def op_inputs(case: AdapterCase):
-    """Leaf tensors (with gradients) for the three differentiable ops."""
+    """Leaf tensors (with gradients) for the differentiable ops."""
     torch.manual_seed(0)
     attn = ViewAttention(case.hidden.shape[-1], case.config.num_views, case.config.attn_dim,
                          case.config.attn_heads).to(case.hidden.device)
@@ -45,7 +45,13 @@ def differentiable_ops(case: AdapterCase):
     attn, tokens, view_rows, base_rows = op_inputs(case)
     views, voxels, cfg = case.geometry.views, case.geometry.voxels, case.config
     flat = tokens.reshape(-1, tokens.shape[-1])
+    norm_weight, norm_bias = (torch.full((views.num_views, tokens.shape[-1]), value, device=tokens.device,
+                                         requires_grad=True) for value in (1.0, 0.0))
+    running = (torch.zeros_like(norm_weight), torch.ones_like(norm_weight))
     return {
+        "batch_norm_gelu": (lambda impl: impl.batch_norm_gelu(
+            view_rows, views.view_offsets, norm_weight, norm_bias, *running, (True,) * views.num_views)[0],
+            [view_rows, norm_weight, norm_bias]),
         "segment_pool": (lambda impl: impl.segment_pool(flat, voxels.segment_ids.flatten(), voxels.num_segments,
                                                          cfg.pooling), [tokens]),
         "neighborhood_attention_pool": (lambda impl: impl.neighborhood_attention_pool(
@@ -56,7 +62,7 @@ def differentiable_ops(case: AdapterCase):
     }
 
 
-@pytest.mark.parametrize("op", ["segment_pool", "neighborhood_attention_pool", "ensemble_propagate"])
+@pytest.mark.parametrize("op", ["segment_pool", "neighborhood_attention_pool", "batch_norm_gelu", "ensemble_propagate"])
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_differentiable_op(measure, backend, case, op, mode):
     fn, inputs = differentiable_ops(case)[op]
