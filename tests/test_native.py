@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -87,3 +88,21 @@ def test_the_ninja_of_an_inactive_virtual_environment_is_found(monkeypatch, tmp_
     with native._ninja_on_path():
         assert Path(shutil.which("ninja")).parent == beside
     assert os.environ["PATH"] == str(tmp_path)
+
+
+def test_a_build_that_takes_long_says_so_on_stderr(fresh_build, monkeypatch, capfd):
+    def slow_build(*args, **kwargs):
+        time.sleep(0.5)
+
+    monkeypatch.setattr(cpp_extension, "load", slow_build)
+    monkeypatch.setattr(native, "NOTICE_AFTER_S", 0.05)
+    assert native.available(torch.device("cpu"))
+    assert "compiling the CPU kernels" in capfd.readouterr().err
+
+
+def test_a_quick_load_is_silent(fresh_build, monkeypatch, capfd):
+    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: None)
+    monkeypatch.setattr(native, "NOTICE_AFTER_S", 0.05)
+    assert native.available(torch.device("cpu"))
+    time.sleep(0.3)  # the cancelled timer stays silent
+    assert capfd.readouterr().err == ""

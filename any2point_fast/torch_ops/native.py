@@ -16,8 +16,8 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
   backward, each element read from memory once (PyTorch: a pass per BatchNorm step and per GELU).
 
 The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
-(a C++ compiler with OpenMP and ``ninja``; about 20 s on 2 cores, cached afterwards under
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Where that fails, the torch
+(a C++ compiler with OpenMP and ``ninja``; about 20 s on 2 cores, said on stderr, cached
+afterwards under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Where that fails, the torch
 path keeps its plain PyTorch code for the step and warns once; ``ANY2POINT_NATIVE=0`` skips the
 build altogether. Both routes compute the same values (the tests run each against the reference).
 """
@@ -29,6 +29,7 @@ import functools
 import os
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -40,6 +41,8 @@ SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("batch_norm_gelu.cpp", "bucket_attention.cpp", "bucket_max_pool.cpp", "ensemble.cpp"))
 #: The ``torch.ops`` namespace of the compiled kernels.
 NAMESPACE = "any2point_native"
+#: Seconds into a build after which a line on stderr says that the kernels are being compiled.
+NOTICE_AFTER_S = 2.0
 
 
 @contextlib.contextmanager
@@ -60,6 +63,11 @@ def _ninja_on_path():
 def _build() -> bool:
     if os.environ.get(ENV_VAR, "1").strip() == "0":
         return False
+    # a cached build loads in well under a second: only a compilation outlives the timer
+    notice = threading.Timer(NOTICE_AFTER_S, print, ("any2point_fast: compiling the CPU kernels of the torch path "
+                                                     "(first use: about 20 s, cached afterwards) ...",),
+                             {"file": sys.stderr, "flush": True})
+    notice.start()
     try:
         from torch.utils import cpp_extension
 
@@ -72,6 +80,8 @@ def _build() -> bool:
                       f"times on long buckets). Set {ENV_VAR}=0 to skip the build.",
                       RuntimeWarning, stacklevel=3)
         return False
+    finally:
+        notice.cancel()
     return True
 
 
