@@ -12,7 +12,10 @@ Imports nothing from the library except the shared layout types of
 from .attention import neighborhood_attention_pool
 from .buckets import bucket_sort
 from .ensemble import ensemble_propagate
+from .norm import batch_norm_gelu
 from .pooling import segment_pool
 from .projection import project_pe
 
-__all__ = ["bucket_sort", "ensemble_propagate", "neighborhood_attention_pool", "project_pe", "segment_pool"]
+__all__ = [
+    "batch_norm_gelu", "bucket_sort", "ensemble_propagate", "neighborhood_attention_pool", "project_pe", "segment_pool",
+]

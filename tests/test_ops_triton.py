@@ -384,6 +384,70 @@ def test_ensemble_propagate_zero_rows():
     _compare_grads(("x", "base_rows", "view_rows"), actual, expected, torch.float32)
 
 
+# ---------------------------------------------------------------------------------------- batch_norm_gelu
+def _norm_case(gen, sizes, own, channels, dtype, param_dtype=torch.float32, contiguous=True):
+    """Rows of groups of ``sizes`` (channel means far from 0: the two-pass variance), the groups' affine
+    parameters and running statistics, and ``batch`` flags (``own`` where a group has >= 2 rows)."""
+    offsets = tuple(int(o) for o in torch.tensor([0, *sizes]).cumsum(0))
+    groups = len(sizes)
+    shift = _randn(gen, channels, scale=2.0)
+    rows = (_randn(gen, offsets[-1], channels, contiguous=contiguous) + shift).to(dtype)
+    weight = (1 + _randn(gen, groups, channels, scale=0.3, contiguous=contiguous)).to(param_dtype)
+    bias = _randn(gen, groups, channels, scale=0.3, dtype=param_dtype)
+    running_mean = _randn(gen, groups, channels, scale=2.0)
+    running_var = torch.rand(groups, channels, generator=gen).to(DEVICE) + 0.5
+    batch = tuple(bool(o) and n >= 2 for o, n in zip(own, sizes))
+    return rows, offsets, weight, bias, running_mean, running_var, batch
+
+
+def _check_batch_norm_gelu(rows, offsets, weight, bias, running_mean, running_var, batch, seed):
+    dtype = rows.dtype
+    actual, expected = _leaves(rows, weight, bias), _leaves(rows, weight, bias)
+    out, mean, var = K.batch_norm_gelu(actual[0], offsets, *actual[1:], running_mean, running_var, batch)
+    ref, ref_mean, ref_var = R.batch_norm_gelu(expected[0], offsets, *expected[1:], running_mean, running_var, batch)
+    assert out.dtype == dtype and out.shape == rows.shape
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == weight.shape
+    assert not mean.requires_grad and not var.requires_grad
+    assert_close_to_reference(out, ref, dtype, msg="output")
+    assert_close_to_reference(mean, ref_mean, torch.float32, msg="mean")
+    assert_close_to_reference(var, ref_var, torch.float32, msg="variance")
+    grad = _randn(_generator(seed + 1), *out.shape, dtype=dtype)
+    out.backward(grad)
+    ref.backward(grad)
+    _compare_grads(["rows"], actual[:1], expected[:1], dtype)
+    # sums over the rows of a group: wider bounds, fixed per test
+    _compare_grads(["weight", "bias"], actual[1:], expected[1:], weight.dtype, scale=4.0)
+
+
+@PROPERTY
+@given(seed=seeds, sizes=st.lists(st.one_of(st.sampled_from((0, 1)), st.integers(2, 24)), min_size=1, max_size=4),
+       own=st.lists(st.booleans(), min_size=4, max_size=4), channels=channel_counts,
+       dtype=st.sampled_from((torch.float32, torch.float16)), same_dtype=st.booleans(), contiguous=st.booleans())
+def test_batch_norm_gelu_matches_reference(seed, sizes, own, channels, dtype, same_dtype, contiguous):
+    gen = _generator(seed)
+    case = _norm_case(gen, sizes, own, channels, dtype, dtype if same_dtype else torch.float32, contiguous)
+    _check_batch_norm_gelu(*case, seed)
+
+
+@pytest.mark.parametrize(("channels", "dtype"), [(36, torch.float32), (100, torch.float16)])
+def test_batch_norm_gelu_layouts(channels, dtype, monkeypatch):
+    """Empty, one-row, multi-block (37 rows in blocks of 16) groups, with their own or the given statistics;
+    rows a strided slice of a wider table."""
+    monkeypatch.setattr("any2point_fast.kernels.norm._BLOCK_ROWS", 16)
+    gen = _generator(channels)
+    sizes, own = (0, 1, 3, 0, 37, 5, 2), (False, False, True, True, True, False, True)
+    rows, offsets, weight, bias, running_mean, running_var, batch = _norm_case(gen, sizes, own, channels, dtype)
+    assert batch == (False, False, True, False, True, False, True)
+    wide = _randn(gen, rows.shape[0], 2 * channels, dtype=dtype)
+    wide[:, ::2] = rows
+    rows = wide[:, ::2]
+    assert not rows.is_contiguous()
+    _check_batch_norm_gelu(rows, offsets, weight, bias, running_mean, running_var, batch, channels)
+    _, mean, var = K.batch_norm_gelu(rows, offsets, weight, bias, running_mean, running_var, batch)
+    for g in (0, 1, 3, 5):  # the given statistics, empty groups included
+        assert torch.equal(mean[g], running_mean[g]) and torch.equal(var[g], running_var[g])
+
+
 # ----------------------------------------------------------------------------- determinism, memory, dispatch
 def _run_all(seed: int) -> list[torch.Tensor]:
     """Every op's outputs and gradients on one fixed input."""
@@ -407,6 +471,12 @@ def _run_all(seed: int) -> list[torch.Tensor]:
     out = K.ensemble_propagate(leaves[0], leaves[1], ids[0] % 5, leaves[2], segments.segment_ids, 0.5)
     out.backward(_randn(gen, *out.shape))
     results += [out] + [t.grad for t in leaves]
+    rows, offsets, weight, bias, running_mean, running_var, batch = _norm_case(gen, (0, 1, 20, 3), (1, 1, 1, 0), 36,
+                                                                               torch.float32)
+    leaves = _leaves(rows, weight, bias)
+    out, mean, var = K.batch_norm_gelu(leaves[0], offsets, *leaves[1:], running_mean, running_var, batch)
+    out.backward(_randn(gen, *out.shape))
+    results += [out, mean, var] + [t.grad for t in leaves]
     return results
 
 
@@ -478,6 +548,12 @@ def test_ops_dispatches_to_triton(monkeypatch):
         assert ops.not_supported_reasons("triton", "segment_pool", DEVICE) == []
         pooled = ops.segment_pool(values, segment_ids, 3, "max+mean")
     assert torch.equal(pooled, K.segment_pool(values, segment_ids, 3, "max+mean"))
+    case = _norm_case(_generator(3), (4, 0, 6), (1, 0, 0), 8, torch.float32)
+    with ops.use_backend("triton"):
+        assert ops.not_supported_reasons("triton", "batch_norm_gelu", DEVICE) == []
+        normed = ops.batch_norm_gelu(*case)
+    for a, e in zip(normed, K.batch_norm_gelu(*case)):
+        assert torch.equal(a, e)
 
 
 def test_invalid_arguments_are_refused():

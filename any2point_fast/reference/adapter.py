@@ -122,15 +122,17 @@ def batch_norm_gelu(rows: torch.Tensor, offsets: tuple[int, ...], weight: torch.
         biased variance each group was normalised with (no gradient), for the running statistics.
     """
     x = rows.float()
+    # contiguous parameters: on the CPU, F.batch_norm's backward misreads a strided weight (torch 2.13)
+    weight, bias = weight.float().contiguous(), bias.float().contiguous()
     out, means, variances = [], [], []
     for g, own in enumerate(batch):
         group = x[offsets[g]:offsets[g + 1]]
         if own:
             var, mean = torch.var_mean(group.detach(), dim=0, correction=0)
-            normed = F.batch_norm(group, None, None, weight[g].float(), bias[g].float(), True, 0.0, eps)
+            normed = F.batch_norm(group, None, None, weight[g], bias[g], True, 0.0, eps)
         else:
             mean, var = running_mean[g].float(), running_var[g].float()
-            normed = F.batch_norm(group, mean, var, weight[g].float(), bias[g].float(), False, 0.0, eps)
+            normed = F.batch_norm(group, mean, var, weight[g], bias[g], False, 0.0, eps)
         out.append(F.gelu(normed))
         means.append(mean)
         variances.append(var)
