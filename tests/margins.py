@@ -27,7 +27,7 @@ def min_max_margin(x: torch.Tensor, segments: Segments, weights: list[torch.Tens
         t = reference.adapter.bucket_attention(x.detach().float(), ids[:, :, None] == ids[:, None, :], *w, num_heads)
         t, flat = t.reshape(-1, t.shape[-1]), ids.flatten()
         index = flat[:, None].expand_as(t)
-        empty = torch.full((segments.num_segments, t.shape[1]), float("-inf"))
+        empty = torch.full((segments.num_segments, t.shape[1]), float("-inf"), device=t.device)
         top = empty.scatter_reduce(0, index, t, "amax")
         at_top = t == top[flat]
         num_top = torch.zeros_like(top).scatter_add_(0, index, at_top.float())
