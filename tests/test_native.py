@@ -106,3 +106,13 @@ def test_a_quick_load_is_silent(fresh_build, monkeypatch, capfd):
     assert native.available(torch.device("cpu"))
     time.sleep(0.3)  # the cancelled timer stays silent
     assert capfd.readouterr().err == ""
+
+
+def test_each_instruction_set_has_its_own_build(fresh_build, monkeypatch):
+    """``-march=native`` code from one CPU must not be loaded on another sharing the build cache."""
+    names = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, *args, **kwargs: names.append(name))
+    assert native.available(torch.device("cpu"))
+    assert names == [native.build_name()] and names[0].startswith(native.NAMESPACE + "_")
+    monkeypatch.setattr(native, "_cpu_fingerprint", lambda: "another-cpu")
+    assert native.build_name() == native.NAMESPACE + "_another-cpu" != names[0]

@@ -12,21 +12,25 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
 - ``row_dots``, ``weighted_sum``, ``segment_rows``: the row products of ``ensemble_propagate``,
   which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
   C++ each is one pass over the rows it reads.
-- ``batch_norm_gelu``: BatchNorm of the pooled rows, view by view, and GELU, forward and
-  backward, each element read from memory once (PyTorch: a pass per BatchNorm step and per GELU).
+- ``batch_norm_gelu``: BatchNorm of the pooled rows, view by view, and GELU: forward one pass
+  for the statistics and one for the output, backward two (PyTorch: a pass per BatchNorm step,
+  per GELU and per concatenation).
 
 The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
-(a C++ compiler with OpenMP and ``ninja``; about 20 s on 2 cores, said on stderr, cached
-afterwards under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Where that fails, the torch
-path keeps its plain PyTorch code for the step and warns once; ``ANY2POINT_NATIVE=0`` skips the
-build altogether. Both routes compute the same values (the tests run each against the reference).
+(a C++ compiler with OpenMP and ``ninja``; about 20 s on 2 cores, said on stderr), cached
+afterwards under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``) in a folder
+per CPU instruction set. Where that fails, the torch path keeps its plain PyTorch code for the
+step and warns once; ``ANY2POINT_NATIVE=0`` skips the build altogether. Both routes compute the
+same values (the tests run each against the reference).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -59,6 +63,23 @@ def _ninja_on_path():
         os.environ["PATH"] = path
 
 
+def _cpu_fingerprint() -> str:
+    """A short hash of this CPU's instruction sets (Linux: the ``flags`` of ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(f"{platform.machine()} {platform.processor()} {flags}".encode()).hexdigest()[:12]
+
+
+def build_name() -> str:
+    """The extension's name, hence its build folder under ``TORCH_EXTENSIONS_DIR``: one per
+    instruction set, since ``-march=native`` code built on one CPU may not run on another (a home
+    folder shared by the nodes of a cluster)."""
+    return f"{NAMESPACE}_{_cpu_fingerprint()}"
+
+
 @functools.cache
 def _build() -> bool:
     if os.environ.get(ENV_VAR, "1").strip() == "0":
@@ -72,7 +93,7 @@ def _build() -> bool:
         from torch.utils import cpp_extension
 
         with _ninja_on_path():
-            cpp_extension.load(NAMESPACE, [str(path) for path in SOURCES], is_python_module=False,
+            cpp_extension.load(build_name(), [str(path) for path in SOURCES], is_python_module=False,
                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, but say so
         warnings.warn(f"any2point_fast: could not build the compiled CPU kernels ({type(error).__name__}: "
@@ -95,4 +116,4 @@ def ops():
     return getattr(torch.ops, NAMESPACE)
 
 
-__all__ = ["ENV_VAR", "NAMESPACE", "available", "ops"]
+__all__ = ["ENV_VAR", "NAMESPACE", "available", "build_name", "ops"]
