@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -67,6 +68,32 @@ void for_each_chunk(const std::vector<Chunk>& chunks, Body body) {
   });
 }
 
+// Two [chunks, C] double arrays of per-chunk partial sums; pair(k) zeroes and returns chunk k's rows.
+struct ChunkSums {
+  at::Tensor storage;
+  int64_t channels;
+
+  ChunkSums(int64_t chunks, int64_t channels)
+      : storage(any2point::scratch<double>(2 * chunks * channels)), channels(channels) {}
+  double* first() { return storage.data_ptr<double>(); }
+  double* second() { return first() + storage.numel() / 2; }
+  std::pair<double*, double*> zeroed(int64_t k) {
+    double *a = first() + k * channels, *b = second() + k * channels;
+    std::fill(a, a + channels, 0.0);
+    std::fill(b, b + channels, 0.0);
+    return {a, b};
+  }
+};
+
+// x̂ = (x − mean) · rstd and z = x̂ · weight + bias of one element, with Φ(z) and φ(z).
+template <typename T>
+inline T normalized(T x, T mean, T rstd, T weight, T bias, T& z, T& cdf, T& pdf) {
+  const T xhat = (x - mean) * rstd;
+  z = xhat * weight + bias;
+  normal_cdf_pdf(z, cdf, pdf);
+  return xhat;
+}
+
 // Per batch group, mean and biased var from each chunk's mean and sum of squared deviations
 // (Chan et al.'s pairwise update, in chunk order, in double).
 template <typename T>
@@ -100,15 +127,10 @@ template <typename T>
 void forward_kernel(const T* x, const int64_t* offsets, int64_t groups, int64_t channels, const T* weight,
                     const T* bias, const bool* batch, T eps, T* mean, T* var, T* rstd, T* y) {
   const auto chunks = chunks_of(offsets, groups);
-  auto partial = any2point::scratch<double>(2 * static_cast<int64_t>(chunks.size()) * channels);
-  double* chunk_mean = partial.data_ptr<double>();
-  double* chunk_m2 = chunk_mean + chunks.size() * channels;
+  ChunkSums partial(chunks.size(), channels);
   for_each_chunk(chunks, [&](int64_t k, const Chunk& t) {
     if (!batch[t.g]) return;
-    double* mu = chunk_mean + k * channels;
-    double* m2 = chunk_m2 + k * channels;
-    std::fill(mu, mu + channels, 0.0);
-    std::fill(m2, m2 + channels, 0.0);
+    const auto [mu, m2] = partial.zeroed(k);
     for (int64_t i = 0; i < t.n; ++i) {
       const T* row = x + (t.first + i) * channels;
 #pragma omp simd
@@ -124,7 +146,7 @@ void forward_kernel(const T* x, const int64_t* offsets, int64_t groups, int64_t 
       }
     }
   });
-  combine_stats(chunks, batch, chunk_mean, chunk_m2, groups, channels, mean, var);
+  combine_stats(chunks, batch, partial.first(), partial.second(), groups, channels, mean, var);
   for (int64_t c = 0; c < groups * channels; ++c) rstd[c] = T(1) / std::sqrt(var[c] + eps);
   for_each_chunk(chunks, [&](int64_t, const Chunk& t) {
     const int64_t base = t.g * channels;
@@ -134,9 +156,8 @@ void forward_kernel(const T* x, const int64_t* offsets, int64_t groups, int64_t 
       T* out = y + (t.first + i) * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) {
-        const T z = (row[c] - m[c]) * s[c] * w[c] + b[c];
-        T cdf, pdf;
-        normal_cdf_pdf(z, cdf, pdf);
+        T z, cdf, pdf;
+        normalized(row[c], m[c], s[c], w[c], b[c], z, cdf, pdf);
         out[c] = z * cdf;
       }
     }
@@ -148,26 +169,19 @@ void backward_kernel(const T* dy, const T* x, const int64_t* offsets, int64_t gr
                      const T* weight, const T* bias, const bool* batch, const T* mean, const T* rstd, T* dx,
                      T* dweight, T* dbias) {
   const auto chunks = chunks_of(offsets, groups);
-  auto partial = any2point::scratch<double>(2 * static_cast<int64_t>(chunks.size()) * channels);
-  double* chunk_dz = partial.data_ptr<double>();
-  double* chunk_dz_xhat = chunk_dz + chunks.size() * channels;
+  ChunkSums partial(chunks.size(), channels);
   // per chunk, Σ dz and Σ dz · xhat with dz = dy · GELU'(z), xhat = (x - mean) · rstd
   for_each_chunk(chunks, [&](int64_t k, const Chunk& t) {
     const int64_t base = t.g * channels;
     const T *m = mean + base, *s = rstd + base, *w = weight + base, *b = bias + base;
-    double* sum_dz = chunk_dz + k * channels;
-    double* sum_dz_xhat = chunk_dz_xhat + k * channels;
-    std::fill(sum_dz, sum_dz + channels, 0.0);
-    std::fill(sum_dz_xhat, sum_dz_xhat + channels, 0.0);
+    const auto [sum_dz, sum_dz_xhat] = partial.zeroed(k);
     for (int64_t i = 0; i < t.n; ++i) {
       const T* row = x + (t.first + i) * channels;
       const T* grad = dy + (t.first + i) * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) {
-        const T xhat = (row[c] - m[c]) * s[c];
-        const T z = xhat * w[c] + b[c];
-        T cdf, pdf;
-        normal_cdf_pdf(z, cdf, pdf);
+        T z, cdf, pdf;
+        const T xhat = normalized(row[c], m[c], s[c], w[c], b[c], z, cdf, pdf);
         const T dz = grad[c] * (cdf + z * pdf);
         sum_dz[c] += dz;
         sum_dz_xhat[c] += dz * xhat;
@@ -177,6 +191,7 @@ void backward_kernel(const T* dy, const T* x, const int64_t* offsets, int64_t gr
   // per group: d bias = Σ dz, d weight = Σ dz · xhat (chunk order); with batch statistics, the
   // mean and var depend on every row of the group, which brings in the two means
   std::vector<T> scale(groups * channels), mean_dz(groups * channels, T(0)), mean_dz_xhat(groups * channels, T(0));
+  const double *chunk_dz = partial.first(), *chunk_dz_xhat = partial.second();
   for (int64_t g = 0, k = 0; g < groups; ++g) {
     std::vector<double> sum_dz(channels, 0.0), sum_dz_xhat(channels, 0.0);
     for (; k < static_cast<int64_t>(chunks.size()) && chunks[k].g == g; ++k)
@@ -206,10 +221,8 @@ void backward_kernel(const T* dy, const T* x, const int64_t* offsets, int64_t gr
       T* out = dx + (t.first + i) * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) {
-        const T xhat = (row[c] - m[c]) * s[c];
-        const T z = xhat * w[c] + b[c];
-        T cdf, pdf;
-        normal_cdf_pdf(z, cdf, pdf);
+        T z, cdf, pdf;
+        const T xhat = normalized(row[c], m[c], s[c], w[c], b[c], z, cdf, pdf);
         out[c] = a[c] * (grad[c] * (cdf + z * pdf) - md[c] - xhat * mdx[c]);
       }
     }
