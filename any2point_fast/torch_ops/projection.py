@@ -72,11 +72,12 @@ def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
     dtype = compute_dtype(pe_table)
     # token-major bags: the 2M (4M) interpolation rows of every token
     bags = rows.permute(1, 2, 0, 3).reshape(batch * tokens, -1)
-    bag_weights = weights.permute(1, 2, 0, 3).reshape(batch * tokens, -1).to(dtype)
+    # the view average folded into the [B·N, 2M] weights: no pass over the [B·N, C] output
+    bag_weights = weights.permute(1, 2, 0, 3).reshape(batch * tokens, -1).to(dtype) / spec.num_views
     if table.shape[0] <= DENSE_TABLE_ROWS_PER_BAG_ROW * bags.shape[1]:
         # a short table: the [B·N, L] interpolation matrix times the table is one GEMM
         interpolation = bag_weights.new_zeros(batch * tokens, table.shape[0]).scatter_add_(1, bags, bag_weights)
-        pe = torch.mm(interpolation, table.to(dtype)) / spec.num_views
+        pe = torch.mm(interpolation, table.to(dtype))
     else:
-        pe = F.embedding_bag(bags, table.to(dtype), per_sample_weights=bag_weights, mode="sum") / spec.num_views
+        pe = F.embedding_bag(bags, table.to(dtype), per_sample_weights=bag_weights, mode="sum")
     return pe.view(batch, tokens, -1).to(pe_table.dtype), buckets
