@@ -15,9 +15,9 @@ differs is how they are computed, the same way as the Triton kernels:
   allocated;
 - the ensemble's gathers and scatters of table rows are sparse products, or on the CPU the
   compiled row products of :mod:`.native`;
-- ``batch_norm_gelu`` normalises the pooled rows group by group and applies GELU in one pass
-  forward and two backward (a compiled kernel on the CPU, the same formulas in PyTorch
-  elsewhere), saving only its input rows and ``[G, C]`` statistics for backward;
+- ``batch_norm_gelu`` normalises the pooled rows group by group and applies GELU in two passes
+  over the rows forward (statistics, output) and two backward (a compiled kernel on the CPU, the
+  same formulas in PyTorch elsewhere), saving only its input rows and ``[G, C]`` statistics;
 - ``neighborhood_attention_pool`` and ``ensemble_propagate`` are autograd Functions that keep
   only small per-token tensors (``D = 12`` attention channels, ``M`` weights) and per-bucket
   rows (the pooled maxima, or the items holding them) for backward and recompute the rest; no

@@ -65,13 +65,15 @@ class _BatchNormGelu(torch.autograd.Function):
         x = rows.to(dtype).contiguous()
         w, b = weight.to(dtype).contiguous(), bias.to(dtype).contiguous()
         mean, var = running_mean.to(dtype, copy=True), running_var.to(dtype, copy=True)
-        if native.available(x.device):
-            own = torch.tensor(batch, dtype=torch.bool)
-            y, mean, var, rstd = native.ops().batch_norm_gelu(x, torch.tensor(offsets), w, b, mean, var, own, eps)
+        # the compiled kernel's view of the groups, built once for forward and backward
+        layout = (torch.tensor(offsets), torch.tensor(batch, dtype=torch.bool)) if native.available(x.device) else None
+        if layout is not None:
+            y, mean, var, rstd = native.ops().batch_norm_gelu(x, layout[0], w, b, mean, var, layout[1], eps)
         else:
             y, mean, var, rstd = _forward(x, offsets, w, b, mean, var, batch, eps)
         ctx.save_for_backward(x, w, b, mean, rstd)
-        ctx.offsets, ctx.batch, ctx.dtypes = offsets, batch, (rows.dtype, weight.dtype, bias.dtype)
+        ctx.offsets, ctx.batch, ctx.layout = offsets, batch, layout
+        ctx.dtypes = rows.dtype, weight.dtype, bias.dtype
         ctx.mark_non_differentiable(mean, var)
         return y.to(rows.dtype), mean.float(), var.float()
 
@@ -80,9 +82,9 @@ class _BatchNormGelu(torch.autograd.Function):
     def backward(ctx, grad, _grad_mean, _grad_var):
         x, w, b, mean, rstd = ctx.saved_tensors
         g = grad.to(x.dtype).contiguous()
-        if native.available(x.device):
-            own = torch.tensor(ctx.batch, dtype=torch.bool)
-            grads = native.ops().batch_norm_gelu_backward(g, x, torch.tensor(ctx.offsets), w, b, mean, rstd, own)
+        if ctx.layout is not None:
+            offsets, own = ctx.layout
+            grads = native.ops().batch_norm_gelu_backward(g, x, offsets, w, b, mean, rstd, own)
         else:
             grads = _backward(g, x, ctx.offsets, w, b, mean, rstd, ctx.batch)
         needs, (rows_dtype, weight_dtype, bias_dtype) = ctx.needs_input_grad, ctx.dtypes
