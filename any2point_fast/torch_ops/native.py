@@ -21,7 +21,7 @@ The first call in a fresh environment compiles the sources with ``torch.utils.cp
 afterwards under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``) in a folder
 per CPU instruction set. Where that fails, the torch path keeps its plain PyTorch code for the
 step and warns once; ``ANY2POINT_NATIVE=0`` skips the build altogether. Both routes compute the
-same values (the tests run each against the reference).
+same values up to float rounding (the tests run each against the reference).
 """
 
 from __future__ import annotations

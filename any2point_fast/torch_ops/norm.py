@@ -11,10 +11,10 @@ Here, per group of rows and per channel:
   (``dβ``, ``dγ``), then ``dx = γ · rstd · (dz − mean(dz) − x̂ · mean(dz · x̂))`` (without the two
   means for groups normalised with given statistics).
 
-On the CPU the compiled kernel of :mod:`.native` does each step in one pass over memory (a task
-per group and block of channels); elsewhere, or where it cannot build, the same formulas run as
-PyTorch ops group by group. Nothing is saved for backward but the inputs and ``[G, C]``
-statistics.
+On the CPU the compiled kernel of :mod:`.native` does each step in one pass over the rows (two
+forward, two backward), in tasks of up to 32 whole rows of one group; elsewhere, or where it
+cannot build, the same formulas run as PyTorch ops group by group. Nothing is saved for
+backward but the inputs and ``[G, C]`` statistics.
 """
 
 from __future__ import annotations
@@ -64,13 +64,13 @@ class _BatchNormGelu(torch.autograd.Function):
         dtype = compute_dtype(rows, weight, bias)
         x = rows.to(dtype).contiguous()
         w, b = weight.to(dtype).contiguous(), bias.to(dtype).contiguous()
-        mean, var = running_mean.to(dtype, copy=True), running_var.to(dtype, copy=True)
+        mean, var = running_mean.to(dtype), running_var.to(dtype)
         # the compiled kernel's view of the groups, built once for forward and backward
         layout = (torch.tensor(offsets), torch.tensor(batch, dtype=torch.bool)) if native.available(x.device) else None
         if layout is not None:
             y, mean, var, rstd = native.ops().batch_norm_gelu(x, layout[0], w, b, mean, var, layout[1], eps)
         else:
-            y, mean, var, rstd = _forward(x, offsets, w, b, mean, var, batch, eps)
+            y, mean, var, rstd = _forward(x, offsets, w, b, mean.clone(), var.clone(), batch, eps)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.offsets, ctx.batch, ctx.layout = offsets, batch, layout
         ctx.dtypes = rows.dtype, weight.dtype, bias.dtype
@@ -97,7 +97,7 @@ def batch_norm_gelu(rows: torch.Tensor, offsets: tuple[int, ...], weight: torch.
                     running_mean: torch.Tensor, running_var: torch.Tensor, batch: tuple[bool, ...],
                     eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``GELU(BN_g(rows))`` for every group ``g`` of consecutive rows; the values of
-    :func:`any2point_fast.reference.batch_norm_gelu`, in one pass forward and two backward.
+    :func:`any2point_fast.reference.batch_norm_gelu`, in two passes forward and two backward.
 
     Args:
         rows: ``[S, C]``; group ``g`` is rows ``offsets[g] … offsets[g + 1] − 1``.

@@ -53,22 +53,29 @@ struct Chunk {
   int64_t g, first, n;
 };
 
-std::vector<Chunk> chunks_of(const int64_t* offsets, int64_t groups) {
-  std::vector<Chunk> chunks;
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t first = offsets[g]; first < offsets[g + 1]; first += kRows)
-      chunks.push_back({g, first, std::min(kRows, offsets[g + 1] - first)});
-  return chunks;
-}
+// The chunks, group after group; group g's are list[first[g]] .. list[first[g + 1] - 1].
+struct Chunks {
+  std::vector<Chunk> list;
+  std::vector<int64_t> first;
+
+  Chunks(const int64_t* offsets, int64_t groups) : first(groups + 1, 0) {
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t row = offsets[g]; row < offsets[g + 1]; row += kRows)
+        list.push_back({g, row, std::min(kRows, offsets[g + 1] - row)});
+      first[g + 1] = static_cast<int64_t>(list.size());
+    }
+  }
+  int64_t size() const { return static_cast<int64_t>(list.size()); }
+};
 
 template <typename Body>
-void for_each_chunk(const std::vector<Chunk>& chunks, Body body) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) body(k, chunks[k]);
+void for_each_chunk(const Chunks& chunks, Body body) {
+  at::parallel_for(0, chunks.size(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) body(k, chunks.list[k]);
   });
 }
 
-// Two [chunks, C] double arrays of per-chunk partial sums; pair(k) zeroes and returns chunk k's rows.
+// Two [chunks, C] double arrays of per-chunk partial sums; zeroed(k) zeroes and returns chunk k's rows.
 struct ChunkSums {
   at::Tensor storage;
   int64_t channels;
@@ -97,15 +104,16 @@ inline T normalized(T x, T mean, T rstd, T weight, T bias, T& z, T& cdf, T& pdf)
 // Per batch group, mean and biased var from each chunk's mean and sum of squared deviations
 // (Chan et al.'s pairwise update, in chunk order, in double).
 template <typename T>
-void combine_stats(const std::vector<Chunk>& chunks, const bool* batch, const double* chunk_mean,
-                   const double* chunk_m2, int64_t groups, int64_t channels, T* mean, T* var) {
+void combine_stats(const Chunks& chunks, const bool* batch, const double* chunk_mean, const double* chunk_m2,
+                   int64_t groups, int64_t channels, T* mean, T* var) {
   std::vector<double> mu(channels), m2(channels);
-  for (int64_t g = 0, k = 0; g < groups; ++g) {
+  for (int64_t g = 0; g < groups; ++g) {
+    if (!batch[g] || chunks.first[g] == chunks.first[g + 1]) continue;  // given statistics (or no rows)
     int64_t count = 0;
     std::fill(mu.begin(), mu.end(), 0.0);
     std::fill(m2.begin(), m2.end(), 0.0);
-    for (; k < static_cast<int64_t>(chunks.size()) && chunks[k].g == g; ++k) {
-      const int64_t n = chunks[k].n, total = count + n;
+    for (int64_t k = chunks.first[g]; k < chunks.first[g + 1]; ++k) {
+      const int64_t n = chunks.list[k].n, total = count + n;
       const double *cm = chunk_mean + k * channels, *cq = chunk_m2 + k * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) {
@@ -115,7 +123,6 @@ void combine_stats(const std::vector<Chunk>& chunks, const bool* batch, const do
       }
       count = total;
     }
-    if (!batch[g] || count == 0) continue;
     for (int64_t c = 0; c < channels; ++c) {
       mean[g * channels + c] = static_cast<T>(mu[c]);
       var[g * channels + c] = static_cast<T>(m2[c] / count);
@@ -126,7 +133,7 @@ void combine_stats(const std::vector<Chunk>& chunks, const bool* batch, const do
 template <typename T>
 void forward_kernel(const T* x, const int64_t* offsets, int64_t groups, int64_t channels, const T* weight,
                     const T* bias, const bool* batch, T eps, T* mean, T* var, T* rstd, T* y) {
-  const auto chunks = chunks_of(offsets, groups);
+  const Chunks chunks(offsets, groups);
   ChunkSums partial(chunks.size(), channels);
   for_each_chunk(chunks, [&](int64_t k, const Chunk& t) {
     if (!batch[t.g]) return;
@@ -168,7 +175,7 @@ template <typename T>
 void backward_kernel(const T* dy, const T* x, const int64_t* offsets, int64_t groups, int64_t channels,
                      const T* weight, const T* bias, const bool* batch, const T* mean, const T* rstd, T* dx,
                      T* dweight, T* dbias) {
-  const auto chunks = chunks_of(offsets, groups);
+  const Chunks chunks(offsets, groups);
   ChunkSums partial(chunks.size(), channels);
   // per chunk, Σ dz and Σ dz · xhat with dz = dy · GELU'(z), xhat = (x - mean) · rstd
   for_each_chunk(chunks, [&](int64_t k, const Chunk& t) {
@@ -192,9 +199,11 @@ void backward_kernel(const T* dy, const T* x, const int64_t* offsets, int64_t gr
   // mean and var depend on every row of the group, which brings in the two means
   std::vector<T> scale(groups * channels), mean_dz(groups * channels, T(0)), mean_dz_xhat(groups * channels, T(0));
   const double *chunk_dz = partial.first(), *chunk_dz_xhat = partial.second();
-  for (int64_t g = 0, k = 0; g < groups; ++g) {
-    std::vector<double> sum_dz(channels, 0.0), sum_dz_xhat(channels, 0.0);
-    for (; k < static_cast<int64_t>(chunks.size()) && chunks[k].g == g; ++k)
+  std::vector<double> sum_dz(channels), sum_dz_xhat(channels);
+  for (int64_t g = 0; g < groups; ++g) {
+    std::fill(sum_dz.begin(), sum_dz.end(), 0.0);
+    std::fill(sum_dz_xhat.begin(), sum_dz_xhat.end(), 0.0);
+    for (int64_t k = chunks.first[g]; k < chunks.first[g + 1]; ++k)
       for (int64_t c = 0; c < channels; ++c) {
         sum_dz[c] += chunk_dz[k * channels + c];
         sum_dz_xhat[c] += chunk_dz_xhat[k * channels + c];
@@ -233,7 +242,7 @@ void check_groups(const at::Tensor& rows, const at::Tensor& offsets, const at::T
                   std::initializer_list<const at::Tensor*> per_group) {
   any2point::check_indices({&offsets});
   const int64_t groups = offsets.numel() - 1;
-  TORCH_CHECK(rows.dim() == 2 && groups >= 0 && offsets.size(0) > 0, "rows [S, C], offsets [G + 1]");
+  TORCH_CHECK(rows.dim() == 2 && offsets.numel() > 0, "rows [S, C], offsets [G + 1]");
   TORCH_CHECK(batch.scalar_type() == at::kBool && batch.is_contiguous() && batch.numel() == groups, "batch: G bools");
   for (const at::Tensor* t : per_group)
     TORCH_CHECK(t->dim() == 2 && t->size(0) == groups && t->size(1) == rows.size(1), "per-group tensors [G, C]");

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -100,7 +101,9 @@ void forward_kernel(const T* x, const T* out, const T* wt, const int64_t* tokens
 // equal items); each run sums its part of grad_w in its own buffer, and the buffers are added in
 // run order, so that the result does not depend on which thread took which run.
 constexpr int64_t kRuns = 8;
-constexpr int64_t kLanesOfOut = 8;
+// The items' grad_out rows are summed in this many buffers, by channel: in short buckets,
+// consecutive channels mostly hit the same item, and one buffer would chain their adds.
+constexpr int64_t kOutBuffers = 8;
 
 // One view's buckets (so their items' tokens differ, and each item is in one bucket): every
 // maximum's gradient g goes to the item holding it, to its token's row of grad_x, to its row of
@@ -120,26 +123,24 @@ void backward_kernel(const T* grad, const T* argmax, const T* out, const T* w, c
     run_items[r] += lengths[k];
   }
   for (int64_t r = 1; r <= runs; ++r) first[r] = std::max(first[r], first[r - 1]);  // empty runs
-  auto partial = at::zeros({runs, channels * dim}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  auto partial = scratch<T>(runs * channels * dim).zero_();
   T* partials = partial.template data_ptr<T>();
   for_each_bucket(run_items.data(), runs, [&](int64_t r) {
     T* gw = partials + r * channels * dim;
-    // the items' grad_out rows, summed in kLanesOfOut buffers by channel: in short buckets,
-    // consecutive channels mostly hit the same item, and one buffer would chain their adds
     if (first[r] == first[r + 1]) return;
     const int64_t longest = *std::max_element(lengths + first[r], lengths + first[r + 1]);
-    const auto buffer = scratch<T>(kLanesOfOut * longest * dim);
+    const auto buffer = scratch<T>(kOutBuffers * longest * dim);
     T* local = buffer.template data_ptr<T>();
     for (int64_t k = first[r]; k < first[r + 1]; ++k) {
       const T* g = grad + k * channels;
       const T* a = argmax + k * channels;
       const int64_t length = lengths[k];
-      std::fill(local, local + kLanesOfOut * length * dim, T(0));
+      std::fill(local, local + kOutBuffers * length * dim, T(0));
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t i = static_cast<int64_t>(a[c]), item = starts[k] + i;
         const T gc = g[c];
         grad_x[tokens[item] * channels + c] += gc;
-        T* go = local + ((c % kLanesOfOut) * length + i) * dim;
+        T* go = local + ((c % kOutBuffers) * length + i) * dim;
         const T* wc = w + c * dim;
         const T* o = out + item * dim;
         T* gwc = gw + c * dim;
@@ -151,7 +152,7 @@ void backward_kernel(const T* grad, const T* argmax, const T* out, const T* w, c
       }
       for (int64_t i = 0; i < length; ++i) {
         T* go = grad_out + (starts[k] + i) * dim;
-        for (int64_t q = 0; q < kLanesOfOut; ++q)
+        for (int64_t q = 0; q < kOutBuffers; ++q)
           for (int64_t e = 0; e < dim; ++e) go[e] += local[(q * length + i) * dim + e];
       }
     }

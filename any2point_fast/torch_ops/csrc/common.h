@@ -50,7 +50,7 @@ inline float exp_approx(float x) {
 }
 inline double exp_approx(double x) { return std::exp(x); }
 
-// Per-bucket buffers come from ATen's allocator, so that memory profiles see them.
+// Scratch buffers come from ATen's allocator, so that memory profiles see them.
 template <typename T>
 at::Tensor scratch(int64_t size) {
   return at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
@@ -58,14 +58,8 @@ at::Tensor scratch(int64_t size) {
 
 // SIMD registers of T as GCC/Clang vector types, which the compiler maps to what the CPU has.
 template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Simd<double> {
-  typedef double type __attribute__((vector_size(64)));
+struct Simd {
+  typedef T type __attribute__((vector_size(64)));
 };
 template <typename T>
 using Vec = typename Simd<T>::type;

@@ -155,7 +155,7 @@ at::Tensor segment_rows(const at::Tensor& offsets, const std::optional<at::Tenso
               "alpha, p_ids and p go together");
   if (order) {
     any2point::check_indices({&*order});
-    TORCH_CHECK(order->numel() == rows, "order must list every row once");
+    TORCH_CHECK(order->numel() == rows, "order: one entry per row");
   }
   if (alpha) {
     any2point::check_values(self, {&*alpha, &*p});
