@@ -7,14 +7,16 @@ Here, per group of rows and per channel:
 
 - forward: the statistics (mean, then the biased variance around it), then
   ``y = GELU((x − mean) · rstd · γ + β)``;
-- backward: ``dz = dy · GELU'(z)`` is recomputed from ``x``, summed with ``dz · x̂`` per channel
-  (``dβ``, ``dγ``), then ``dx = γ · rstd · (dz − mean(dz) − x̂ · mean(dz · x̂))`` (without the two
-  means for groups normalised with given statistics).
+- backward: ``dz = dy · GELU'(z)``, summed with ``dz · x̂`` per channel (``dβ``, ``dγ``), then
+  ``dx = γ · rstd · (dz − mean(dz) − x̂ · mean(dz · x̂))`` (without the two means for groups
+  normalised with given statistics).
 
 On the CPU the compiled kernel of :mod:`.native` does each step in one pass over the rows (two
-forward, two backward), in tasks of up to 32 whole rows of one group; elsewhere, or where it
-cannot build, the same formulas run as PyTorch ops group by group. Nothing is saved for
-backward but the inputs and ``[G, C]`` statistics.
+forward, two backward), in tasks of up to 32 whole rows of one group. Its forward also keeps
+``GELU'(z)`` ``[S, C]`` for backward (when an input needs a gradient), since evaluating erf and
+exp is most of the kernel's time. Elsewhere, or where it cannot build, the same formulas run as
+PyTorch ops group by group, and backward recomputes ``GELU'(z)`` from the saved inputs and
+``[G, C]`` statistics.
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ class _BatchNormGelu(torch.autograd.Function):
         # the compiled kernel's view of the groups, built once for forward and backward
         layout = (torch.tensor(offsets), torch.tensor(batch, dtype=torch.bool)) if native.available(x.device) else None
         if layout is not None:
-            y, mean, var, rstd = native.ops().batch_norm_gelu(x, layout[0], w, b, mean, var, layout[1], eps)
+            # GELU'(z) kept for backward when there is one: backward then evaluates no erf
+            y, mean, var, rstd, slope = native.ops().batch_norm_gelu(x, layout[0], w, b, mean, var, layout[1], eps,
+                                                                     any(ctx.needs_input_grad))
         else:
             y, mean, var, rstd = _forward(x, offsets, w, b, mean.clone(), var.clone(), batch, eps)
-        ctx.save_for_backward(x, w, b, mean, rstd)
+            slope = None
+        ctx.save_for_backward(x, w, b, mean, rstd, slope)
         ctx.offsets, ctx.batch, ctx.layout = offsets, batch, layout
         ctx.dtypes = rows.dtype, weight.dtype, bias.dtype
         ctx.mark_non_differentiable(mean, var)
@@ -80,11 +85,11 @@ class _BatchNormGelu(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, grad, _grad_mean, _grad_var):
-        x, w, b, mean, rstd = ctx.saved_tensors
+        x, w, b, mean, rstd, slope = ctx.saved_tensors
         g = grad.to(x.dtype).contiguous()
         if ctx.layout is not None:
             offsets, own = ctx.layout
-            grads = native.ops().batch_norm_gelu_backward(g, x, offsets, w, b, mean, rstd, own)
+            grads = native.ops().batch_norm_gelu_backward(g, x, slope, offsets, w, mean, rstd, own)
         else:
             grads = _backward(g, x, ctx.offsets, w, b, mean, rstd, ctx.batch)
         needs, (rows_dtype, weight_dtype, bias_dtype) = ctx.needs_input_grad, ctx.dtypes

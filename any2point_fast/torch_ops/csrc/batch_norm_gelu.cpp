@@ -5,10 +5,12 @@
 // with its own statistics where batch[g] is set (training), otherwise with the given mean and var
 // (running statistics). Work goes in chunks of whole rows (streamed, not strided): a pass for the
 // statistics, partial per chunk and combined in a fixed order (repeated runs are bit-identical),
-// then a pass writing the output; backward likewise, dz recomputed in its second pass.
+// then a pass writing the output, and GELU'(z) where backward will need it (the slope: [S, C]
+// more memory, but backward then evaluates no erf or exp, which dominate this kernel's time).
+// Backward takes two passes too: the per-channel sums, then dx.
 //   batch_norm_gelu:          y = gelu(z), z = (x - mean[g]) * rstd[g] * weight[g] + bias[g]
 //   batch_norm_gelu_backward: the gradients of x, weight and bias (through the batch statistics
-//                             where batch[g] is set)
+//                             where batch[g] is set), from dz = dy * slope
 #include <torch/library.h>
 
 #include <algorithm>
@@ -68,9 +70,10 @@ struct Chunks {
   int64_t size() const { return static_cast<int64_t>(list.size()); }
 };
 
+// Calls body(k, chunk) for every chunk k of group g, in parallel.
 template <typename Body>
-void for_each_chunk(const Chunks& chunks, Body body) {
-  at::parallel_for(0, chunks.size(), 1, [&](int64_t begin, int64_t end) {
+void for_each_chunk_of(const Chunks& chunks, int64_t g, Body body) {
+  at::parallel_for(chunks.first[g], chunks.first[g + 1], 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) body(k, chunks.list[k]);
   });
 }
@@ -92,150 +95,149 @@ struct ChunkSums {
   }
 };
 
-// x̂ = (x − mean) · rstd and z = x̂ · weight + bias of one element, with Φ(z) and φ(z).
+// z = (x − mean) · rstd · weight + bias of one element, with Φ(z) and φ(z).
 template <typename T>
-inline T normalized(T x, T mean, T rstd, T weight, T bias, T& z, T& cdf, T& pdf) {
-  const T xhat = (x - mean) * rstd;
-  z = xhat * weight + bias;
+inline T normalized(T x, T mean, T rstd, T weight, T bias, T& cdf, T& pdf) {
+  const T z = (x - mean) * rstd * weight + bias;
   normal_cdf_pdf(z, cdf, pdf);
-  return xhat;
+  return z;
 }
 
-// Per batch group, mean and biased var from each chunk's mean and sum of squared deviations
+// Group g's mean and biased var [C] from its chunks' means and sums of squared deviations
 // (Chan et al.'s pairwise update, in chunk order, in double).
 template <typename T>
-void combine_stats(const Chunks& chunks, const bool* batch, const double* chunk_mean, const double* chunk_m2,
-                   int64_t groups, int64_t channels, T* mean, T* var) {
-  std::vector<double> mu(channels), m2(channels);
-  for (int64_t g = 0; g < groups; ++g) {
-    if (!batch[g] || chunks.first[g] == chunks.first[g + 1]) continue;  // given statistics (or no rows)
-    int64_t count = 0;
-    std::fill(mu.begin(), mu.end(), 0.0);
-    std::fill(m2.begin(), m2.end(), 0.0);
-    for (int64_t k = chunks.first[g]; k < chunks.first[g + 1]; ++k) {
-      const int64_t n = chunks.list[k].n, total = count + n;
-      const double *cm = chunk_mean + k * channels, *cq = chunk_m2 + k * channels;
+void combine_stats(const Chunks& chunks, int64_t g, ChunkSums& partial, T* mean, T* var) {
+  const int64_t channels = partial.channels;
+  std::vector<double> mu(channels, 0.0), m2(channels, 0.0);
+  int64_t count = 0;
+  for (int64_t k = chunks.first[g]; k < chunks.first[g + 1]; ++k) {
+    const int64_t n = chunks.list[k].n, total = count + n;
+    const double *cm = partial.first() + k * channels, *cq = partial.second() + k * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const double delta = cm[c] - mu[c];
-        mu[c] += delta * n / total;
-        m2[c] += cq[c] + delta * delta * count * n / total;
-      }
-      count = total;
-    }
     for (int64_t c = 0; c < channels; ++c) {
-      mean[g * channels + c] = static_cast<T>(mu[c]);
-      var[g * channels + c] = static_cast<T>(m2[c] / count);
+      const double delta = cm[c] - mu[c];
+      mu[c] += delta * n / total;
+      m2[c] += cq[c] + delta * delta * count * n / total;
     }
+    count = total;
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    mean[c] = static_cast<T>(mu[c]);
+    var[c] = static_cast<T>(m2[c] / count);
   }
 }
 
+// Groups go one after the other, each pass over a group's chunks in parallel: a group's rows (a
+// few MB) are then still in the last-level cache when its second pass reads them again.
+// slope: nullptr, or where to write GELU'(z) for backward.
 template <typename T>
 void forward_kernel(const T* x, const int64_t* offsets, int64_t groups, int64_t channels, const T* weight,
-                    const T* bias, const bool* batch, T eps, T* mean, T* var, T* rstd, T* y) {
+                    const T* bias, const bool* batch, T eps, T* mean, T* var, T* rstd, T* y, T* slope) {
   const Chunks chunks(offsets, groups);
   ChunkSums partial(chunks.size(), channels);
-  for_each_chunk(chunks, [&](int64_t k, const Chunk& t) {
-    if (!batch[t.g]) return;
-    const auto [mu, m2] = partial.zeroed(k);
-    for (int64_t i = 0; i < t.n; ++i) {
-      const T* row = x + (t.first + i) * channels;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t base = g * channels;
+    if (batch[g] && chunks.first[g] < chunks.first[g + 1]) {  // else the given statistics (or no rows)
+      for_each_chunk_of(chunks, g, [&](int64_t k, const Chunk& t) {
+        const auto [mu, m2] = partial.zeroed(k);
+        for (int64_t i = 0; i < t.n; ++i) {
+          const T* row = x + (t.first + i) * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) mu[c] += row[c];
-    }
-    for (int64_t c = 0; c < channels; ++c) mu[c] /= t.n;
-    for (int64_t i = 0; i < t.n; ++i) {  // the chunk is in cache now
-      const T* row = x + (t.first + i) * channels;
+          for (int64_t c = 0; c < channels; ++c) mu[c] += row[c];
+        }
+        for (int64_t c = 0; c < channels; ++c) mu[c] /= t.n;
+        for (int64_t i = 0; i < t.n; ++i) {  // the chunk is in cache now
+          const T* row = x + (t.first + i) * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const double d = row[c] - mu[c];
-        m2[c] += d * d;
-      }
+          for (int64_t c = 0; c < channels; ++c) {
+            const double d = row[c] - mu[c];
+            m2[c] += d * d;
+          }
+        }
+      });
+      combine_stats(chunks, g, partial, mean + base, var + base);
     }
-  });
-  combine_stats(chunks, batch, partial.first(), partial.second(), groups, channels, mean, var);
-  for (int64_t c = 0; c < groups * channels; ++c) rstd[c] = T(1) / std::sqrt(var[c] + eps);
-  for_each_chunk(chunks, [&](int64_t, const Chunk& t) {
-    const int64_t base = t.g * channels;
+    for (int64_t c = base; c < base + channels; ++c) rstd[c] = T(1) / std::sqrt(var[c] + eps);
     const T *m = mean + base, *s = rstd + base, *w = weight + base, *b = bias + base;
-    for (int64_t i = 0; i < t.n; ++i) {
-      const T* row = x + (t.first + i) * channels;
-      T* out = y + (t.first + i) * channels;
+    for_each_chunk_of(chunks, g, [&](int64_t, const Chunk& t) {
+      for (int64_t i = 0; i < t.n; ++i) {
+        const int64_t row = (t.first + i) * channels;
+        if (slope == nullptr) {
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        T z, cdf, pdf;
-        normalized(row[c], m[c], s[c], w[c], b[c], z, cdf, pdf);
-        out[c] = z * cdf;
+          for (int64_t c = 0; c < channels; ++c) {
+            T cdf, pdf;
+            y[row + c] = normalized(x[row + c], m[c], s[c], w[c], b[c], cdf, pdf) * cdf;
+          }
+          continue;
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) {
+          T cdf, pdf;
+          const T z = normalized(x[row + c], m[c], s[c], w[c], b[c], cdf, pdf);
+          y[row + c] = z * cdf;
+          slope[row + c] = cdf + z * pdf;
+        }
       }
-    }
-  });
+    });
+  }
 }
 
+// Group by group as forward. slope: GELU'(z), written by forward.
 template <typename T>
-void backward_kernel(const T* dy, const T* x, const int64_t* offsets, int64_t groups, int64_t channels,
-                     const T* weight, const T* bias, const bool* batch, const T* mean, const T* rstd, T* dx,
+void backward_kernel(const T* dy, const T* x, const T* slope, const int64_t* offsets, int64_t groups,
+                     int64_t channels, const T* weight, const bool* batch, const T* mean, const T* rstd, T* dx,
                      T* dweight, T* dbias) {
   const Chunks chunks(offsets, groups);
   ChunkSums partial(chunks.size(), channels);
-  // per chunk, Σ dz and Σ dz · xhat with dz = dy · GELU'(z), xhat = (x - mean) · rstd
-  for_each_chunk(chunks, [&](int64_t k, const Chunk& t) {
-    const int64_t base = t.g * channels;
-    const T *m = mean + base, *s = rstd + base, *w = weight + base, *b = bias + base;
-    const auto [sum_dz, sum_dz_xhat] = partial.zeroed(k);
-    for (int64_t i = 0; i < t.n; ++i) {
-      const T* row = x + (t.first + i) * channels;
-      const T* grad = dy + (t.first + i) * channels;
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        T z, cdf, pdf;
-        const T xhat = normalized(row[c], m[c], s[c], w[c], b[c], z, cdf, pdf);
-        const T dz = grad[c] * (cdf + z * pdf);
-        sum_dz[c] += dz;
-        sum_dz_xhat[c] += dz * xhat;
-      }
-    }
-  });
-  // per group: d bias = Σ dz, d weight = Σ dz · xhat (chunk order); with batch statistics, the
-  // mean and var depend on every row of the group, which brings in the two means
-  std::vector<T> scale(groups * channels), mean_dz(groups * channels, T(0)), mean_dz_xhat(groups * channels, T(0));
-  const double *chunk_dz = partial.first(), *chunk_dz_xhat = partial.second();
   std::vector<double> sum_dz(channels), sum_dz_xhat(channels);
+  std::vector<T> scale(channels), mean_dz(channels), mean_dz_xhat(channels);
   for (int64_t g = 0; g < groups; ++g) {
+    const int64_t base = g * channels, n = offsets[g + 1] - offsets[g];
+    const T *m = mean + base, *s = rstd + base;
+    // per chunk, Σ dz and Σ dz · xhat with dz = dy · GELU'(z), xhat = (x - mean) · rstd
+    for_each_chunk_of(chunks, g, [&](int64_t k, const Chunk& t) {
+      const auto [chunk_dz, chunk_dz_xhat] = partial.zeroed(k);
+      for (int64_t i = 0; i < t.n; ++i) {
+        const int64_t row = (t.first + i) * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) {
+          const T dz = dy[row + c] * slope[row + c];
+          chunk_dz[c] += dz;
+          chunk_dz_xhat[c] += dz * ((x[row + c] - m[c]) * s[c]);
+        }
+      }
+    });
+    // d bias = Σ dz, d weight = Σ dz · xhat (chunk order); with batch statistics, the mean and
+    // var depend on every row of the group, which brings in the two means
     std::fill(sum_dz.begin(), sum_dz.end(), 0.0);
     std::fill(sum_dz_xhat.begin(), sum_dz_xhat.end(), 0.0);
-    for (int64_t k = chunks.first[g]; k < chunks.first[g + 1]; ++k)
+    for (int64_t k = chunks.first[g]; k < chunks.first[g + 1]; ++k) {
+      const double *chunk_dz = partial.first() + k * channels, *chunk_dz_xhat = partial.second() + k * channels;
       for (int64_t c = 0; c < channels; ++c) {
-        sum_dz[c] += chunk_dz[k * channels + c];
-        sum_dz_xhat[c] += chunk_dz_xhat[k * channels + c];
-      }
-    const int64_t n = offsets[g + 1] - offsets[g];
-    for (int64_t c = 0, p = g * channels; c < channels; ++c, ++p) {
-      dbias[p] = static_cast<T>(sum_dz[c]);
-      dweight[p] = static_cast<T>(sum_dz_xhat[c]);
-      scale[p] = weight[p] * rstd[p];
-      if (batch[g] && n > 0) {
-        mean_dz[p] = static_cast<T>(sum_dz[c] / n);
-        mean_dz_xhat[p] = static_cast<T>(sum_dz_xhat[c] / n);
+        sum_dz[c] += chunk_dz[c];
+        sum_dz_xhat[c] += chunk_dz_xhat[c];
       }
     }
-  }
-  // dz recomputed: cheaper than a round trip of [S, C] through memory
-  for_each_chunk(chunks, [&](int64_t, const Chunk& t) {
-    const int64_t base = t.g * channels;
-    const T *m = mean + base, *s = rstd + base, *w = weight + base, *b = bias + base;
-    const T *a = scale.data() + base, *md = mean_dz.data() + base, *mdx = mean_dz_xhat.data() + base;
-    for (int64_t i = 0; i < t.n; ++i) {
-      const T* row = x + (t.first + i) * channels;
-      const T* grad = dy + (t.first + i) * channels;
-      T* out = dx + (t.first + i) * channels;
+    const bool own = batch[g] && n > 0;
+    for (int64_t c = 0; c < channels; ++c) {
+      dbias[base + c] = static_cast<T>(sum_dz[c]);
+      dweight[base + c] = static_cast<T>(sum_dz_xhat[c]);
+      scale[c] = weight[base + c] * s[c];
+      mean_dz[c] = own ? static_cast<T>(sum_dz[c] / n) : T(0);
+      mean_dz_xhat[c] = own ? static_cast<T>(sum_dz_xhat[c] / n) : T(0);
+    }
+    const T *a = scale.data(), *md = mean_dz.data(), *mdx = mean_dz_xhat.data();
+    for_each_chunk_of(chunks, g, [&](int64_t, const Chunk& t) {
+      for (int64_t i = 0; i < t.n; ++i) {
+        const int64_t row = (t.first + i) * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        T z, cdf, pdf;
-        const T xhat = normalized(row[c], m[c], s[c], w[c], b[c], z, cdf, pdf);
-        out[c] = a[c] * (grad[c] * (cdf + z * pdf) - md[c] - xhat * mdx[c]);
+        for (int64_t c = 0; c < channels; ++c) {
+          const T xhat = (x[row + c] - m[c]) * s[c];
+          dx[row + c] = a[c] * (dy[row + c] * slope[row + c] - md[c] - xhat * mdx[c]);
+        }
       }
-    }
-  });
+    });
+  }
 }
 
 void check_groups(const at::Tensor& rows, const at::Tensor& offsets, const at::Tensor& batch,
@@ -251,33 +253,35 @@ void check_groups(const at::Tensor& rows, const at::Tensor& offsets, const at::T
               "offsets: non-decreasing from 0 to S");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_gelu(
+// (y, mean, var, rstd, slope): slope is GELU'(z) [S, C] for backward where keep_slope is set, else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_gelu(
     const at::Tensor& rows, const at::Tensor& offsets, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& batch, double eps) {
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& batch, double eps, bool keep_slope) {
   any2point::check_values(rows, {&rows, &weight, &bias, &mean, &var});
   check_groups(rows, offsets, batch, {&weight, &bias, &mean, &var});
-  auto y = at::empty_like(rows);
+  auto y = at::empty_like(rows), slope = keep_slope ? at::empty_like(rows) : at::empty({0}, rows.options());
   auto used_mean = mean.clone(), used_var = var.clone(), rstd = at::empty_like(var);
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "batch_norm_gelu", [&] {
     forward_kernel<scalar_t>(rows.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), offsets.numel() - 1,
                              rows.size(1), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
                              batch.data_ptr<bool>(), static_cast<scalar_t>(eps), used_mean.data_ptr<scalar_t>(),
-                             used_var.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), y.data_ptr<scalar_t>());
+                             used_var.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                             keep_slope ? slope.data_ptr<scalar_t>() : nullptr);
   });
-  return {y, used_mean, used_var, rstd};
+  return {y, used_mean, used_var, rstd, slope};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_gelu_backward(
-    const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& offsets, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& batch) {
-  any2point::check_values(rows, {&grad, &rows, &weight, &bias, &mean, &rstd});
-  check_groups(rows, offsets, batch, {&weight, &bias, &mean, &rstd});
-  TORCH_CHECK(grad.sizes() == rows.sizes(), "grad: the shape of rows");
-  auto dx = at::empty_like(rows), dweight = at::empty_like(weight), dbias = at::empty_like(bias);
+    const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& slope, const at::Tensor& offsets,
+    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& batch) {
+  any2point::check_values(rows, {&grad, &rows, &slope, &weight, &mean, &rstd});
+  check_groups(rows, offsets, batch, {&weight, &mean, &rstd});
+  TORCH_CHECK(grad.sizes() == rows.sizes() && slope.sizes() == rows.sizes(), "grad and slope: the shape of rows");
+  auto dx = at::empty_like(rows), dweight = at::empty_like(weight), dbias = at::empty_like(weight);
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "batch_norm_gelu_backward", [&] {
-    backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(),
-                              offsets.numel() - 1, rows.size(1), weight.data_ptr<scalar_t>(),
-                              bias.data_ptr<scalar_t>(), batch.data_ptr<bool>(), mean.data_ptr<scalar_t>(),
+    backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(), slope.data_ptr<scalar_t>(),
+                              offsets.data_ptr<int64_t>(), offsets.numel() - 1, rows.size(1),
+                              weight.data_ptr<scalar_t>(), batch.data_ptr<bool>(), mean.data_ptr<scalar_t>(),
                               rstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dweight.data_ptr<scalar_t>(),
                               dbias.data_ptr<scalar_t>());
   });
@@ -288,8 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_gelu_backward(
 
 TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
   m.def("batch_norm_gelu(Tensor rows, Tensor offsets, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
-        "Tensor batch, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("batch_norm_gelu_backward(Tensor grad, Tensor rows, Tensor offsets, Tensor weight, Tensor bias, "
+        "Tensor batch, float eps, bool keep_slope) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_norm_gelu_backward(Tensor grad, Tensor rows, Tensor slope, Tensor offsets, Tensor weight, "
         "Tensor mean, Tensor rstd, Tensor batch) -> (Tensor, Tensor, Tensor)");
 }
 
