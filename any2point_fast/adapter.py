@@ -27,7 +27,7 @@ import torch
 from . import ops
 from .geometry import Segments
 from .reference import ReferenceAdapter
-from .reference.adapter import RowBatchNorm
+from .reference.adapter import RowBatchNorm, quick_gelu
 
 
 class Any2PointAdapter(ReferenceAdapter):
@@ -35,8 +35,8 @@ class Any2PointAdapter(ReferenceAdapter):
 
     A drop-in replacement of :class:`~any2point_fast.reference.ReferenceAdapter`: same
     constructor, parameters and ``state_dict`` (checkpoints load either way), same
-    ``forward(hidden, ffn_out, geometry, num_prefix_tokens=1)``. Only the three heavy steps
-    are swapped for :mod:`any2point_fast.ops`, so they run on the selected backend:
+    ``forward(hidden, ffn_out, geometry, num_prefix_tokens=1)``. The heavy steps are swapped
+    for :mod:`any2point_fast.ops`, so they run on the selected backend:
 
     - :meth:`pool_views` — bucket-local attention and pooling of every view
       (``ops.neighborhood_attention_pool``): no ``N × N`` attention matrix, no per-view token
@@ -44,7 +44,10 @@ class Any2PointAdapter(ReferenceAdapter):
     - :meth:`pool_voxels` — pooling of the 3D baseline branch (``ops.segment_pool``);
     - :meth:`normalize` — BatchNorm of the pooled rows, view by view, and GELU
       (``ops.batch_norm_gelu``; the running statistics are updated as ``nn.BatchNorm1d`` does);
-    - :meth:`ensemble` — Eq. 3's weighted ensemble and residual (``ops.ensemble_propagate``).
+    - :meth:`ensemble` — Eq. 3's weighted ensemble and residual (``ops.ensemble_propagate``);
+
+    and :meth:`bottleneck` writes the point tokens of its residual sum contiguous, in one pass,
+    for the ops that read them (plain PyTorch on every backend).
 
     ``view_attention`` (``LN_j`` and ``Attn_j`` of the ``M`` views) is shared by all the blocks
     of a model: build it once and pass it to every adapter.
@@ -53,6 +56,13 @@ class Any2PointAdapter(ReferenceAdapter):
         config: the method's hyper-parameters (:class:`~any2point_fast.Any2PointConfig`).
         view_attention: the shared per-view attention; a new one when omitted.
     """
+
+    def bottleneck(self, hidden: torch.Tensor, ffn_out: torch.Tensor,
+                   num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden + ffn + s · Up(QuickGELU(Down(ffn)))`` as its prefix ``[B, P, C]`` and its point
+        tokens ``[B, N, C]``, both contiguous (slices of the sum would be copied by every op that reads them)."""
+        update = self.up(quick_gelu(self.down(ffn_out)))
+        return _ResidualSplit.apply(hidden, ffn_out, update, self.scale, num_prefix_tokens)
 
     def pool_views(self, tokens: torch.Tensor, segments: Segments) -> torch.Tensor:
         """``[B, N, C]`` tokens → ``[S, C]`` pooled rows of ``t_j = x + Attn_j(LN_j(x))`` per bucket."""
@@ -84,6 +94,27 @@ class Any2PointAdapter(ReferenceAdapter):
                 if own:
                     _update_running_stats(norm, batch_mean, batch_var * count / (count - 1))
         return out
+
+
+class _ResidualSplit(torch.autograd.Function):
+    """``hidden + ffn + scale · update`` ``[B, P + N, C]`` → its first ``P`` and last ``N`` tokens,
+    each written once, contiguous; backward assembles the ``[B, P + N, C]`` gradient once."""
+
+    @staticmethod
+    def forward(ctx, hidden, ffn, update, scale, num_prefix_tokens):
+        dtype = torch.promote_types(torch.promote_types(hidden.dtype, ffn.dtype), update.dtype)
+        parts = []
+        for part in (slice(None, num_prefix_tokens), slice(num_prefix_tokens, None)):
+            x = torch.add(hidden[:, part], ffn[:, part]).to(dtype)  # a fresh contiguous [B, ·, C]
+            parts.append(x.add_(update[:, part], alpha=scale))
+        ctx.scale, ctx.dtypes = scale, (hidden.dtype, ffn.dtype, update.dtype)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, grad_prefix, grad_tokens):
+        grad = torch.cat((grad_prefix, grad_tokens), dim=1)
+        hidden_dtype, ffn_dtype, update_dtype = ctx.dtypes
+        return grad.to(hidden_dtype), grad.to(ffn_dtype), (grad * ctx.scale).to(update_dtype), None, None
 
 
 def _fusable(norms) -> bool:

@@ -78,6 +78,40 @@ def test_adapter_matches_reference_adapter(preset, backend):
         assert_close_to_reference(buffer.float(), dict(ref.named_buffers())[name].float(), msg=name)
 
 
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1, 3])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "autocast"])
+def test_bottleneck_matches_reference(num_prefix_tokens, precision):
+    """The residual sum split into contiguous prefix and point tokens, in one autograd node: the
+    reference's values and gradients, whatever the prefix; with half-precision inputs, or a float32
+    residual beside a bfloat16 FFN output under autocast (where Down and Up run in bfloat16)."""
+    config = Any2PointConfig.preset("vision", hidden_size=48)
+    ref, fast = make_pair(config)
+    gen = torch.Generator().manual_seed(3)
+    hidden, ffn, upstream = (torch.randn(2, 7 + num_prefix_tokens, 48, generator=gen) for _ in range(3))
+    dtype = torch.float32 if precision == "float32" else torch.bfloat16
+    if precision == "bfloat16":
+        ref, fast = ref.to(dtype), fast.to(dtype)
+        hidden = hidden.to(dtype)
+    ffn = ffn.to(dtype)
+    results = []
+    for adapter in (ref, fast):
+        h, f = hidden.clone().requires_grad_(), ffn.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            prefix, tokens = adapter.bottleneck(h, f, num_prefix_tokens)
+        out = torch.cat((prefix, tokens), dim=1)
+        inputs = [h, f, *adapter.down.parameters(), *adapter.up.parameters()]
+        results.append((prefix, tokens, out, torch.autograd.grad(out, inputs, upstream.to(out.dtype))))
+    (_, _, ref_out, ref_grads), (prefix, tokens, out, grads) = results
+    assert prefix.shape == (2, num_prefix_tokens, 48) and tokens.shape == (2, 7, 48)
+    assert prefix.is_contiguous() and tokens.is_contiguous()
+    assert out.dtype == ref_out.dtype == (torch.float32 if precision == "autocast" else dtype)
+    assert_close_to_reference(out, ref_out, dtype, msg="output")
+    for name, grad, ref_grad in zip(["hidden", "ffn", "down.weight", "down.bias", "up.weight", "up.bias"],
+                                    grads, ref_grads):
+        assert grad.dtype == ref_grad.dtype, name
+        assert_close_to_reference(grad, ref_grad, dtype, msg=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("preset", ["language", "vision"])
 def test_adapter_eval_mode_and_float16_tokens(preset):
     config, centers, table, hidden, ffn = make_inputs(preset, seed=2)

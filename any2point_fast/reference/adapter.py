@@ -219,8 +219,8 @@ class ReferenceAdapter(nn.Module):
     4. ``x ← x + c · Σ_j w_ij F_ij`` (Eq. 3); prefix tokens (``[CLS]``) skip steps 2–4.
 
     ``view_attention`` is shared by all blocks of a model; pass the same module to each adapter.
-    Subclasses swap the four compute steps (:meth:`pool_views`, :meth:`pool_voxels`,
-    :meth:`normalize`, :meth:`ensemble`) for fused ops and keep the same parameters.
+    Subclasses swap the compute steps (:meth:`bottleneck`, :meth:`pool_views`, :meth:`pool_voxels`,
+    :meth:`normalize`, :meth:`ensemble`) for fused ones and keep the same parameters.
     """
 
     def __init__(self, config: Any2PointConfig, view_attention: ViewAttention | None = None):
@@ -235,6 +235,13 @@ class ReferenceAdapter(nn.Module):
         self.view_attention = view_attention or ViewAttention(c, config.num_views, config.attn_dim, config.attn_heads)
         self.view_norms = nn.ModuleList(RowBatchNorm(c) for _ in range(config.num_views))
         self.voxel_norm = RowBatchNorm(c)
+
+    def bottleneck(self, hidden: torch.Tensor, ffn_out: torch.Tensor,
+                   num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x = hidden + ffn + s · Up(QuickGELU(Down(ffn)))`` as its prefix ``[B, P, C]`` and its
+        point tokens ``[B, N, C]``."""
+        x = hidden + ffn_out + self.scale * self.up(quick_gelu(self.down(ffn_out)))
+        return x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
 
     def pool_views(self, tokens: torch.Tensor, segments: Segments) -> torch.Tensor:
         return neighborhood_attention_pool(tokens, segments, *self.view_attention.weights(),
@@ -257,8 +264,7 @@ class ReferenceAdapter(nn.Module):
                 num_prefix_tokens: int = 1) -> torch.Tensor:
         """``hidden``, ``ffn_out``: ``[B, P + N, C]`` (``P`` prefix tokens) → ``[B, P + N, C]``."""
         check_adapter_inputs(hidden, ffn_out, geometry, num_prefix_tokens)
-        x = hidden + ffn_out + self.scale * self.up(quick_gelu(self.down(ffn_out)))
-        prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+        prefix, tokens = self.bottleneck(hidden, ffn_out, num_prefix_tokens)
         views = self.normalize(self.pool_views(tokens, geometry.views), geometry.views.view_offsets,
                                self.view_norms)
         voxels = self.pool_voxels(tokens, geometry.voxels)
