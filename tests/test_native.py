@@ -116,3 +116,23 @@ def test_each_instruction_set_has_its_own_build(fresh_build, monkeypatch):
     assert names == [native.build_name()] and names[0].startswith(native.NAMESPACE + "_")
     monkeypatch.setattr(native, "_cpu_fingerprint", lambda: "another-cpu")
     assert native.build_name() == native.NAMESPACE + "_another-cpu" != names[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channel", [0, 17, 63, 64, 80, 96, 99])
+def test_bucket_max_pool_flags_a_tie_in_any_channel(dtype, channel):
+    """Two items tying for one channel's maximum flag their bucket, wherever that channel falls
+    among the kernel's blocks of SIMD vectors, single vectors and last channels (100 channels);
+    the maxima are exact and the argmax names the first item holding each."""
+    require_compiled()
+    gen = torch.Generator().manual_seed(channel)
+    x = torch.randn(5, 100, generator=gen, dtype=dtype)
+    x[[1, 2], channel] = x[:, channel].max() + 1  # bucket 0 (items 0-2): a tie at `channel` only
+    out = torch.randn(5, 12, generator=gen, dtype=dtype)
+    wt = torch.zeros(1, 12, 100, dtype=dtype)  # features t = x exactly
+    maxima, argmax, tied = native.ops().bucket_max_pool(x, out, wt, torch.arange(5), torch.tensor([0, 3]),
+                                                        torch.tensor([3, 2]), torch.tensor([0, 0]))
+    assert tied.tolist() == [True, False]
+    torch.testing.assert_close(maxima, torch.stack((x[:3].amax(0), x[3:].amax(0))), rtol=0, atol=0)
+    assert argmax[0, channel] == 1
+    torch.testing.assert_close(argmax, torch.stack((x[:3].argmax(0), x[3:].argmax(0))).to(dtype), rtol=0, atol=0)

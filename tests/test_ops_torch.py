@@ -243,21 +243,23 @@ def check_neighborhood_attention_pool(layout, channels, heads_width, pooling, dt
             inputs, names, dtype, grad_scale=4, seed=seed)
 
 
+@pytest.mark.parametrize("channels", [8, 100])
 @pytest.mark.parametrize("buckets", [4, 1])
 @pytest.mark.parametrize("route", ROUTES[:4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_neighborhood_max_pool_ties_match_reference(dtype, route, buckets, monkeypatch):
+def test_neighborhood_max_pool_ties_match_reference(dtype, route, buckets, channels, monkeypatch):
     """Duplicated tokens in every bucket tie for the maximum; they share its gradient equally
     (a view that would save argmaxes finds the tie in forward and recomputes instead, also with
-    padded length classes: one bucket of 30 tokens)."""
+    padded length classes: one bucket of 30 tokens). 100 channels: the compiled kernel's blocks of
+    SIMD vectors, single vectors and last channels one at a time all see ties."""
     use_route(monkeypatch, route)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 30, 8, generator=gen)
+    x = torch.randn(2, 30, channels, generator=gen)
     x[:, 0] += 3  # the maxima of the first bucket of a cloud, whose first token pads a length class
     x[:, 15:] = x[:, :15]  # token i + 15 duplicates token i ...
     ids = torch.randint(0, buckets, (3, 2, 15), generator=gen)
     segments = torch_ops.bucket_sort(torch.cat((ids, ids), dim=2), buckets)  # ... and shares all its buckets
-    weights = view_weights(3, 8, 12, gen)
+    weights = view_weights(3, channels, 12, gen)
     weights[4] = torch.zeros_like(weights[4])  # t_j = x exactly: the ties are exact in both paths
     weights[5] = torch.zeros_like(weights[5])
     inputs = prepare([x, *weights], dtype, noncontiguous=False)

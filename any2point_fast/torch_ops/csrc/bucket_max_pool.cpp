@@ -14,6 +14,7 @@
 #include <cstring>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -53,47 +54,75 @@ inline bool any_nonzero(const V& v) {
   return std::any_of(lanes, lanes + sizeof(V) / sizeof(T), [](T value) { return value != T(0); });
 }
 
-template <typename T>
+// kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
+template <typename T, int64_t kDim>
 void forward_kernel(const T* x, const T* out, const T* wt, const int64_t* tokens, const int64_t* starts,
-                    const int64_t* lengths, const int64_t* views, int64_t num_buckets, int64_t dim,
+                    const int64_t* lengths, const int64_t* views, int64_t num_buckets, int64_t runtime_dim,
                     int64_t channels, T* maxima, T* argmax, bool* tied) {
+  const int64_t dim = kDim > 0 ? kDim : runtime_dim;
+  constexpr int64_t line = 64 / sizeof(T);  // values per cache line
   for_each_bucket(lengths, num_buckets, [&](int64_t k) {
     const T* w = wt + views[k] * dim * channels;
-    bool tie_found = false;
+    const int64_t first_item = starts[k], length = lengths[k];
+    any2point::Vec<T> ties{};  // tie flags summed over the blocks (lane by lane), checked once
+    T tail_ties = 0;
+    // the items' token rows are scattered: ask for each block's lines one block ahead, and for
+    // the first block's now
+    for (int64_t i = 0; i < length; ++i)
+      for (int64_t c = 0; c < std::min(channels, kBlock * any2point::kLanes<T>); c += line)
+        __builtin_prefetch(x + tokens[first_item + i] * channels + c);
     for_each_block<T>(channels, [&](int64_t first, auto block) {
       using V = typename decltype(block)::type;
       constexpr int64_t n = decltype(block)::size, lanes = sizeof(V) / sizeof(T);
+      const int64_t ahead = std::min(channels, first + 2 * n * lanes);
       V best[n], arg[n], tie[n];
       for (int64_t b = 0; b < n; ++b) {
         best[b] = V{} - T(INFINITY);
         arg[b] = V{};
         tie[b] = V{};
       }
-      for (int64_t i = 0; i < lengths[k]; ++i) {
-        const int64_t item = starts[k] + i;
-        const T* xr = x + tokens[item] * channels + first;
-        const T* o = out + item * dim;
-        V t[n];
-        for (int64_t b = 0; b < n; ++b) t[b] = load_as<V>(xr + b * lanes);
+      // the features of m consecutive items (m ≤ 2), then their turns at the maxima in order:
+      // every vector of W_oᵀ is loaded once for the m items
+      auto visit = [&](int64_t i, auto items) {
+        constexpr int64_t m = decltype(items)::value;
+        V t[m][n];
+        const T* o[m];
+        for (int64_t j = 0; j < m; ++j) {
+          const T* xr = x + tokens[first_item + i + j] * channels;
+          for (int64_t c = first + n * lanes; c < ahead; c += line) __builtin_prefetch(xr + c);
+          for (int64_t b = 0; b < n; ++b) t[j][b] = load_as<V>(xr + first + b * lanes);
+          o[j] = out + (first_item + i + j) * dim;
+        }
         for (int64_t e = 0; e < dim; ++e) {
           const T* we = w + e * channels + first;
-          for (int64_t b = 0; b < n; ++b) t[b] += o[e] * load_as<V>(we + b * lanes);
+          for (int64_t b = 0; b < n; ++b) {
+            const V wv = load_as<V>(we + b * lanes);
+            for (int64_t j = 0; j < m; ++j) t[j][b] += o[j][e] * wv;
+          }
         }
-        const V index = V{} + T(i);
-        for (int64_t b = 0; b < n; ++b) {
-          const auto above = t[b] > best[b];
-          tie[b] = above ? V{} : (t[b] == best[b] ? V{} + T(1) : tie[b]);
-          arg[b] = above ? index : arg[b];
-          best[b] = above ? t[b] : best[b];
+        for (int64_t j = 0; j < m; ++j) {
+          const V index = V{} + T(i + j);
+          for (int64_t b = 0; b < n; ++b) {
+            const auto above = t[j][b] > best[b];
+            tie[b] = above ? V{} : (t[j][b] == best[b] ? V{} + T(1) : tie[b]);
+            arg[b] = above ? index : arg[b];
+            best[b] = above ? t[j][b] : best[b];
+          }
         }
-      }
+      };
+      int64_t i = 0;
+      for (; i + 2 <= length; i += 2) visit(i, std::integral_constant<int64_t, 2>{});
+      if (i < length) visit(i, std::integral_constant<int64_t, 1>{});
       for (int64_t b = 0; b < n; ++b) {
         store_as(maxima + k * channels + first + b * lanes, best[b]);
         store_as(argmax + k * channels + first + b * lanes, arg[b]);
-        tie_found = tie_found || any_nonzero<T>(tie[b]);
+        if constexpr (std::is_same_v<V, T>)
+          tail_ties += tie[b];
+        else
+          ties += tie[b];
       }
     });
-    tied[k] = tie_found;
+    tied[k] = tail_ties != T(0) || any_nonzero<T>(ties);
   });
 }
 
@@ -179,10 +208,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_max_pool(const at::Tensor&
   auto argmax = at::empty({num_buckets, channels}, x.options());
   auto tied = at::empty({num_buckets}, x.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bucket_max_pool", [&] {
-    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
-                             tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
-                             views.data_ptr<int64_t>(), num_buckets, out.size(1), channels,
-                             maxima.data_ptr<scalar_t>(), argmax.data_ptr<scalar_t>(), tied.data_ptr<bool>());
+    const auto kernel = out.size(1) == 12 ? forward_kernel<scalar_t, 12> : forward_kernel<scalar_t, 0>;
+    kernel(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
+           starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), views.data_ptr<int64_t>(), num_buckets,
+           out.size(1), channels, maxima.data_ptr<scalar_t>(), argmax.data_ptr<scalar_t>(), tied.data_ptr<bool>());
   });
   return {maxima, argmax, tied};
 }
