@@ -136,3 +136,19 @@ def test_bucket_max_pool_flags_a_tie_in_any_channel(dtype, channel):
     torch.testing.assert_close(maxima, torch.stack((x[:3].amax(0), x[3:].amax(0))), rtol=0, atol=0)
     assert argmax[0, channel] == 1
     torch.testing.assert_close(argmax, torch.stack((x[:3].argmax(0), x[3:].argmax(0))).to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [1, 7, 36, 100, 768])
+def test_layer_norm_rows_match_aten(dtype, channels):
+    """x̂ and the per-row mean and rstd ([R, 1]) of ATen's LayerNorm without weights, on rows far
+    off zero (the variance is taken around the mean) and constant rows (var 0: rstd = 1/√eps)."""
+    require_compiled()
+    gen = torch.Generator().manual_seed(channels)
+    x = (torch.randn(37, channels, generator=gen) * 3 + 50).to(dtype)
+    x[5] = 7.0
+    ours = native.ops().layer_norm_rows(x, 1e-5)
+    aten = torch.native_layer_norm(x, [channels], None, None, 1e-5)
+    for name, actual, expected in zip(["xhat", "mean", "rstd"], ours, aten):
+        assert actual.shape == expected.shape and actual.dtype == dtype, name
+        torch.testing.assert_close(actual, expected, msg=name)

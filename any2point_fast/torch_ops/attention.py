@@ -36,7 +36,8 @@ On the CPU, where the compiled kernels of :mod:`.native` build, one kernel finds
 every view's buckets, forming each item's features a block of channels at a time in registers,
 and keeps per channel the bucket-local index of the item holding the maximum (``[K, C]``); its
 backward hands each maximum's gradient straight to that item. A view where some maximum is
-attained twice takes the PyTorch route above.
+attained twice takes the PyTorch route above. Another kernel there gives ``x̂`` (forward, and
+again in backward) in one pass over the tokens.
 """
 
 from __future__ import annotations
@@ -354,6 +355,13 @@ def _attention_backward(grad_out: torch.Tensor, qkv_rows: torch.Tensor, out: tor
     return grad_rows
 
 
+def _normalized(xf: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm without its affine part: ``x̂`` ``[R, C]``, and the mean and rstd ``[R, 1]`` of every row."""
+    if native.available(xf.device):
+        return native.ops().layer_norm_rows(xf, eps)
+    return torch.native_layer_norm(xf, [xf.shape[1]], None, None, eps)
+
+
 def _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype):
     """``W_j ⊙ γ_j`` as ``[M·3D, C]`` and ``W_j β_j + b_j`` as ``[M·3D]``."""
     w = qkv_weight.to(dtype)
@@ -514,9 +522,9 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
                 pooling, eps):
         dtype = compute_dtype(x, ln_weight, qkv_weight, out_weight)
         batch, tokens, channels = x.shape
-        xf = x.reshape(batch * tokens, channels).to(dtype)
+        xf = x.reshape(batch * tokens, channels).to(dtype).contiguous()
         plan = _plan(segments, batch * tokens)
-        xhat, mean, rstd = torch.native_layer_norm(xf, [channels], None, None, eps)
+        xhat, mean, rstd = _normalized(xf, eps)
         folded_weight, folded_bias = _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype)
         qkv = torch.addmm(folded_bias, xhat, folded_weight.T)  # [B·N, M·3D], row-major = [B·N·M, 3D]
         del xhat
@@ -534,7 +542,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         # excepted), or one view at a time
         compiled = None
         if pooling == "max+mean" and native.available(xf.device):
-            compiled = _compiled_maxima(xf.contiguous(), out, wo, plan, segments, pooled)
+            compiled = _compiled_maxima(xf, out, wo, plan, segments, pooled)
         max_items = _max_items(plan, segments) if pooling == "max+mean" and (compiled is None or compiled.tied) else []
         # per view, for backward, [S_j, C] (far smaller than the [T_j, C] features): the maxima, or
         # the rows of the items that hold them
@@ -614,7 +622,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         grad_qkv = grad_qkv.view(xf.shape[0], -1)
         folded_weight, _ = _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype)
         grad_folded_bias = grad_qkv.sum(dim=0).view(views, 3 * width)
-        xhat = torch.native_layer_norm(xf, [channels], None, None, ctx.eps)[0]
+        xhat = _normalized(xf, ctx.eps)[0]
         grad_folded_weight = torch.mm(grad_qkv.T, xhat).view(views, 3 * width, channels)
         del xhat
         w = qkv_weight.to(dtype)

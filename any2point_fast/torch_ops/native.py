@@ -12,6 +12,8 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
 - ``row_dots``, ``weighted_sum``, ``segment_rows``: the row products of ``ensemble_propagate``,
   which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
   C++ each is one pass over the rows it reads.
+- ``layer_norm_rows``: the normalised tokens ``x̂`` of the views' LayerNorms, each row read once
+  (ATen's CPU LayerNorm takes several times as long as a pass over the rows).
 - ``batch_norm_gelu``: BatchNorm of the pooled rows, view by view, and GELU: forward one pass
   for the statistics and one for the output, backward two (PyTorch: a pass per BatchNorm step,
   per GELU and per concatenation).
@@ -42,7 +44,8 @@ import torch
 #: Environment variable: ``0`` keeps the torch path in plain PyTorch (no compilation).
 ENV_VAR = "ANY2POINT_NATIVE"
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("batch_norm_gelu.cpp", "bucket_attention.cpp", "bucket_max_pool.cpp", "ensemble.cpp"))
+                for name in ("batch_norm_gelu.cpp", "bucket_attention.cpp", "bucket_max_pool.cpp", "ensemble.cpp",
+                             "layer_norm.cpp"))
 #: The ``torch.ops`` namespace of the compiled kernels.
 NAMESPACE = "any2point_native"
 #: Seconds into a build after which a line on stderr says that the kernels are being compiled.
