@@ -182,8 +182,8 @@ def test_project_pe_matches_reference(preset, views, batch, tokens, channels, dt
 # ---------------------------------------------------------------------------------- segment_pool
 @SETTINGS
 @given(layouts(max_views=1), st.sampled_from([1, 8, 36, 96, 100]), st.sampled_from(["mean", "max+mean"]),
-       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans(), st.booleans())
-def test_segment_pool_matches_reference(layout, channels, pooling, dtype, noncontiguous, duplicates, gaps):
+       st.sampled_from([torch.float32, torch.float16]), st.booleans(), st.booleans(), st.booleans(), st.booleans())
+def test_segment_pool_matches_reference(layout, channels, pooling, dtype, noncontiguous, duplicates, gaps, compiled):
     segments, batch, tokens, seed = layout[2:]
     gen = torch.Generator().manual_seed(seed)
     values = torch.randn(batch * tokens, channels, generator=gen)
@@ -193,8 +193,10 @@ def test_segment_pool_matches_reference(layout, channels, pooling, dtype, noncon
     ids, num = segments.segment_ids.flatten(), segments.num_segments
     if gaps:  # every other segment empty: pooled to zeros
         ids, num = 2 * ids + 1, 2 * num + 1
-    check_op(lambda v: torch_ops.segment_pool(v, ids, num, pooling),
-             lambda v: reference.segment_pool(v, ids, num, pooling), [v], ["values"], dtype, seed=seed)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_compiled(monkeypatch, compiled)
+        check_op(lambda v: torch_ops.segment_pool(v, ids, num, pooling),
+                 lambda v: reference.segment_pool(v, ids, num, pooling), [v], ["values"], dtype, seed=seed)
 
 
 @pytest.mark.parametrize("backend", [reference, torch_ops])

@@ -5,16 +5,23 @@ The weighted sums are one sparse CSR product (a matrix row per segment, an entry
 for the segments of two or more rows — a singleton's maximum is its row, which joins the linear
 part with weight 2. Backward spreads the linear gradient back with one gather and shares each
 maximum's gradient equally among the rows that attain it, as the reference does.
+
+On the CPU, where the compiled kernels of :mod:`.native` build, the maxima come from the max-pool
+kernel of ``neighborhood_attention_pool`` (with no attention term: the features are the rows),
+which keeps the row holding each maximum; backward then hands each maximum's gradient straight
+to that row. Where some maximum is attained twice, the PyTorch route above runs instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import native
 from ._common import (
     compute_dtype,
     csr,
     csr_mm,
+    csr_offsets,
     linear_pool_weights,
     max_gradient_shares,
     segment_max,
@@ -33,31 +40,55 @@ class _SegmentPool(torch.autograd.Function):
         counts = torch.bincount(ids, minlength=num_segments)
         weights = linear_pool_weights(counts, pooling, dtype)
         pooled = csr_mm(csr(counts, order, weights.index_select(0, ids.index_select(0, order)), len(v)), v)
-        shared = rows = maxima = None
+        shared = rows = maxima = argmax = None
         if pooling == "max+mean":
             shared = (counts > 1).nonzero().squeeze(1)  # segments whose maximum is not their only row
-            rows = order[(counts > 1).index_select(0, ids.index_select(0, order))]  # their rows, segment by segment
-            maxima = segment_max(v, ids, num_segments).index_select(0, shared)
+            if native.available(v.device):
+                v = v.contiguous()
+                maxima, argmax = _compiled_maxima(v, order, counts, shared)
+            if argmax is None:
+                rows = order[(counts > 1).index_select(0, ids.index_select(0, order))]  # their rows, segment by segment
+                maxima = segment_max(v, ids, num_segments).index_select(0, shared)
             pooled.index_add_(0, shared, maxima)
-        ctx.save_for_backward(values, ids, counts, shared, rows, maxima)
+        ctx.save_for_backward(values, ids, order, counts, shared, rows, maxima, argmax)
         ctx.pooling = pooling
         return pooled.to(values.dtype)
 
     @staticmethod
     @without_autocast
     def backward(ctx, grad: torch.Tensor):
-        values, ids, counts, shared, rows, maxima = ctx.saved_tensors
+        values, ids, order, counts, shared, rows, maxima, argmax = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         dtype = compute_dtype(values)
         g = grad.to(dtype)
         grad_values = (g * linear_pool_weights(counts, ctx.pooling, dtype)[:, None]).index_select(0, ids)
-        if ctx.pooling == "max+mean" and len(shared):
+        if argmax is not None and len(shared):
+            empty = g.new_empty(len(order), 0)  # no attention term
+            native.ops().bucket_max_pool_backward(g.index_select(0, shared).contiguous(), argmax, empty,
+                                                  g.new_empty(g.shape[1], 0), order, *_buckets(order, counts, shared),
+                                                  grad_values, empty)
+        elif ctx.pooling == "max+mean" and len(shared):
             # a maximum is exact: the rows that attain it compare equal to it
             local = (torch.cumsum(counts > 1, 0) - 1).index_select(0, ids.index_select(0, rows))
             at_max = maxima.index_select(0, local).eq_(values.to(dtype).index_select(0, rows))
             grad_values.index_add_(0, rows, max_gradient_shares(g.index_select(0, shared), at_max, local))
         return grad_values.to(values.dtype), None, None, None
+
+
+def _buckets(order: torch.Tensor, counts: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(starts, lengths)`` of the ``shared`` segments in the sorted ``order``."""
+    return csr_offsets(counts).index_select(0, shared), counts.index_select(0, shared)
+
+
+def _compiled_maxima(v: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
+                     shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Maxima ``[K, C]`` of the ``shared`` segments by the compiled kernel, and the segment-local
+    index of the row holding each (``None`` if some maximum is attained twice)."""
+    starts, lengths = _buckets(order, counts, shared)
+    maxima, argmax, tied = native.ops().bucket_max_pool(v, v.new_empty(len(order), 0), v.new_empty(1, 0, v.shape[1]),
+                                                         order, starts, lengths, torch.zeros_like(shared))
+    return maxima, None if bool(tied.any()) else argmax
 
 
 def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:

@@ -6,6 +6,7 @@
 // and keeps, per channel, the maximum, the bucket-local index of the item holding it, and
 // whether another item ties with it: the [T, C] features of a view never exist. Backward hands
 // each maximum's gradient to its item (a view with a tie goes the caller's recompute route).
+// With D = 0 (no attention term) the features are the rows themselves: segment_pool's maxima.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -137,6 +138,26 @@ constexpr int64_t kOutBuffers = 8;
 // One view's buckets (so their items' tokens differ, and each item is in one bucket): every
 // maximum's gradient g goes to the item holding it, to its token's row of grad_x, to its row of
 // grad_out (g · w[c]) and to grad_w[c] (g · out[item]); w and grad_w are the view's W_o, [C][D].
+// Without an attention term (dim 0: segment_pool's maxima of plain rows) only grad_x remains:
+// item by item, each channel whose maximum the item holds gets its gradient, a vector at a time.
+template <typename T>
+void rows_backward_kernel(const T* grad, const T* argmax, const int64_t* tokens, const int64_t* starts,
+                          const int64_t* lengths, int64_t num_buckets, int64_t channels, T* grad_x) {
+  using V = any2point::Vec<T>;
+  constexpr int64_t lanes = any2point::kLanes<T>;
+  const int64_t full = channels / lanes * lanes;
+  for_each_bucket(lengths, num_buckets, [&](int64_t k) {
+    const T *g = grad + k * channels, *a = argmax + k * channels;
+    for (int64_t i = 0; i < lengths[k]; ++i) {
+      T* row = grad_x + tokens[starts[k] + i] * channels;
+      const V index = V{} + T(i);
+      for (int64_t c = 0; c < full; c += lanes)
+        store_as(row + c, load_as<V>(row + c) + (load_as<V>(a + c) == index ? load_as<V>(g + c) : V{}));
+      for (int64_t c = full; c < channels; ++c) row[c] += a[c] == T(i) ? g[c] : T(0);
+    }
+  });
+}
+
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
 void backward_kernel(const T* grad, const T* argmax, const T* out, const T* w, const int64_t* tokens,
@@ -230,6 +251,10 @@ at::Tensor bucket_max_pool_backward(const at::Tensor& grad, const at::Tensor& ar
               "grad and argmax [K, C], out and grad_out [T, D], w [C, D], one start and length per bucket");
   auto grad_w = at::zeros_like(w);
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "bucket_max_pool_backward", [&] {
+    if (dim == 0)
+      return rows_backward_kernel(grad.data_ptr<scalar_t>(), argmax.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
+                                  starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), num_buckets, channels,
+                                  grad_x.data_ptr<scalar_t>());
     const auto kernel = dim == 12 ? backward_kernel<scalar_t, 12> : backward_kernel<scalar_t, 0>;
     kernel(grad.data_ptr<scalar_t>(), argmax.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
            tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), num_buckets, dim,
