@@ -457,11 +457,12 @@ def _compiled_max_backward(g: torch.Tensor, maxima: _CompiledMax, out: torch.Ten
                            grad_out_weight: torch.Tensor) -> None:
     """Accumulate the gradient ``g`` ``[S, C]`` through the compiled maxima, view by view: the kernel
     hands each maximum's gradient to the item holding it, through ``t_j = x + Attn_j W_oᵀ``."""
+    g = g.contiguous()
     for view, (first, last) in enumerate(zip(maxima.bounds[:-1], maxima.bounds[1:])):
         if first == last or view in maxima.tied:
             continue
         grad_out_weight[view] += native.ops().bucket_max_pool_backward(
-            g.index_select(0, maxima.segments[first:last]), maxima.argmax[first:last], out, wo[view].contiguous(),
+            g, maxima.segments[first:last], maxima.argmax[first:last], out, wo[view].contiguous(),
             plan.tokens, maxima.starts[first:last], maxima.lengths[first:last], grad_x, grad_out)
 
 

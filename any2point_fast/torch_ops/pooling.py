@@ -65,7 +65,7 @@ class _SegmentPool(torch.autograd.Function):
         grad_values = (g * linear_pool_weights(counts, ctx.pooling, dtype)[:, None]).index_select(0, ids)
         if argmax is not None and len(shared):
             empty = g.new_empty(len(order), 0)  # no attention term
-            native.ops().bucket_max_pool_backward(g.index_select(0, shared).contiguous(), argmax, empty,
+            native.ops().bucket_max_pool_backward(g.contiguous(), shared, argmax, empty,
                                                   g.new_empty(g.shape[1], 0), order, *_buckets(order, counts, shared),
                                                   grad_values, empty)
         elif ctx.pooling == "max+mean" and len(shared):

@@ -135,34 +135,42 @@ constexpr int64_t kRuns = 8;
 // consecutive channels mostly hit the same item, and one buffer would chain their adds.
 constexpr int64_t kOutBuffers = 8;
 
-// One view's buckets (so their items' tokens differ, and each item is in one bucket): every
-// maximum's gradient g goes to the item holding it, to its token's row of grad_x, to its row of
-// grad_out (g · w[c]) and to grad_w[c] (g · out[item]); w and grad_w are the view's W_o, [C][D].
-// Without an attention term (dim 0: segment_pool's maxima of plain rows) only grad_x remains:
-// item by item, each channel whose maximum the item holds gets its gradient, a vector at a time.
+// Bucket k's share of grad_x: item by item, each channel whose maximum the item holds gets its
+// gradient g, a SIMD vector of channels at a time (the rows are read in order, once each).
 template <typename T>
-void rows_backward_kernel(const T* grad, const T* argmax, const int64_t* tokens, const int64_t* starts,
-                          const int64_t* lengths, int64_t num_buckets, int64_t channels, T* grad_x) {
+inline void add_to_rows(const T* g, const T* a, const int64_t* tokens, int64_t start, int64_t length,
+                        int64_t channels, T* grad_x) {
   using V = any2point::Vec<T>;
   constexpr int64_t lanes = any2point::kLanes<T>;
   const int64_t full = channels / lanes * lanes;
+  for (int64_t i = 0; i < length; ++i) {
+    T* row = grad_x + tokens[start + i] * channels;
+    const V index = V{} + T(i);
+    for (int64_t c = 0; c < full; c += lanes)
+      store_as(row + c, load_as<V>(row + c) + (load_as<V>(a + c) == index ? load_as<V>(g + c) : V{}));
+    for (int64_t c = full; c < channels; ++c) row[c] += a[c] == T(i) ? g[c] : T(0);
+  }
+}
+
+// One view's buckets (so their items' tokens differ, and each item is in one bucket): every
+// maximum's gradient g goes to the item holding it, to its token's row of grad_x, to its row of
+// grad_out (g · w[c]) and to grad_w[c] (g · out[item]); w and grad_w are the view's W_o, [C][D].
+// Without an attention term (dim 0: segment_pool's maxima of plain rows) only grad_x remains.
+// Bucket k's gradient is grad's row rows[k].
+template <typename T>
+void rows_backward_kernel(const T* grad, const int64_t* rows, const T* argmax, const int64_t* tokens,
+                          const int64_t* starts, const int64_t* lengths, int64_t num_buckets, int64_t channels,
+                          T* grad_x) {
   for_each_bucket(lengths, num_buckets, [&](int64_t k) {
-    const T *g = grad + k * channels, *a = argmax + k * channels;
-    for (int64_t i = 0; i < lengths[k]; ++i) {
-      T* row = grad_x + tokens[starts[k] + i] * channels;
-      const V index = V{} + T(i);
-      for (int64_t c = 0; c < full; c += lanes)
-        store_as(row + c, load_as<V>(row + c) + (load_as<V>(a + c) == index ? load_as<V>(g + c) : V{}));
-      for (int64_t c = full; c < channels; ++c) row[c] += a[c] == T(i) ? g[c] : T(0);
-    }
+    add_to_rows(grad + rows[k] * channels, argmax + k * channels, tokens, starts[k], lengths[k], channels, grad_x);
   });
 }
 
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
-void backward_kernel(const T* grad, const T* argmax, const T* out, const T* w, const int64_t* tokens,
-                     const int64_t* starts, const int64_t* lengths, int64_t num_buckets, int64_t runtime_dim,
-                     int64_t channels, T* grad_x, T* grad_out, T* grad_w) {
+void backward_kernel(const T* grad, const int64_t* rows, const T* argmax, const T* out, const T* w,
+                     const int64_t* tokens, const int64_t* starts, const int64_t* lengths, int64_t num_buckets,
+                     int64_t runtime_dim, int64_t channels, T* grad_x, T* grad_out, T* grad_w) {
   const int64_t dim = kDim > 0 ? kDim : runtime_dim;
   const int64_t runs = std::min(num_buckets, kRuns);
   const int64_t items = std::accumulate(lengths, lengths + num_buckets, int64_t(0));
@@ -182,14 +190,14 @@ void backward_kernel(const T* grad, const T* argmax, const T* out, const T* w, c
     const auto buffer = scratch<T>(kOutBuffers * longest * dim);
     T* local = buffer.template data_ptr<T>();
     for (int64_t k = first[r]; k < first[r + 1]; ++k) {
-      const T* g = grad + k * channels;
+      const T* g = grad + rows[k] * channels;
       const T* a = argmax + k * channels;
       const int64_t length = lengths[k];
+      add_to_rows(g, a, tokens, starts[k], length, channels, grad_x);
       std::fill(local, local + kOutBuffers * length * dim, T(0));
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t i = static_cast<int64_t>(a[c]), item = starts[k] + i;
         const T gc = g[c];
-        grad_x[tokens[item] * channels + c] += gc;
         T* go = local + ((c % kOutBuffers) * length + i) * dim;
         const T* wc = w + c * dim;
         const T* o = out + item * dim;
@@ -237,28 +245,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_max_pool(const at::Tensor&
   return {maxima, argmax, tied};
 }
 
-// Adds the gradient through one view's maxima (their buckets listed by starts and lengths) to
-// grad_x [R, C] and grad_out [T, D], and returns that of the view's W_o ([C, D], as w).
-at::Tensor bucket_max_pool_backward(const at::Tensor& grad, const at::Tensor& argmax, const at::Tensor& out,
-                                    const at::Tensor& w, const at::Tensor& tokens, const at::Tensor& starts,
-                                    const at::Tensor& lengths, at::Tensor grad_x, at::Tensor grad_out) {
+// Adds the gradient through one view's maxima (their buckets listed by starts and lengths, their
+// gradients the rows of grad [S, C] that rows lists) to grad_x [R, C] and grad_out [T, D], and
+// returns that of the view's W_o ([C, D], as w).
+at::Tensor bucket_max_pool_backward(const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& argmax,
+                                    const at::Tensor& out, const at::Tensor& w, const at::Tensor& tokens,
+                                    const at::Tensor& starts, const at::Tensor& lengths, at::Tensor grad_x,
+                                    at::Tensor grad_out) {
   any2point::check_values(grad_x, {&grad, &argmax, &out, &w, &grad_x, &grad_out});
-  any2point::check_indices({&tokens, &starts, &lengths});
+  any2point::check_indices({&rows, &tokens, &starts, &lengths});
   const int64_t num_buckets = starts.numel(), channels = grad_x.size(1), dim = out.size(1);
-  TORCH_CHECK(lengths.numel() == num_buckets && grad.sizes() == argmax.sizes() && grad.size(0) == num_buckets &&
-                  grad.size(1) == channels && w.dim() == 2 && w.size(0) == channels && w.size(1) == dim &&
-                  grad_out.sizes() == out.sizes(),
-              "grad and argmax [K, C], out and grad_out [T, D], w [C, D], one start and length per bucket");
+  TORCH_CHECK(lengths.numel() == num_buckets && rows.numel() == num_buckets && argmax.size(0) == num_buckets &&
+                  grad.dim() == 2 && grad.size(1) == channels && argmax.size(1) == channels && w.dim() == 2 &&
+                  w.size(0) == channels && w.size(1) == dim && grad_out.sizes() == out.sizes(),
+              "grad [S, C], argmax [K, C], out and grad_out [T, D], w [C, D], one row, start and length per bucket");
   auto grad_w = at::zeros_like(w);
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "bucket_max_pool_backward", [&] {
     if (dim == 0)
-      return rows_backward_kernel(grad.data_ptr<scalar_t>(), argmax.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
-                                  starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), num_buckets, channels,
-                                  grad_x.data_ptr<scalar_t>());
+      return rows_backward_kernel(grad.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), argmax.data_ptr<scalar_t>(),
+                                  tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+                                  num_buckets, channels, grad_x.data_ptr<scalar_t>());
     const auto kernel = dim == 12 ? backward_kernel<scalar_t, 12> : backward_kernel<scalar_t, 0>;
-    kernel(grad.data_ptr<scalar_t>(), argmax.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-           tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), num_buckets, dim,
-           channels, grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
+    kernel(grad.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), argmax.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+           w.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+           num_buckets, dim, channels, grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+           grad_w.data_ptr<scalar_t>());
   });
   return grad_w;
 }
@@ -268,8 +279,8 @@ at::Tensor bucket_max_pool_backward(const at::Tensor& grad, const at::Tensor& ar
 TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
   m.def("bucket_max_pool(Tensor x, Tensor out, Tensor wt, Tensor tokens, Tensor starts, Tensor lengths, "
         "Tensor views) -> (Tensor, Tensor, Tensor)");
-  m.def("bucket_max_pool_backward(Tensor grad, Tensor argmax, Tensor out, Tensor w, Tensor tokens, Tensor starts, "
-        "Tensor lengths, Tensor(a!) grad_x, Tensor(b!) grad_out) -> Tensor");
+  m.def("bucket_max_pool_backward(Tensor grad, Tensor rows, Tensor argmax, Tensor out, Tensor w, Tensor tokens, "
+        "Tensor starts, Tensor lengths, Tensor(a!) grad_x, Tensor(b!) grad_out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
