@@ -405,6 +405,20 @@ def test_ensemble_opposite_and_aligned_views_hand_made(compiled, monkeypatch):
 
 
 @pytest.mark.parametrize("compiled", [True, False])
+def test_ensemble_clamps_hand_made(compiled, monkeypatch):
+    """The two clamps of Eq. 3's weights, one view per token: token 0's view is exactly opposite
+    its baseline (cos = −1, so the weights sum to 0: clamped, the token keeps x); token 1's view
+    row is zero (its cosine's denominator is clamped: cos = 0, weight 1 on a zero row)."""
+    use_compiled(monkeypatch, compiled)
+    x = torch.tensor([[[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]])
+    args = (torch.tensor([[1.0, 0.0, 0.0]]), torch.zeros(1, 2, dtype=torch.long),
+            torch.tensor([[-2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([[[0, 1]]]), 0.5)
+    out = torch_ops.ensemble_propagate(x, *args)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+    torch.testing.assert_close(out, reference.ensemble_propagate(x, *args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
 def test_ensemble_propagate_gradcheck(compiled, monkeypatch):
     use_compiled(monkeypatch, compiled)
     gen = torch.Generator().manual_seed(4)

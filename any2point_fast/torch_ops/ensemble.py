@@ -14,10 +14,11 @@ and ``∂B_v = Σ_{i→v} Σ_j ∂dot_ij F_ij + ∂‖B_v‖ B_v/‖B_v‖`` (on
 ``embedding_bag`` with per-sample weights). No ``[M, B·N, C]`` tensor is formed.
 
 On CPU tensors, where the compiled kernels of :mod:`.native` build, the same products are each
-one pass over the rows they read: ``row_dots`` for the dot products (a token's ``M`` dots at
-once), ``weighted_sum`` for the weighted sum and residual, ``segment_rows`` for the table
-gradients (the rows of a table visited cloud by cloud, so the rows they read stay in cache).
-The weights and their gradients (``[M, B·N]``) are computed the same way on both routes.
+one pass over the rows they read: ``ensemble_forward`` for the whole forward, token by token (its
+``M`` dots, their weights, and the weighted sum and residual over the same rows, still in
+cache), ``row_dots`` for backward's dot products, ``segment_rows`` for the table gradients (the
+rows of a table visited cloud by cloud, so the rows they read stay in cache). The weights'
+gradients (``[M, B·N]``) are computed the same way on both routes.
 """
 
 from __future__ import annotations
@@ -74,13 +75,14 @@ class _EnsemblePropagate(torch.autograd.Function):
         rows_f, rows_b = view_rows.to(dtype).contiguous(), base_rows.to(dtype).contiguous()
         bid, vid = base_ids.reshape(-1).long().contiguous(), view_ids.reshape(views, -1).long().contiguous()
         compiled = native.available(x.device)
-        dots = native.ops().row_dots(rows_f, vid, rows_b, bid) if compiled else _sampled_dots(rows_f, vid, rows_b, bid)
         norms_f, norms_b = rows_f.norm(dim=1), rows_b.norm(dim=1)
-        w = _weights(dots, norms_b.index_select(0, bid), norms_f[vid])[0]
         x_rows = x.reshape(batch * tokens, channels).to(dtype)
-        if compiled:
-            y = native.ops().weighted_sum(x_rows.contiguous(), rows_f, vid, w.contiguous(), coef)
+        if compiled:  # token by token: dots, weights and weighted sum over the same rows, read once
+            y, dots = native.ops().ensemble_forward(x_rows.contiguous(), rows_f, vid, rows_b, bid, norms_f, norms_b,
+                                                    coef, EPS)
         else:
+            dots = _sampled_dots(rows_f, vid, rows_b, bid)
+            w = _weights(dots, norms_b.index_select(0, bid), norms_f[vid])[0]
             out = F.embedding_bag(vid.T.contiguous(), rows_f, per_sample_weights=w.T.contiguous(), mode="sum")
             y = torch.add(x_rows, out, alpha=coef)
         ctx.save_for_backward(base_rows, bid, view_rows, vid, dots, norms_f, norms_b)

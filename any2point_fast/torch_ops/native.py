@@ -9,7 +9,7 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
 - ``bucket_max_pool``: the per-bucket maxima of ``t_j = x + Attn_j W_oᵀ`` under ``max + mean``,
   formed a block of channels at a time in registers, with the item holding each maximum; PyTorch
   needs several passes over every view's ``[T_j, C]`` features for the same.
-- ``row_dots``, ``weighted_sum``, ``segment_rows``: the row products of ``ensemble_propagate``,
+- ``ensemble_forward``, ``row_dots``, ``segment_rows``: the row products of ``ensemble_propagate``,
   which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
   C++ each is one pass over the rows it reads.
 - ``layer_norm_rows``: the normalised tokens ``x̂`` of the views' LayerNorms, each row read once

@@ -4,7 +4,8 @@
 // row) per task, and writes each output once: no [M, B·N, C] tensor, no atomics (the caller
 // lists segment_rows' entries row after row).
 //   row_dots:     dots[j][i] = a[ids[j][i]] · b[b_ids[i]]          (cosine numerators, gradients of w)
-//   weighted_sum: y[i] = x[i] + coef · Σ_j w[j][i] · a[ids[j][i]]  (Eq. 3 and the residual)
+//   ensemble_forward: dots as row_dots, Eq. 3's weights w from them, and
+//                 y[i] = x[i] + coef · Σ_j w[j][i] · a[ids[j][i]]  (the residual; the rows read once)
 //   segment_rows: out[r] = Σ_{k in r} (alpha[k] · p[p_ids[k]] + beta[k] · q[q_ids[k]]) + gamma[r] · self[r]
 //                 (the tables' gradients, entries listed row after row as in a CSR matrix)
 #include <torch/library.h>
@@ -12,6 +13,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -21,48 +24,66 @@ namespace {
 // (one accumulator would chain every add on the one before).
 constexpr int64_t kViews = 8;
 
+// Token i's M dots a[ids[j][i]] · bi into dots[j][i].
 template <typename T>
-void row_dots_kernel(const T* a, const int64_t* ids, const T* b, const int64_t* b_ids, int64_t views,
-                     int64_t tokens, int64_t channels, T* dots) {
+inline void token_dots(const T* a, const int64_t* ids, const T* bi, int64_t i, int64_t views, int64_t tokens,
+                       int64_t channels, T* dots) {
   using V = any2point::Vec<T>;
   constexpr int64_t lanes = any2point::kLanes<T>;
   const int64_t full = channels / lanes * lanes;
-  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T* bi = b + (b_ids ? b_ids[i] : i) * channels;
-      for (int64_t j0 = 0; j0 < views; j0 += kViews) {
-        const int64_t n = std::min(kViews, views - j0);
-        const T* rows[kViews];
-        V acc[kViews];
-        for (int64_t j = 0; j < kViews; ++j) {
-          rows[j] = a + ids[(j0 + std::min(j, n - 1)) * tokens + i] * channels;  // past n: a repeat, unused
-          acc[j] = V{};
-        }
-        for (int64_t c = 0; c < full; c += lanes) {
-          const V bv = any2point::load_as<V>(bi + c);
-          for (int64_t j = 0; j < kViews; ++j) acc[j] += any2point::load_as<V>(rows[j] + c) * bv;
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          T sum = 0;
-          for (int64_t l = 0; l < lanes; ++l) sum += acc[j][l];
-          for (int64_t c = full; c < channels; ++c) sum += rows[j][c] * bi[c];
-          dots[(j0 + j) * tokens + i] = sum;
-        }
-      }
+  for (int64_t j0 = 0; j0 < views; j0 += kViews) {
+    const int64_t n = std::min(kViews, views - j0);
+    const T* rows[kViews];
+    V acc[kViews];
+    for (int64_t j = 0; j < kViews; ++j) {
+      rows[j] = a + ids[(j0 + std::min(j, n - 1)) * tokens + i] * channels;  // past n: a repeat, unused
+      acc[j] = V{};
     }
-  });
+    for (int64_t c = 0; c < full; c += lanes) {
+      const V bv = any2point::load_as<V>(bi + c);
+      for (int64_t j = 0; j < kViews; ++j) acc[j] += any2point::load_as<V>(rows[j] + c) * bv;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      T sum = 0;
+      for (int64_t l = 0; l < lanes; ++l) sum += acc[j][l];
+      for (int64_t c = full; c < channels; ++c) sum += rows[j][c] * bi[c];
+      dots[(j0 + j) * tokens + i] = sum;
+    }
+  }
 }
 
 template <typename T>
-void weighted_sum_kernel(const T* x, const T* a, const int64_t* ids, const T* w, T coef, int64_t views,
-                         int64_t tokens, int64_t channels, T* y) {
+void row_dots_kernel(const T* a, const int64_t* ids, const T* b, const int64_t* b_ids, int64_t views,
+                     int64_t tokens, int64_t channels, T* dots) {
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      token_dots(a, ids, b + (b_ids ? b_ids[i] : i) * channels, i, views, tokens, channels, dots);
+  });
+}
+
+// Token by token: the dots, Eq. 3's weights from them (the arithmetic of the torch route's
+// _weights), then the weighted sum of the same M rows, still in cache.
+template <typename T>
+void ensemble_forward_kernel(const T* x, const T* a, const int64_t* ids, const T* b, const int64_t* b_ids,
+                             const T* a_norms, const T* b_norms, T coef, T eps, int64_t views, int64_t tokens,
+                             int64_t channels, T* y, T* dots) {
+  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    std::vector<T> w(views);
     for (int64_t i = begin; i < end; ++i) {
+      token_dots(a, ids, b + b_ids[i] * channels, i, views, tokens, channels, dots);
+      const T base_norm = b_norms[b_ids[i]];
+      T total = 0;
+      for (int64_t j = 0; j < views; ++j) {
+        const T cos = dots[j * tokens + i] / std::max(base_norm * a_norms[ids[j * tokens + i]], eps);
+        w[j] = (cos + 1) / 2;
+        total += w[j];
+      }
+      total = std::max(total, eps);
       T* yi = y + i * channels;
       std::copy(x + i * channels, x + (i + 1) * channels, yi);
       for (int64_t j = 0; j < views; ++j) {
         const T* aj = a + ids[j * tokens + i] * channels;
-        const T scale = coef * w[j * tokens + i];
+        const T scale = coef * (w[j] / total);
 #pragma omp simd
         for (int64_t c = 0; c < channels; ++c) yi[c] += scale * aj[c];
       }
@@ -121,20 +142,30 @@ at::Tensor row_dots(const at::Tensor& a, const at::Tensor& ids, const at::Tensor
   return dots;
 }
 
-// y [T, C] = x + coef · Σ_j w[j] ⊙ a[ids[j]]; ids, w [M, T].
-at::Tensor weighted_sum(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ids, const at::Tensor& w,
-                        double coef) {
-  any2point::check_values(x, {&x, &a, &w});
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.sizes() == w.sizes() && ids.dim() == 2 &&
-                  x.dim() == 2 && x.size(0) == ids.size(1) && a.dim() == 2 && a.size(1) == x.size(1),
-              "x [T, C], a [R, C], ids and w [M, T]");
+// (y [T, C] = x + coef · Σ_j w[j] ⊙ a[ids[j]], dots [M, T]) with Eq. 3's weights w [M, T] from
+// the dots of a's rows ids [M, T] with b's rows b_ids [T] and the rows' norms (a_norms [Ra],
+// b_norms [Rb]); eps clamps the cosines' denominators and the weights' sums.
+std::tuple<at::Tensor, at::Tensor> ensemble_forward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ids,
+                                                    const at::Tensor& b, const at::Tensor& b_ids,
+                                                    const at::Tensor& a_norms, const at::Tensor& b_norms, double coef,
+                                                    double eps) {
+  any2point::check_values(x, {&x, &a, &b, &a_norms, &b_norms});
+  any2point::check_indices({&b_ids});
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 2 && x.dim() == 2 &&
+                  x.size(0) == ids.size(1) && b_ids.numel() == ids.size(1) && a.dim() == 2 && b.dim() == 2 &&
+                  a.size(1) == x.size(1) && b.size(1) == x.size(1) && a_norms.numel() == a.size(0) &&
+                  b_norms.numel() == b.size(0),
+              "x [T, C], a [Ra, C], ids [M, T], b [Rb, C], b_ids [T], a_norms [Ra], b_norms [Rb]");
   auto y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "weighted_sum", [&] {
-    weighted_sum_kernel<scalar_t>(x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(),
-                                  w.data_ptr<scalar_t>(), static_cast<scalar_t>(coef), ids.size(0), ids.size(1),
-                                  x.size(1), y.data_ptr<scalar_t>());
+  auto dots = at::empty({ids.size(0), ids.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ensemble_forward", [&] {
+    ensemble_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(),
+                                      b.data_ptr<scalar_t>(), b_ids.data_ptr<int64_t>(), a_norms.data_ptr<scalar_t>(),
+                                      b_norms.data_ptr<scalar_t>(), static_cast<scalar_t>(coef),
+                                      static_cast<scalar_t>(eps), ids.size(0), ids.size(1), x.size(1),
+                                      y.data_ptr<scalar_t>(), dots.data_ptr<scalar_t>());
   });
-  return y;
+  return {y, dots};
 }
 
 // out [R, C] with R = offsets.numel() - 1 = self.size(0); the alpha term is left out without alpha.
@@ -179,13 +210,14 @@ at::Tensor segment_rows(const at::Tensor& offsets, const std::optional<at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
   m.def("row_dots(Tensor a, Tensor ids, Tensor b, Tensor? b_ids) -> Tensor");
-  m.def("weighted_sum(Tensor x, Tensor a, Tensor ids, Tensor w, float coef) -> Tensor");
+  m.def("ensemble_forward(Tensor x, Tensor a, Tensor ids, Tensor b, Tensor b_ids, Tensor a_norms, Tensor b_norms, "
+        "float coef, float eps) -> (Tensor, Tensor)");
   m.def("segment_rows(Tensor offsets, Tensor? order, Tensor? alpha, Tensor? p_ids, Tensor? p, Tensor beta, "
         "Tensor q_ids, Tensor q, Tensor gamma, Tensor self) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
   m.impl("row_dots", &row_dots);
-  m.impl("weighted_sum", &weighted_sum);
+  m.impl("ensemble_forward", &ensemble_forward);
   m.impl("segment_rows", &segment_rows);
 }
