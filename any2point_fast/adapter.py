@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import torch
 
+from . import bottleneck as fused_bottleneck
 from . import ops
 from .geometry import Segments
 from .reference import ReferenceAdapter
-from .reference.adapter import RowBatchNorm, quick_gelu
+from .reference.adapter import RowBatchNorm
 
 
 class Any2PointAdapter(ReferenceAdapter):
@@ -46,8 +47,8 @@ class Any2PointAdapter(ReferenceAdapter):
       (``ops.batch_norm_gelu``; the running statistics are updated as ``nn.BatchNorm1d`` does);
     - :meth:`ensemble` — Eq. 3's weighted ensemble and residual (``ops.ensemble_propagate``);
 
-    and :meth:`bottleneck` writes the point tokens of its residual sum contiguous, in one pass,
-    for the ops that read them (plain PyTorch on every backend).
+    and :meth:`bottleneck` writes the point tokens of its residual sum contiguous, for the ops
+    that read them, with the bottleneck in one autograd node (plain PyTorch on every backend).
 
     ``view_attention`` (``LN_j`` and ``Attn_j`` of the ``M`` views) is shared by all the blocks
     of a model: build it once and pass it to every adapter.
@@ -60,9 +61,12 @@ class Any2PointAdapter(ReferenceAdapter):
     def bottleneck(self, hidden: torch.Tensor, ffn_out: torch.Tensor,
                    num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden + ffn + s · Up(QuickGELU(Down(ffn)))`` as its prefix ``[B, P, C]`` and its point
-        tokens ``[B, N, C]``, both contiguous (slices of the sum would be copied by every op that reads them)."""
-        update = self.up(quick_gelu(self.down(ffn_out)))
-        return _ResidualSplit.apply(hidden, ffn_out, update, self.scale, num_prefix_tokens)
+        tokens ``[B, N, C]``, both contiguous (slices of the sum would be copied by every op that
+        reads them), in one autograd node (:mod:`any2point_fast.bottleneck`); module by module
+        under autocast."""
+        if not fused_bottleneck.fusable(hidden, ffn_out, self.down, self.up):
+            return super().bottleneck(hidden, ffn_out, num_prefix_tokens)
+        return fused_bottleneck.bottleneck(hidden, ffn_out, self.down, self.up, self.scale, num_prefix_tokens)
 
     def pool_views(self, tokens: torch.Tensor, segments: Segments) -> torch.Tensor:
         """``[B, N, C]`` tokens → ``[S, C]`` pooled rows of ``t_j = x + Attn_j(LN_j(x))`` per bucket."""
@@ -94,27 +98,6 @@ class Any2PointAdapter(ReferenceAdapter):
                 if own:
                     _update_running_stats(norm, batch_mean, batch_var * count / (count - 1))
         return out
-
-
-class _ResidualSplit(torch.autograd.Function):
-    """``hidden + ffn + scale · update`` ``[B, P + N, C]`` → its first ``P`` and last ``N`` tokens,
-    each written once, contiguous; backward assembles the ``[B, P + N, C]`` gradient once."""
-
-    @staticmethod
-    def forward(ctx, hidden, ffn, update, scale, num_prefix_tokens):
-        dtype = torch.promote_types(torch.promote_types(hidden.dtype, ffn.dtype), update.dtype)
-        parts = []
-        for part in (slice(None, num_prefix_tokens), slice(num_prefix_tokens, None)):
-            x = torch.add(hidden[:, part], ffn[:, part]).to(dtype)  # a fresh contiguous [B, ·, C]
-            parts.append(x.add_(update[:, part], alpha=scale))
-        ctx.scale, ctx.dtypes = scale, (hidden.dtype, ffn.dtype, update.dtype)
-        return tuple(parts)
-
-    @staticmethod
-    def backward(ctx, grad_prefix, grad_tokens):
-        grad = torch.cat((grad_prefix, grad_tokens), dim=1)
-        hidden_dtype, ffn_dtype, update_dtype = ctx.dtypes
-        return grad.to(hidden_dtype), grad.to(ffn_dtype), (grad * ctx.scale).to(update_dtype), None, None
 
 
 def _fusable(norms) -> bool:

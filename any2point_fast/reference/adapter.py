@@ -23,10 +23,13 @@ from ..config import Any2PointConfig
 from ..geometry import Geometry, Segments
 from ..validation import check_adapter_inputs
 
+#: ``k`` of QuickGELU, ``x · sigmoid(k x)``.
+QUICK_GELU_K = 1.702
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """CLIP's ``x · sigmoid(1.702 x)``."""
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU_K * x)
 
 
 def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:
