@@ -536,9 +536,12 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         weights = linear_pool_weights(plan.counts, pooling, dtype)
         pooled = csr_mm(csr(plan.counts, plan.tokens, weights.index_select(0, plan.segment_of_position), len(xf)), xf)
         linear_out = torch.segment_reduce(out, "sum", lengths=plan.counts, axis=0, unsafe=True).mul_(weights[:, None])
-        bias_factor = 2 if pooling == "max+mean" else 1
+        # b_o as one more column, in the same product (twice b_o under max + mean): [S, D + 1]
+        bias_factor = 2.0 if pooling == "max+mean" else 1.0
+        linear_out = torch.cat((linear_out, linear_out.new_full((len(linear_out), 1), bias_factor)), dim=1)
+        out_weight_bias = torch.cat((wo, bo[:, :, None]), dim=2)  # [M, C, D + 1]
         for view, (first, last) in enumerate(zip(segments.view_offsets[:-1], segments.view_offsets[1:])):
-            pooled[first:last].addmm_(linear_out[first:last], wo[view].T).add_(bo[view], alpha=bias_factor)
+            pooled[first:last].addmm_(linear_out[first:last], out_weight_bias[view].T)
         # maximum of the buckets of two or more tokens: by the compiled kernel (views with a tie
         # excepted), or one view at a time
         compiled = None
@@ -585,16 +588,15 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         segment_ids = segments.segment_ids.reshape(views, -1).T.flatten()  # M per token, token after token
         token_views = torch.full((xf.shape[0],), views, dtype=torch.long, device=g.device)
         grad_x = csr_mm(csr(token_views, segment_ids, weights.index_select(0, segment_ids), len(weights)), g)
-        grad_out_weight = torch.empty_like(wo)
-        grad_out_bias = torch.empty(views, channels, dtype=dtype, device=g.device)
-        grad_linear_out = torch.empty_like(linear_out)
-        bias_factor = 2 if pooling == "max+mean" else 1
+        # [W_o | b_o]'s gradient in one product per view (linear_out's last column: b_o's factor)
+        grad_out_weight_bias = torch.empty(views, channels, width + 1, dtype=dtype, device=g.device)
+        grad_linear_out = torch.empty(len(linear_out), width, dtype=dtype, device=g.device)
         offsets = segments.view_offsets
         for view, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
             g_view = g[first:last]
-            torch.sum(g_view, dim=0, out=grad_out_bias[view]).mul_(bias_factor)
-            torch.mm(g_view.T, linear_out[first:last], out=grad_out_weight[view])
+            torch.mm(g_view.T, linear_out[first:last], out=grad_out_weight_bias[view])
             torch.mm(g_view, wo[view], out=grad_linear_out[first:last])
+        grad_out_weight, grad_out_bias = grad_out_weight_bias[..., :width], grad_out_weight_bias[..., width]
         grad_out = grad_linear_out.mul_(weights[:, None]).index_select(0, plan.segment_of_position)
 
         # maximum: scattered to the saved items holding it (by the compiled kernel, or one view at a
