@@ -7,7 +7,9 @@ Triton kernels so that every backend reads and writes the same layout.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,6 +49,16 @@ class Segments:
     def counts(self) -> torch.Tensor:
         """``[S]`` int64 items per segment."""
         return self.offsets[1:] - self.offsets[:-1]
+
+    def derived(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()`` the first time ``key`` is asked for, then the same value: bookkeeping that the
+        fused ops derive from these segments (bucket lists, sort orders, sparse matrices), computed
+        once for all the blocks of a model that read the same geometry. Segments are immutable:
+        their tensors must not be changed in place."""
+        cache = self.__dict__.setdefault("_derived", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
 
     def to(self, device: torch.device | str) -> Segments:
         """The same segments with their tensors on ``device``."""

@@ -295,6 +295,26 @@ def test_long_buckets_of_every_length_class(pooling, route, monkeypatch):
             inputs, ["x", "ln_w", "ln_b", "qkv_w", "qkv_b", "out_w", "out_b"], torch.float32, grad_scale=4)
 
 
+def test_the_plan_of_a_geometry_is_built_once(monkeypatch):
+    """Every block of a model pools over the same segments: their plan (sort orders, bucket lists,
+    sparse pooling matrices) is derived once per Segments object and route, then reused."""
+    built = []
+    plan = torch_attention._plan
+    monkeypatch.setattr(torch_attention, "_plan", lambda *args: built.append(1) or plan(*args))
+    ids = torch.randint(0, 5, (2, 3, 20), generator=torch.Generator().manual_seed(0))
+    segments = torch_ops.bucket_sort(ids, 5)
+    gen = torch.Generator().manual_seed(1)
+    x, weights = torch.randn(3, 20, 36, generator=gen, requires_grad=True), view_weights(2, 36, 12, gen)
+    outputs = []
+    for same in (segments, segments, segments.to("cpu")):  # .to makes a new Segments object
+        out = torch_ops.neighborhood_attention_pool(x, same, *weights, 6, "max+mean")
+        outputs.append((out, *torch.autograd.grad(out.sum(), x)))
+    assert len(built) == 2
+    for out, grad in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(grad, outputs[0][1], rtol=0, atol=0)
+
+
 def test_saved_argmax_rows_hold_the_maxima_of_padded_classes():
     """The rows saved for backward hold each bucket's maximum and are never a padding row (the
     padding repeats a real item: left in, it would tie with it and force the recomputation)."""

@@ -38,6 +38,10 @@ and keeps per channel the bucket-local index of the item holding the maximum (``
 backward hands each maximum's gradient straight to that item. A view where some maximum is
 attained twice takes the PyTorch route above. Another kernel there gives ``x̂`` (forward, and
 again in backward) in one pass over the tokens.
+
+The integer bookkeeping (the plan of step 2, the bucket lists of the maxima, the sparse pooling
+matrices) depends on the segments only: it is derived once per :class:`Segments` object
+(:meth:`Segments.derived`) and reused by every block of the model that pools over them.
 """
 
 from __future__ import annotations
@@ -182,6 +186,14 @@ def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
         positions = (starts[chosen][:, None] + torch.where(valid, steps, 0)).flatten()
         batches.append(_Batch(length, positions, valid.flatten().nonzero().squeeze(1), valid))
     return _Plan(tokens, rows, segment_of_position, counts, starts, batches, native_buckets)
+
+
+def _derived(segments: Segments, name: str, tokens_per_view: int, build):
+    """``build()`` once per ``segments`` (every block of a model shares them), keyed by what the
+    plan depends on: the grouping of the buckets and whether the compiled kernels run."""
+    key = (name, tokens_per_view, native.available(segments.perm.device), EXPLICIT_MAX_LEN, EXACT_MAX_LEN,
+           CLASSES_PER_OCTAVE)
+    return segments.derived(key, build)
 
 
 def _short_chunks(n: int, length: int, width: int):
@@ -435,14 +447,29 @@ class _CompiledMax:
     tied: set[int]
 
 
+def _spread_matrix(segments: Segments, weights: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Sparse CSR ``[B·N, S]``: a token's row holds ``weights`` at its ``M`` segments (the transpose
+    of the linear pooling)."""
+    views = segments.num_views
+    segment_ids = segments.segment_ids.reshape(views, -1).T.flatten()  # M per token, token after token
+    token_views = torch.full((tokens,), views, dtype=torch.long, device=weights.device)
+    return csr(token_views, segment_ids, weights.index_select(0, segment_ids), len(weights))
+
+
+def _max_buckets(plan: _Plan, segments: Segments):
+    """The buckets of two or more tokens: ``[K]`` segments, the ``M + 1`` bounds of every view's,
+    and ``[K]`` views, starts and lengths."""
+    chosen = (plan.counts > 1).nonzero().squeeze(1)
+    offsets = torch.tensor(segments.view_offsets, device=chosen.device)
+    return (chosen, torch.searchsorted(chosen, offsets).tolist(), torch.bucketize(chosen, offsets[1:-1], right=True),
+            plan.starts.index_select(0, chosen), plan.counts.index_select(0, chosen))
+
+
 def _compiled_maxima(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, plan: _Plan, segments: Segments,
                      pooled: torch.Tensor) -> _CompiledMax:
     """Add the maxima of ``t_j − b_o`` of every view without a tie to ``pooled`` ``[S, C]``."""
-    chosen = (plan.counts > 1).nonzero().squeeze(1)
-    offsets = torch.tensor(segments.view_offsets, device=chosen.device)
-    bounds = torch.searchsorted(chosen, offsets).tolist()
-    views = torch.bucketize(chosen, offsets[1:-1], right=True)
-    starts, lengths = plan.starts.index_select(0, chosen), plan.counts.index_select(0, chosen)
+    chosen, bounds, views, starts, lengths = _derived(segments, "max buckets", len(xf),
+                                                      lambda: _max_buckets(plan, segments))
     maxima, argmax, tied = native.ops().bucket_max_pool(xf, out, wo.transpose(1, 2).contiguous(), plan.tokens,
                                                          starts, lengths, views)
     tied_views = set(views[tied].tolist())
@@ -524,7 +551,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         dtype = compute_dtype(x, ln_weight, qkv_weight, out_weight)
         batch, tokens, channels = x.shape
         xf = x.reshape(batch * tokens, channels).to(dtype).contiguous()
-        plan = _plan(segments, batch * tokens)
+        plan = _derived(segments, "plan", batch * tokens, lambda: _plan(segments, batch * tokens))
         xhat, mean, rstd = _normalized(xf, eps)
         folded_weight, folded_bias = _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype)
         qkv = torch.addmm(folded_bias, xhat, folded_weight.T)  # [B·N, M·3D], row-major = [B·N·M, 3D]
@@ -534,7 +561,9 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         # linear part (the mean, and the maximum of singletons): sums of x and of the D-wide outputs
         wo, bo = out_weight.to(dtype), out_bias.to(dtype)
         weights = linear_pool_weights(plan.counts, pooling, dtype)
-        pooled = csr_mm(csr(plan.counts, plan.tokens, weights.index_select(0, plan.segment_of_position), len(xf)), xf)
+        pool_matrix = _derived(segments, f"pool {pooling} {dtype} {xf.device}", len(xf), lambda: csr(
+            plan.counts, plan.tokens, weights.index_select(0, plan.segment_of_position), len(xf)))
+        pooled = csr_mm(pool_matrix, xf)
         linear_out = torch.segment_reduce(out, "sum", lengths=plan.counts, axis=0, unsafe=True).mul_(weights[:, None])
         # b_o as one more column, in the same product (twice b_o under max + mean): [S, D + 1]
         bias_factor = 2.0 if pooling == "max+mean" else 1.0
@@ -585,9 +614,8 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
 
         # linear part: pooled = Σ w·x + (Σ w·out) W_oᵀ + b_o (twice b_o under max + mean)
         weights = linear_pool_weights(plan.counts, pooling, dtype)
-        segment_ids = segments.segment_ids.reshape(views, -1).T.flatten()  # M per token, token after token
-        token_views = torch.full((xf.shape[0],), views, dtype=torch.long, device=g.device)
-        grad_x = csr_mm(csr(token_views, segment_ids, weights.index_select(0, segment_ids), len(weights)), g)
+        grad_x = csr_mm(_derived(segments, f"spread {pooling} {dtype} {g.device}", len(xf),
+                                 lambda: _spread_matrix(segments, weights, len(xf))), g)
         # [W_o | b_o]'s gradient in one product per view (linear_out's last column: b_o's factor)
         grad_out_weight_bias = torch.empty(views, channels, width + 1, dtype=dtype, device=g.device)
         grad_linear_out = torch.empty(len(linear_out), width, dtype=dtype, device=g.device)
