@@ -1,8 +1,9 @@
 """The routes of the torch path's neighbourhood attention pool, for tests to run each against the reference.
 
-A route names how the long buckets (``> EXPLICIT_MAX_LEN``) are attended: ``compiled``, by the
-C++ kernels of :mod:`any2point_fast.torch_ops.native` (which also find the maxima); ``flash``, by
-PyTorch's fused CPU flash kernel; ``tiles``, by explicit logits tiles small enough to split test
+A route names how the buckets are attended: ``compiled``, every bucket of two or more tokens by
+the C++ kernels of :mod:`any2point_fast.torch_ops.native` (which also find the maxima); or, the
+short ones (``≤ EXPLICIT_MAX_LEN``) by an explicit softmax and the long ones by ``flash``,
+PyTorch's fused CPU flash kernel, or ``tiles``, explicit logits tiles small enough to split test
 buckets (the plain PyTorch path on other devices); then, optionally, how PyTorch's maxima go
 backward (under ``compiled``, in the views with a tie only): ``saved argmax`` (scattered from the
 items saved in forward) or ``recompute`` (the features recomputed and compared); without it, the

@@ -8,9 +8,9 @@ differs is how they are computed, the same way as the Triton kernels:
   bucket is a contiguous run; pooled sums are sparse CSR products (a matrix row per bucket),
   pooled maxima one ``scatter_reduce`` (or, in ``neighborhood_attention_pool`` on the CPU, a
   compiled kernel of :mod:`.native`);
-- attention runs inside each bucket only: buckets are batched by length, short ones exactly
-  (no padding); long ones go to a small compiled C++ kernel on the CPU (:mod:`.native`, built
-  on first use; plain PyTorch where it cannot build), or are padded to a length class and
+- attention runs inside each bucket only: on the CPU a small compiled C++ kernel takes a
+  bucket at a time (:mod:`.native`, built on first use); where it cannot build, buckets are
+  batched by length, short ones exactly (no padding), long ones padded to a length class and
   handed to PyTorch's fused CPU flash attention, so no ``N × N`` tensor per cloud is ever
   allocated;
 - the ensemble's gathers and scatters of table rows are sparse products, or on the CPU the

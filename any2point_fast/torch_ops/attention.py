@@ -8,13 +8,13 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
    view-independent normalised tokens, so ``qkv_j = x̂ (W_j ⊙ γ_j)ᵀ + (W_j β_j + b_j)``: one
    matmul ``[B·N, C] × [C, M·3D]`` gives the ``q, k, v`` of all views (``D = 12`` channels).
 2. **Attention on sorted items.** Items (token, view) in the order of
-   :class:`~any2point_fast.geometry.Segments` make every bucket a contiguous run. Buckets are
-   batched by length: singletons copy ``v``; lengths ≤ ``EXPLICIT_MAX_LEN`` run an explicit
-   softmax on exact lengths. Longer ones go, on the CPU, to the compiled kernel of
-   :mod:`.native` (one bucket per thread at a time, no padding), where it builds; otherwise
-   they are exact up to ``EXACT_MAX_LEN``, then padded to ``CLASSES_PER_OCTAVE`` length classes
-   per octave with a key mask (a bounded number of batches, under 1/32 padding), and go to
-   PyTorch's fused CPU flash attention — or, off the CPU, to an explicit softmax over tiles of
+   :class:`~any2point_fast.geometry.Segments` make every bucket a contiguous run. Singletons
+   copy ``v``. On the CPU, where the compiled kernels of :mod:`.native` build, every other
+   bucket goes to one of them (a bucket per thread at a time, no padding). Elsewhere buckets are
+   batched by length: lengths ≤ ``EXPLICIT_MAX_LEN`` run an explicit softmax on exact lengths;
+   longer ones are exact up to ``EXACT_MAX_LEN``, then padded to ``CLASSES_PER_OCTAVE`` length
+   classes per octave with a key mask (a bounded number of batches, under 1/32 padding), and go
+   to PyTorch's fused CPU flash attention — or, off the CPU, to an explicit softmax over tiles of
    at most ``TILE_ELEMENTS`` logits. Memory is ``O(items · D)`` plus one tile or one bucket's
    keys: no ``N × N`` tensor, however long a bucket.
 3. **Pooling without token features.** The mean is linear:
@@ -25,12 +25,12 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
    ``[B·N, C]``, grouped by bucket length) and reduced per bucket, never for all views at once.
 4. **Backward recomputes, or scatters from argmaxes.** Saved are ``x`` (as a contiguous float
    copy only where it is not one already), the ``D``-wide ``qkv`` and attention outputs, the
-   log-sum-exps of the long buckets, the LayerNorm statistics and, per view, ``[S_j, C]`` rows
-   (not token features): where a view's buckets are long (``ARGMAX_MIN_LENGTH``), the item
-   holding every maximum, so that backward scatters the maximum's gradient straight to it;
-   elsewhere, or where some maximum is attained twice, the maxima themselves, and ``t_j`` is
-   recomputed one view at a time and compared with them. Tied tokens share the maximum's
-   gradient equally, as in the reference.
+   log-sum-exps of the buckets not attended by the explicit softmax, the LayerNorm statistics
+   and, per view, ``[S_j, C]`` rows (not token features): where a view's buckets are long
+   (``ARGMAX_MIN_LENGTH``), the item holding every maximum, so that backward scatters the
+   maximum's gradient straight to it; elsewhere, or where some maximum is attained twice, the
+   maxima themselves, and ``t_j`` is recomputed one view at a time and compared with them. Tied
+   tokens share the maximum's gradient equally, as in the reference.
 
 On the CPU, where the compiled kernels of :mod:`.native` build, one kernel finds the maxima of
 every view's buckets, forming each item's features a block of channels at a time in registers,
@@ -65,9 +65,10 @@ from ._common import (
     without_autocast,
 )
 
-#: Buckets up to this length use an explicit softmax on exact lengths, laid out with the buckets
-#: innermost (``[L, L, H, n]``) so that every step is elementwise over the batch (cheaper than the
-#: flash kernel or batched ``L × L`` matmuls at these lengths).
+#: Without the compiled kernels, buckets up to this length use an explicit softmax on exact
+#: lengths, laid out with the buckets innermost (``[L, L, H, n]``) so that every step is
+#: elementwise over the batch (cheaper than the flash kernel or batched ``L × L`` matmuls at
+#: these lengths).
 EXPLICIT_MAX_LEN = 8
 #: Buckets up to this length are batched with others of exactly the same length (no padding).
 EXACT_MAX_LEN = 64
@@ -131,9 +132,9 @@ class _Plan:
         segment_of_position: ``[T]`` segment of every sorted item.
         counts: ``[S]`` items per segment; ``starts``: ``[S]`` first sorted position.
         batches: the length classes.
-        native: ``(starts, lengths)`` ``[S_n]`` of the buckets longer than ``EXPLICIT_MAX_LEN``,
-            which the compiled kernel attends (:mod:`.native`); ``None`` where it does not run,
-            and those buckets are in ``batches``.
+        native: ``(starts, lengths)`` ``[S_n]`` of the buckets of two or more tokens, which the
+            compiled kernel attends (:mod:`.native`); ``None`` where it does not run, and those
+            buckets are in ``batches``.
     """
 
     tokens: torch.Tensor
@@ -165,7 +166,7 @@ def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
     segment_of_position = torch.repeat_interleave(torch.arange(len(counts), device=perm.device), counts)
     batched, native_buckets = counts, None
     if native.available(perm.device):
-        long = counts > EXPLICIT_MAX_LEN
+        long = counts > 1
         native_buckets = starts[long], counts[long]
         batched = counts.masked_fill(long, 0)  # length 0: in no batch
     padded = _padded_lengths(batched)
@@ -325,7 +326,7 @@ def _attention_forward(qkv_rows: torch.Tensor, plan: _Plan, num_heads: int) -> t
             out.index_copy_(0, batch.positions, outputs)
         else:
             out.index_copy_(0, batch.positions.index_select(0, batch.keep), outputs.index_select(0, batch.keep))
-    if plan.native is not None:  # last entry of lse: [T, H], written at the long buckets' items
+    if plan.native is not None:  # last entry of lse: [T, H], written at the compiled buckets' items
         lse.append(qkv_rows.new_empty(len(plan.rows), num_heads))
         native.ops().bucket_attention(qkv_rows, plan.rows, *plan.native, num_heads, scale, out, lse[-1])
     return out, lse

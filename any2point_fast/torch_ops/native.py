@@ -3,9 +3,9 @@
 The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C++ kernel
 (``csrc/``) does that step on CPU tensors:
 
-- ``bucket_attention``: the attention inside buckets longer than
-  :data:`~any2point_fast.torch_ops.attention.EXPLICIT_MAX_LEN`. Heads of dim 2 are far below
-  what PyTorch's flash kernel is built for; the C++ loops over a bucket's keys vectorise.
+- ``bucket_attention``: the attention inside every bucket of two or more tokens. Heads of dim 2
+  are far below what PyTorch's flash kernel is built for; the C++ loops over a bucket's keys
+  vectorise, and a bucket costs no allocation (most hold a few tokens).
 - ``bucket_max_pool``: the per-bucket maxima of ``t_j = x + Attn_j W_oᵀ`` under ``max + mean``,
   formed a block of channels at a time in registers, with the item holding each maximum; PyTorch
   needs several passes over every view's ``[T_j, C]`` features for the same.

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -19,7 +20,15 @@ namespace {
 
 using any2point::exp_approx;
 using any2point::for_each_bucket;
-using any2point::scratch;
+
+// This thread's scratch of at least size values, reused from bucket to bucket (most buckets hold
+// a few items: an allocation per bucket would cost more than its attention).
+template <typename T>
+T* thread_buffer(int64_t size) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
 
 // k and v of one head of a bucket's items as [d][L], from the [q | k | v] rows.
 template <typename T>
@@ -52,8 +61,7 @@ void forward_kernel(const T* qkv, const int64_t* rows, const int64_t* starts, co
   const int64_t width = heads * dim;
   for_each_bucket(lengths, num_buckets, [&](int64_t b) {
     const int64_t start = starts[b], length = lengths[b];
-    const auto buffer = scratch<T>(3 * dim * length);
-    T* k = buffer.template data_ptr<T>();
+    T* k = thread_buffer<T>(3 * dim * length);
     T* v = k + dim * length;
     T* p = v + dim * length;
     for (int64_t h = 0; h < heads; ++h) {
@@ -91,8 +99,7 @@ void backward_kernel(const T* grad_out, const T* qkv, const T* out, const T* lse
   const int64_t width = heads * dim;
   for_each_bucket(lengths, num_buckets, [&](int64_t b) {
     const int64_t start = starts[b], length = lengths[b];
-    const auto buffer = scratch<T>(4 * dim * length + 2 * length);
-    T* k = buffer.template data_ptr<T>();
+    T* k = thread_buffer<T>(4 * dim * length + 2 * length);
     T* v = k + dim * length;
     T* dk = v + dim * length;
     T* dv = dk + dim * length;
