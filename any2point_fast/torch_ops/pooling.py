@@ -50,7 +50,8 @@ class _SegmentPool(torch.autograd.Function):
                 rows = order[(counts > 1).index_select(0, ids.index_select(0, order))]  # their rows, segment by segment
                 maxima = segment_max(v, ids, num_segments).index_select(0, shared)
             pooled.index_add_(0, shared, maxima)
-        ctx.save_for_backward(values, ids, order, counts, shared, rows, maxima, argmax)
+        # with argmax (the row holding every maximum), backward needs no maxima
+        ctx.save_for_backward(values, ids, order, counts, shared, rows, maxima if argmax is None else None, argmax)
         ctx.pooling = pooling
         return pooled.to(values.dtype)
 
@@ -66,7 +67,7 @@ class _SegmentPool(torch.autograd.Function):
         if argmax is not None and len(shared):
             empty = g.new_empty(len(order), 0)  # no attention term
             native.ops().bucket_max_pool_backward(g.contiguous(), shared, argmax, empty,
-                                                  g.new_empty(g.shape[1], 0), order, *_buckets(order, counts, shared),
+                                                  g.new_empty(g.shape[1], 0), order, *_buckets(counts, shared),
                                                   grad_values, empty)
         elif ctx.pooling == "max+mean" and len(shared):
             # a maximum is exact: the rows that attain it compare equal to it
@@ -76,8 +77,8 @@ class _SegmentPool(torch.autograd.Function):
         return grad_values.to(values.dtype), None, None, None
 
 
-def _buckets(order: torch.Tensor, counts: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(starts, lengths)`` of the ``shared`` segments in the sorted ``order``."""
+def _buckets(counts: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(starts, lengths)`` of the ``shared`` segments among the rows sorted by segment."""
     return csr_offsets(counts).index_select(0, shared), counts.index_select(0, shared)
 
 
@@ -85,7 +86,7 @@ def _compiled_maxima(v: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
                      shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Maxima ``[K, C]`` of the ``shared`` segments by the compiled kernel, and the segment-local
     index of the row holding each (``None`` if some maximum is attained twice)."""
-    starts, lengths = _buckets(order, counts, shared)
+    starts, lengths = _buckets(counts, shared)
     maxima, argmax, tied = native.ops().bucket_max_pool(v, v.new_empty(len(order), 0), v.new_empty(1, 0, v.shape[1]),
                                                          order, starts, lengths, torch.zeros_like(shared))
     return maxima, None if bool(tied.any()) else argmax
