@@ -152,3 +152,17 @@ def test_layer_norm_rows_match_aten(dtype, channels):
     for name, actual, expected in zip(["xhat", "mean", "rstd"], ours, aten):
         assert actual.shape == expected.shape and actual.dtype == dtype, name
         torch.testing.assert_close(actual, expected, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [1, 7, 36, 768])
+def test_layer_norm_rows_backward_adds_atens_gradient(dtype, channels):
+    """The gradient of x through x̂ (ATen's LayerNorm backward without weights), added to grad_x."""
+    require_compiled()
+    gen = torch.Generator().manual_seed(channels)
+    x, grad, grad_x = ((torch.randn(23, channels, generator=gen) * 3 + 20).to(dtype) for _ in range(3))
+    _, mean, rstd = native.ops().layer_norm_rows(x, 1e-5)
+    expected = grad_x + torch.ops.aten.native_layer_norm_backward(grad, x, [channels], mean, rstd, None, None,
+                                                                 [True, False, False])[0]
+    native.ops().layer_norm_rows_backward(grad, x, mean, rstd, grad_x)
+    torch.testing.assert_close(grad_x, expected, rtol=1e-5, atol=1e-5)  # ATen sums in another order

@@ -375,6 +375,16 @@ def _normalized(xf: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
     return torch.native_layer_norm(xf, [xf.shape[1]], None, None, eps)
 
 
+def _normalized_backward(grad_xhat: torch.Tensor, xf: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                         grad_x: torch.Tensor) -> None:
+    """Add the gradient of ``x`` through :func:`_normalized`'s ``x̂`` to ``grad_x`` ``[R, C]``."""
+    if native.available(xf.device):
+        native.ops().layer_norm_rows_backward(grad_xhat, xf, mean, rstd, grad_x)
+    else:
+        grad_x += torch.ops.aten.native_layer_norm_backward(grad_xhat, xf, [xf.shape[1]], mean, rstd, None, None,
+                                                            [True, False, False])[0]
+
+
 def _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype):
     """``W_j ⊙ γ_j`` as ``[M·3D, C]`` and ``W_j β_j + b_j`` as ``[M·3D]``."""
     w = qkv_weight.to(dtype)
@@ -663,8 +673,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         grad_ln_weight = (grad_folded_weight * w).sum(dim=1)
         grad_ln_bias = torch.matmul(grad_folded_bias[:, None, :], w).squeeze(1)
         grad_xhat = torch.mm(grad_qkv, folded_weight)
-        grad_x += torch.ops.aten.native_layer_norm_backward(grad_xhat, xf, [channels], mean, rstd, None, None,
-                                                            [True, False, False])[0]
+        _normalized_backward(grad_xhat, xf, mean, rstd, grad_x)
         needs = ctx.needs_input_grad
         return (grad_x.view(*ctx.x_shape).to(ctx.x_dtype) if needs[0] else None,
                 grad_as(grad_ln_weight, ln_weight, needs[1]), grad_as(grad_ln_bias, ln_bias, needs[2]),
