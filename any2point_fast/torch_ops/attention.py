@@ -37,7 +37,7 @@ every view's buckets, forming each item's features a block of channels at a time
 and keeps per channel the bucket-local index of the item holding the maximum (``[K, C]``); its
 backward hands each maximum's gradient straight to that item. A view where some maximum is
 attained twice takes the PyTorch route above. Another kernel there gives ``x̂`` (forward, and
-again in backward) in one pass over the tokens.
+again in backward) in one pass over the tokens, and one more adds their gradient through it.
 
 The integer bookkeeping (the plan of step 2, the bucket lists of the maxima, the sparse pooling
 matrices) depends on the segments only: it is derived once per :class:`Segments` object

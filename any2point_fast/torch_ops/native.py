@@ -12,8 +12,9 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
 - ``ensemble_forward``, ``row_dots``, ``segment_rows``: the row products of ``ensemble_propagate``,
   which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
   C++ each is one pass over the rows it reads.
-- ``layer_norm_rows``: the normalised tokens ``x̂`` of the views' LayerNorms, each row read once
-  (ATen's CPU LayerNorm takes several times as long as a pass over the rows).
+- ``layer_norm_rows`` and its backward: the normalised tokens ``x̂`` of the views' LayerNorms,
+  and the tokens' gradient through them added in place, each row read once (ATen's CPU
+  LayerNorm takes several times as long as a pass over the rows).
 - ``batch_norm_gelu``: BatchNorm of the pooled rows, view by view, and GELU: forward one pass
   for the statistics and one for the output, backward two (PyTorch: a pass per BatchNorm step,
   per GELU and per concatenation).
