@@ -10,7 +10,8 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
 2. **Attention on sorted items.** Items (token, view) in the order of
    :class:`~any2point_fast.geometry.Segments` make every bucket a contiguous run. Singletons
    copy ``v``. On the CPU, where the compiled kernels of :mod:`.native` build, every other
-   bucket goes to one of them (a bucket per thread at a time, no padding). Elsewhere buckets are
+   bucket goes to one of them (no padding: short buckets of one length a SIMD vector of buckets
+   at a time, longer ones a bucket per thread). Elsewhere buckets are
    batched by length: lengths ≤ ``EXPLICIT_MAX_LEN`` run an explicit softmax on exact lengths;
    longer ones are exact up to ``EXACT_MAX_LEN``, then padded to ``CLASSES_PER_OCTAVE`` length
    classes per octave with a key mask (a bounded number of batches, under 1/32 padding), and go

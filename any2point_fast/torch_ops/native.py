@@ -4,8 +4,9 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
 (``csrc/``) does that step on CPU tensors:
 
 - ``bucket_attention``: the attention inside every bucket of two or more tokens. Heads of dim 2
-  are far below what PyTorch's flash kernel is built for; the C++ loops over a bucket's keys
-  vectorise, and a bucket costs no allocation (most hold a few tokens).
+  are far below what PyTorch's flash kernel is built for: short buckets (most of them) go a
+  SIMD vector of buckets of one length at a time, and the loops over a long bucket's keys
+  vectorise.
 - ``bucket_max_pool``: the per-bucket maxima of ``t_j = x + Attn_j W_oᵀ`` under ``max + mean``,
   formed a block of channels at a time in registers, with the item holding each maximum; PyTorch
   needs several passes over every view's ``[T_j, C]`` features for the same.

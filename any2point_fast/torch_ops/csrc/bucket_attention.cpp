@@ -1,10 +1,11 @@
 // Softmax attention inside the buckets of sorted items, on the CPU (loaded by any2point_fast.torch_ops.native).
 //
 // For the buckets the caller lists (sorted positions start[b] .. start[b] + length[b] - 1), each
-// head attends among the bucket's items only: no padding, no mask, no N x N tensor. Loops over a
-// bucket's keys are contiguous ([head_dim][L] copies of k and v) and vectorise, which is what
-// small head dims need (PyTorch's flash kernel is built for head dims of 64 and more). Buckets
-// are spread over ATen's threads, the longest first. Rows of qkv are [q | k | v], each
+// head attends among the bucket's items only: no padding, no mask, no N x N tensor. Short buckets
+// of one length go a SIMD vector of buckets at a time (a bucket per lane); longer ones one at a
+// time, spread over ATen's threads, the longest first, with loops over a bucket's keys that are
+// contiguous ([head_dim][L] copies of k and v) and vectorise, which is what small head dims need
+// (PyTorch's flash kernel is built for head dims of 64 and more). Rows of qkv are [q | k | v], each
 // head-major ([H][d]); every qkv row belongs to exactly one item, so backward writes each
 // gradient row once, without atomics.
 #include <torch/library.h>
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -55,12 +57,188 @@ void scores(const T* q, const T* k, int64_t length, int64_t dim, T scale, T* out
   }
 }
 
+// Short buckets (at most kShortMax items, rows at most kShortMaxWidth wide) of one length go
+// kLanes at a time, a bucket per SIMD lane: every step is then one vector operation over those
+// buckets, where per-bucket loops over a few keys would cost more in overhead than in work (the
+// recipes' buckets mostly hold a few items). Longer ones go one at a time, vectorised over keys.
+constexpr int64_t kShortMax = 16;
+constexpr int64_t kShortMaxWidth = 64;
+
+// The buckets by route: tasks (pairs: first index into shorts, count ≤ lanes) of short buckets of
+// one length, and the other buckets with their lengths.
+struct Routes {
+  std::vector<int64_t> tasks, shorts, longs, long_lengths;
+};
+
+inline Routes split_buckets(const int64_t* lengths, int64_t num_buckets, int64_t width, int64_t lanes) {
+  Routes routes;
+  std::vector<std::vector<int64_t>> by_length(kShortMax + 1);
+  for (int64_t b = 0; b < num_buckets; ++b) {
+    if (lengths[b] <= kShortMax && width <= kShortMaxWidth) {
+      by_length[lengths[b]].push_back(b);
+    } else {
+      routes.longs.push_back(b);
+      routes.long_lengths.push_back(lengths[b]);
+    }
+  }
+  for (const auto& same : by_length) {
+    for (int64_t i = 0; i < static_cast<int64_t>(same.size()); i += lanes) {
+      routes.tasks.push_back(static_cast<int64_t>(routes.shorts.size()) + i);
+      routes.tasks.push_back(std::min<int64_t>(lanes, static_cast<int64_t>(same.size()) - i));
+    }
+    routes.shorts.insert(routes.shorts.end(), same.begin(), same.end());
+  }
+  return routes;
+}
+
+// e^x lane by lane (the loop vectorises).
+template <typename T>
+inline any2point::Vec<T> exp_lanes(any2point::Vec<T> x) {
+  constexpr int64_t lanes = any2point::kLanes<T>;
+  T values[lanes];
+  std::memcpy(values, &x, sizeof(x));
+#pragma omp simd
+  for (int64_t l = 0; l < lanes; ++l) values[l] = exp_approx(values[l]);
+  std::memcpy(&x, values, sizeof(x));
+  return x;
+}
+
+// One task's buckets as lanes: lane l is bucket buckets[min(l, count − 1)] (lanes past count
+// repeat the last bucket and are never written back). Copies `values` values from row
+// address(bucket, i) of every item i into [L][values][lanes].
+template <typename T, typename Address>
+void gather_lanes(const int64_t* buckets, int64_t count, int64_t length, int64_t values, Address address, T* to) {
+  constexpr int64_t lanes = any2point::kLanes<T>;
+  for (int64_t l = 0; l < lanes; ++l) {
+    const int64_t b = buckets[std::min(l, count - 1)];
+    for (int64_t i = 0; i < length; ++i) {
+      const T* from = address(b, i);
+      for (int64_t c = 0; c < values; ++c) to[(i * values + c) * lanes + l] = from[c];
+    }
+  }
+}
+
+// Writes lanes 0 .. count − 1 of [L][values][lanes] back to row address(bucket, i) of every item.
+template <typename T, typename Address>
+void scatter_lanes(const T* from, const int64_t* buckets, int64_t count, int64_t length, int64_t values,
+                   Address address) {
+  constexpr int64_t lanes = any2point::kLanes<T>;
+  for (int64_t l = 0; l < count; ++l)
+    for (int64_t i = 0; i < length; ++i) {
+      T* to = address(buckets[l], i);
+      for (int64_t c = 0; c < values; ++c) to[c] = from[(i * values + c) * lanes + l];
+    }
+}
+
+template <typename T>
+void lanes_forward(const T* qkv, const int64_t* rows, const int64_t* starts, int64_t length, const int64_t* buckets,
+                   int64_t count, int64_t heads, int64_t dim, T scale, T* out, T* lse) {
+  using V = any2point::Vec<T>;
+  using any2point::load_as;
+  constexpr int64_t lanes = any2point::kLanes<T>;
+  const int64_t width = heads * dim;
+  T* x = thread_buffer<T>(length * (4 * width + heads) * lanes);  // [L][q | k | v][lanes], out, lse
+  T* o = x + length * 3 * width * lanes;
+  T* m = o + length * width * lanes;
+  const auto qkv_row = [&](int64_t b, int64_t i) { return qkv + rows[starts[b] + i] * 3 * width; };
+  gather_lanes(buckets, count, length, 3 * width, qkv_row, x);
+  auto at = [&](int64_t i, int64_t c) { return load_as<V>(x + (i * 3 * width + c) * lanes); };
+  V p[kShortMax];
+  for (int64_t i = 0; i < length; ++i)
+    for (int64_t h = 0; h < heads; ++h) {
+      V top = V{} - T(INFINITY);
+      for (int64_t j = 0; j < length; ++j) {
+        V dot = V{};
+        for (int64_t e = h * dim; e < (h + 1) * dim; ++e) dot += at(i, e) * at(j, width + e);
+        p[j] = dot * scale;
+        top = p[j] > top ? p[j] : top;
+      }
+      V total = V{};
+      for (int64_t j = 0; j < length; ++j) {
+        p[j] = exp_lanes<T>(p[j] - top);
+        total += p[j];
+      }
+      for (int64_t e = h * dim; e < (h + 1) * dim; ++e) {
+        V acc = V{};
+        for (int64_t j = 0; j < length; ++j) acc += p[j] * at(j, 2 * width + e);
+        any2point::store_as(o + (i * width + e) * lanes, acc / total);
+      }
+      T top_lanes[lanes], total_lanes[lanes];
+      std::memcpy(top_lanes, &top, sizeof(top));
+      std::memcpy(total_lanes, &total, sizeof(total));
+      for (int64_t l = 0; l < lanes; ++l) m[(i * heads + h) * lanes + l] = top_lanes[l] + std::log(total_lanes[l]);
+    }
+  scatter_lanes(o, buckets, count, length, width, [&](int64_t b, int64_t i) { return out + (starts[b] + i) * width; });
+  scatter_lanes(m, buckets, count, length, heads, [&](int64_t b, int64_t i) { return lse + (starts[b] + i) * heads; });
+}
+
+template <typename T>
+void lanes_backward(const T* grad_out, const T* qkv, const T* out, const T* lse, const int64_t* rows,
+                    const int64_t* starts, int64_t length, const int64_t* buckets, int64_t count, int64_t heads,
+                    int64_t dim, T scale, T* grad_qkv) {
+  using V = any2point::Vec<T>;
+  using any2point::load_as;
+  using any2point::store_as;
+  constexpr int64_t lanes = any2point::kLanes<T>;
+  const int64_t width = heads * dim;
+  // [L][q | k | v], [L][dO], [L][O], [L][lse], then the gradient [L][dq | dk | dv], all [.][lanes]
+  T* x = thread_buffer<T>(length * (8 * width + heads) * lanes);
+  T* go = x + length * 3 * width * lanes;
+  T* o = go + length * width * lanes;
+  T* m = o + length * width * lanes;
+  T* grad = m + length * heads * lanes;
+  const auto qkv_row = [&](int64_t b, int64_t i) { return qkv + rows[starts[b] + i] * 3 * width; };
+  gather_lanes(buckets, count, length, 3 * width, qkv_row, x);
+  gather_lanes(buckets, count, length, width, [&](int64_t b, int64_t i) { return grad_out + (starts[b] + i) * width; },
+               go);
+  gather_lanes(buckets, count, length, width, [&](int64_t b, int64_t i) { return out + (starts[b] + i) * width; }, o);
+  gather_lanes(buckets, count, length, heads, [&](int64_t b, int64_t i) { return lse + (starts[b] + i) * heads; }, m);
+  std::fill(grad, grad + length * 3 * width * lanes, T(0));
+  auto at = [&](const T* base, int64_t stride, int64_t i, int64_t c) {
+    return load_as<V>(base + (i * stride + c) * lanes);
+  };
+  auto add = [&](int64_t i, int64_t c, V value) {
+    T* to = grad + (i * 3 * width + c) * lanes;
+    store_as(to, load_as<V>(to) + value);
+  };
+  for (int64_t i = 0; i < length; ++i)
+    for (int64_t h = 0; h < heads; ++h) {
+      V delta = V{};
+      for (int64_t e = h * dim; e < (h + 1) * dim; ++e) delta += at(go, width, i, e) * at(o, width, i, e);
+      const V lse_i = at(m, heads, i, h);
+      for (int64_t j = 0; j < length; ++j) {
+        V dot = V{}, dp = V{};
+        for (int64_t e = h * dim; e < (h + 1) * dim; ++e) {
+          dot += at(x, 3 * width, i, e) * at(x, 3 * width, j, width + e);
+          dp += at(go, width, i, e) * at(x, 3 * width, j, 2 * width + e);
+        }
+        const V prob = exp_lanes<T>(dot * scale - lse_i);
+        const V ds = prob * (dp - delta) * scale;
+        for (int64_t e = h * dim; e < (h + 1) * dim; ++e) {
+          add(i, e, ds * at(x, 3 * width, j, width + e));
+          add(j, width + e, ds * at(x, 3 * width, i, e));
+          add(j, 2 * width + e, prob * at(go, width, i, e));
+        }
+      }
+    }
+  scatter_lanes(grad, buckets, count, length, 3 * width,
+                [&](int64_t b, int64_t i) { return grad_qkv + rows[starts[b] + i] * 3 * width; });
+}
+
 template <typename T>
 void forward_kernel(const T* qkv, const int64_t* rows, const int64_t* starts, const int64_t* lengths,
                     int64_t num_buckets, int64_t heads, int64_t dim, T scale, T* out, T* lse) {
   const int64_t width = heads * dim;
-  for_each_bucket(lengths, num_buckets, [&](int64_t b) {
-    const int64_t start = starts[b], length = lengths[b];
+  const Routes routes = split_buckets(lengths, num_buckets, width, any2point::kLanes<T>);
+  at::parallel_for(0, static_cast<int64_t>(routes.tasks.size()) / 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t* buckets = routes.shorts.data() + routes.tasks[2 * t];
+      lanes_forward(qkv, rows, starts, lengths[buckets[0]], buckets, routes.tasks[2 * t + 1], heads, dim, scale, out,
+                    lse);
+    }
+  });
+  for_each_bucket(routes.long_lengths.data(), static_cast<int64_t>(routes.longs.size()), [&](int64_t n) {
+    const int64_t b = routes.longs[n], start = starts[b], length = lengths[b];
     T* k = thread_buffer<T>(3 * dim * length);
     T* v = k + dim * length;
     T* p = v + dim * length;
@@ -97,8 +275,16 @@ void backward_kernel(const T* grad_out, const T* qkv, const T* out, const T* lse
                      const int64_t* starts, const int64_t* lengths, int64_t num_buckets, int64_t heads,
                      int64_t dim, T scale, T* grad_qkv) {
   const int64_t width = heads * dim;
-  for_each_bucket(lengths, num_buckets, [&](int64_t b) {
-    const int64_t start = starts[b], length = lengths[b];
+  const Routes routes = split_buckets(lengths, num_buckets, width, any2point::kLanes<T>);
+  at::parallel_for(0, static_cast<int64_t>(routes.tasks.size()) / 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t* buckets = routes.shorts.data() + routes.tasks[2 * t];
+      lanes_backward(grad_out, qkv, out, lse, rows, starts, lengths[buckets[0]], buckets, routes.tasks[2 * t + 1],
+                     heads, dim, scale, grad_qkv);
+    }
+  });
+  for_each_bucket(routes.long_lengths.data(), static_cast<int64_t>(routes.longs.size()), [&](int64_t n) {
+    const int64_t b = routes.longs[n], start = starts[b], length = lengths[b];
     T* k = thread_buffer<T>(4 * dim * length + 2 * length);
     T* v = k + dim * length;
     T* dk = v + dim * length;
