@@ -103,7 +103,7 @@ class _EnsemblePropagate(torch.autograd.Function):
         w, cos, denominator, den_passes, total, total_passes = _weights(dots, base_norm, view_norm)
         g = grad.reshape(vid.shape[1], -1).to(dtype).contiguous()
 
-        grad_w = (native.ops().row_dots(rows_f, vid, g, None) if compiled else _sampled_dots(rows_f, vid, g)).mul_(coef)
+        grad_w = (native.ops().row_dots(rows_f, vid, g) if compiled else _sampled_dots(rows_f, vid, g)).mul_(coef)
         grad_u = (grad_w - total_passes * (grad_w * w).sum(dim=0)) / total
         grad_cos = grad_u / 2
         grad_dot = grad_cos / denominator

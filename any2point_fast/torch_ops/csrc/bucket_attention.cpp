@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -64,17 +65,19 @@ void scores(const T* q, const T* k, int64_t length, int64_t dim, T scale, T* out
 constexpr int64_t kShortMax = 16;
 constexpr int64_t kShortMaxWidth = 64;
 
-// The buckets by route: tasks (pairs: first index into shorts, count ≤ lanes) of short buckets of
-// one length, and the other buckets with their lengths.
+// The buckets by route: tasks (first index into shorts, count ≤ lanes) of short buckets of one
+// length, and the other buckets with their lengths.
 struct Routes {
-  std::vector<int64_t> tasks, shorts, longs, long_lengths;
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  std::vector<int64_t> shorts, longs, long_lengths;
 };
 
 inline Routes split_buckets(const int64_t* lengths, int64_t num_buckets, int64_t width, int64_t lanes) {
   Routes routes;
   std::vector<std::vector<int64_t>> by_length(kShortMax + 1);
+  const int64_t short_max = width <= kShortMaxWidth ? kShortMax : 0;
   for (int64_t b = 0; b < num_buckets; ++b) {
-    if (lengths[b] <= kShortMax && width <= kShortMaxWidth) {
+    if (lengths[b] <= short_max) {
       by_length[lengths[b]].push_back(b);
     } else {
       routes.longs.push_back(b);
@@ -83,8 +86,8 @@ inline Routes split_buckets(const int64_t* lengths, int64_t num_buckets, int64_t
   }
   for (const auto& same : by_length) {
     for (int64_t i = 0; i < static_cast<int64_t>(same.size()); i += lanes) {
-      routes.tasks.push_back(static_cast<int64_t>(routes.shorts.size()) + i);
-      routes.tasks.push_back(std::min<int64_t>(lanes, static_cast<int64_t>(same.size()) - i));
+      routes.tasks.emplace_back(static_cast<int64_t>(routes.shorts.size()) + i,
+                                std::min<int64_t>(lanes, static_cast<int64_t>(same.size()) - i));
     }
     routes.shorts.insert(routes.shorts.end(), same.begin(), same.end());
   }
@@ -230,11 +233,11 @@ void forward_kernel(const T* qkv, const int64_t* rows, const int64_t* starts, co
                     int64_t num_buckets, int64_t heads, int64_t dim, T scale, T* out, T* lse) {
   const int64_t width = heads * dim;
   const Routes routes = split_buckets(lengths, num_buckets, width, any2point::kLanes<T>);
-  at::parallel_for(0, static_cast<int64_t>(routes.tasks.size()) / 2, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(routes.tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t* buckets = routes.shorts.data() + routes.tasks[2 * t];
-      lanes_forward(qkv, rows, starts, lengths[buckets[0]], buckets, routes.tasks[2 * t + 1], heads, dim, scale, out,
-                    lse);
+      const auto [first, count] = routes.tasks[t];
+      const int64_t* buckets = routes.shorts.data() + first;
+      lanes_forward(qkv, rows, starts, lengths[buckets[0]], buckets, count, heads, dim, scale, out, lse);
     }
   });
   for_each_bucket(routes.long_lengths.data(), static_cast<int64_t>(routes.longs.size()), [&](int64_t n) {
@@ -276,11 +279,12 @@ void backward_kernel(const T* grad_out, const T* qkv, const T* out, const T* lse
                      int64_t dim, T scale, T* grad_qkv) {
   const int64_t width = heads * dim;
   const Routes routes = split_buckets(lengths, num_buckets, width, any2point::kLanes<T>);
-  at::parallel_for(0, static_cast<int64_t>(routes.tasks.size()) / 2, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(routes.tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t* buckets = routes.shorts.data() + routes.tasks[2 * t];
-      lanes_backward(grad_out, qkv, out, lse, rows, starts, lengths[buckets[0]], buckets, routes.tasks[2 * t + 1],
-                     heads, dim, scale, grad_qkv);
+      const auto [first, count] = routes.tasks[t];
+      const int64_t* buckets = routes.shorts.data() + first;
+      lanes_backward(grad_out, qkv, out, lse, rows, starts, lengths[buckets[0]], buckets, count, heads, dim, scale,
+                     grad_qkv);
     }
   });
   for_each_bucket(routes.long_lengths.data(), static_cast<int64_t>(routes.longs.size()), [&](int64_t n) {

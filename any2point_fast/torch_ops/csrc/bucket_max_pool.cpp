@@ -155,17 +155,8 @@ inline void add_to_rows(const T* g, const T* a, const int64_t* tokens, int64_t s
 // One view's buckets (so their items' tokens differ, and each item is in one bucket): every
 // maximum's gradient g goes to the item holding it, to its token's row of grad_x, to its row of
 // grad_out (g · w[c]) and to grad_w[c] (g · out[item]); w and grad_w are the view's W_o, [C][D].
-// Without an attention term (dim 0: segment_pool's maxima of plain rows) only grad_x remains.
-// Bucket k's gradient is grad's row rows[k].
-template <typename T>
-void rows_backward_kernel(const T* grad, const int64_t* rows, const T* argmax, const int64_t* tokens,
-                          const int64_t* starts, const int64_t* lengths, int64_t num_buckets, int64_t channels,
-                          T* grad_x) {
-  for_each_bucket(lengths, num_buckets, [&](int64_t k) {
-    add_to_rows(grad + rows[k] * channels, argmax + k * channels, tokens, starts[k], lengths[k], channels, grad_x);
-  });
-}
-
+// Bucket k's gradient is grad's row rows[k]. Without an attention term (dim 0: segment_pool's
+// maxima of plain rows) only grad_x remains.
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
 void backward_kernel(const T* grad, const int64_t* rows, const T* argmax, const T* out, const T* w,
@@ -194,6 +185,7 @@ void backward_kernel(const T* grad, const int64_t* rows, const T* argmax, const 
       const T* a = argmax + k * channels;
       const int64_t length = lengths[k];
       add_to_rows(g, a, tokens, starts[k], length, channels, grad_x);
+      if (dim == 0) continue;
       std::fill(local, local + kOutBuffers * length * dim, T(0));
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t i = static_cast<int64_t>(a[c]), item = starts[k] + i;
@@ -261,10 +253,6 @@ at::Tensor bucket_max_pool_backward(const at::Tensor& grad, const at::Tensor& ro
               "grad [S, C], argmax [K, C], out and grad_out [T, D], w [C, D], one row, start and length per bucket");
   auto grad_w = at::zeros_like(w);
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "bucket_max_pool_backward", [&] {
-    if (dim == 0)
-      return rows_backward_kernel(grad.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), argmax.data_ptr<scalar_t>(),
-                                  tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
-                                  num_buckets, channels, grad_x.data_ptr<scalar_t>());
     const auto kernel = dim == 12 ? backward_kernel<scalar_t, 12> : backward_kernel<scalar_t, 0>;
     kernel(grad.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), argmax.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
            w.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),

@@ -3,7 +3,7 @@
 // Every product reads whole C-wide rows of the pooled tables by index, one token (or one table
 // row) per task, and writes each output once: no [M, B·N, C] tensor, no atomics (the caller
 // lists segment_rows' entries row after row).
-//   row_dots:     dots[j][i] = a[ids[j][i]] · b[b_ids[i]]          (cosine numerators, gradients of w)
+//   row_dots:     dots[j][i] = a[ids[j][i]] · b[i]                 (backward: the gradients of w)
 //   ensemble_forward: dots as row_dots, Eq. 3's weights w from them, and
 //                 y[i] = x[i] + coef · Σ_j w[j][i] · a[ids[j][i]]  (the residual; the rows read once)
 //   segment_rows: out[r] = Σ_{k in r} (alpha[k] · p[p_ids[k]] + beta[k] · q[q_ids[k]]) + gamma[r] · self[r]
@@ -53,11 +53,10 @@ inline void token_dots(const T* a, const int64_t* ids, const T* bi, int64_t i, i
 }
 
 template <typename T>
-void row_dots_kernel(const T* a, const int64_t* ids, const T* b, const int64_t* b_ids, int64_t views,
-                     int64_t tokens, int64_t channels, T* dots) {
+void row_dots_kernel(const T* a, const int64_t* ids, const T* b, int64_t views, int64_t tokens, int64_t channels,
+                     T* dots) {
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      token_dots(a, ids, b + (b_ids ? b_ids[i] : i) * channels, i, views, tokens, channels, dots);
+    for (int64_t i = begin; i < end; ++i) token_dots(a, ids, b + i * channels, i, views, tokens, channels, dots);
   });
 }
 
@@ -120,24 +119,17 @@ void segment_rows_kernel(const int64_t* offsets, const int64_t* order, int64_t r
   });
 }
 
-// dots [M, T]: a [Ra, C] rows ids [M, T] against b [Rb, C] rows b_ids [T] (b's rows 0..T-1 without).
-at::Tensor row_dots(const at::Tensor& a, const at::Tensor& ids, const at::Tensor& b,
-                    const std::optional<at::Tensor>& b_ids) {
+// dots [M, T]: a [Ra, C] rows ids [M, T] against b [T, C], a row per token.
+at::Tensor row_dots(const at::Tensor& a, const at::Tensor& ids, const at::Tensor& b) {
   any2point::check_values(a, {&a, &b});
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous(), "ids: contiguous int64 [M, T]");
   const int64_t views = ids.size(0), tokens = ids.size(1);
-  if (b_ids) {
-    any2point::check_indices({&*b_ids});
-    TORCH_CHECK(b_ids->numel() == tokens, "one b row per token");
-  } else {
-    TORCH_CHECK(b.size(0) == tokens, "b has one row per token");
-  }
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "a [Ra, C], b [Rb, C]");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && b.size(0) == tokens,
+              "a [Ra, C], b [T, C]: a row per token");
   auto dots = at::empty({views, tokens}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "row_dots", [&] {
-    row_dots_kernel<scalar_t>(a.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), b.data_ptr<scalar_t>(),
-                              b_ids ? b_ids->data_ptr<int64_t>() : nullptr, views, tokens, a.size(1),
-                              dots.data_ptr<scalar_t>());
+    row_dots_kernel<scalar_t>(a.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), b.data_ptr<scalar_t>(), views, tokens,
+                              a.size(1), dots.data_ptr<scalar_t>());
   });
   return dots;
 }
@@ -209,7 +201,7 @@ at::Tensor segment_rows(const at::Tensor& offsets, const std::optional<at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
-  m.def("row_dots(Tensor a, Tensor ids, Tensor b, Tensor? b_ids) -> Tensor");
+  m.def("row_dots(Tensor a, Tensor ids, Tensor b) -> Tensor");
   m.def("ensemble_forward(Tensor x, Tensor a, Tensor ids, Tensor b, Tensor b_ids, Tensor a_norms, Tensor b_norms, "
         "float coef, float eps) -> (Tensor, Tensor)");
   m.def("segment_rows(Tensor offsets, Tensor? order, Tensor? alpha, Tensor? p_ids, Tensor? p, Tensor beta, "
