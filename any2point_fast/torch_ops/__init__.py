@@ -6,10 +6,11 @@ differs is how they are computed, the same way as the Triton kernels:
 
 - tokens are visited in the sorted order of :class:`~any2point_fast.geometry.Segments`, so every
   bucket is a contiguous run; pooled sums are sparse CSR products (a matrix row per bucket),
-  pooled maxima one ``scatter_reduce`` (or, in ``neighborhood_attention_pool`` on the CPU, a
-  compiled kernel of :mod:`.native`);
-- attention runs inside each bucket only: on the CPU a small compiled C++ kernel takes a
-  bucket at a time (:mod:`.native`, built on first use); where it cannot build, buckets are
+  pooled maxima one ``scatter_reduce`` (on the CPU, a compiled kernel of :mod:`.native`, which
+  keeps the item holding each maximum);
+- attention runs inside each bucket only: on the CPU a small compiled C++ kernel takes short
+  buckets of one length a SIMD vector of buckets at a time and long ones a bucket at a time
+  (:mod:`.native`, built on first use); where it cannot build, buckets are
   batched by length, short ones exactly (no padding), long ones padded to a length class and
   handed to PyTorch's fused CPU flash attention, so no ``N × N`` tensor per cloud is ever
   allocated;
@@ -17,7 +18,8 @@ differs is how they are computed, the same way as the Triton kernels:
   compiled row products of :mod:`.native`;
 - ``batch_norm_gelu`` normalises the pooled rows group by group and applies GELU in two passes
   over the rows forward (statistics, output) and two backward (a compiled kernel on the CPU, the
-  same formulas in PyTorch elsewhere), saving only its input rows and ``[G, C]`` statistics;
+  same formulas in PyTorch elsewhere), saving its input rows and ``[G, C]`` statistics (and, on
+  the CPU, GELU's slope ``[S, C]``, so that backward evaluates no erf);
 - ``neighborhood_attention_pool`` and ``ensemble_propagate`` are autograd Functions that keep
   only small per-token tensors (``D = 12`` attention channels, ``M`` weights) and per-bucket
   rows (the pooled maxima, or the items holding them) for backward and recompute the rest; no
