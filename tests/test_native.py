@@ -120,22 +120,27 @@ def test_each_instruction_set_has_its_own_build(fresh_build, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channel", [0, 17, 63, 64, 80, 96, 99])
-def test_bucket_max_pool_flags_a_tie_in_any_channel(dtype, channel):
-    """Two items tying for one channel's maximum flag their bucket, wherever that channel falls
-    among the kernel's blocks of SIMD vectors, single vectors and last channels (100 channels);
-    the maxima are exact and the argmax names the first item holding each."""
+def test_bucket_pool_flags_a_tie_in_any_channel(dtype, channel):
+    """Two items tying for one channel's maximum flag their segment, wherever that channel falls
+    among the kernel's blocks of SIMD vectors, single vectors and last channels (100 channels); the
+    argmax names the first item holding each maximum; segments of one item (2 t) or none (the
+    bias only) have no maximum slot."""
     require_compiled()
     gen = torch.Generator().manual_seed(channel)
-    x = torch.randn(5, 100, generator=gen, dtype=dtype)
-    x[[1, 2], channel] = x[:, channel].max() + 1  # bucket 0 (items 0-2): a tie at `channel` only
-    out = torch.randn(5, 12, generator=gen, dtype=dtype)
+    x = torch.randn(7, 100, generator=gen, dtype=dtype)
+    x[[1, 2], channel] = x[:, channel].max() + 1  # segment 0 (items 0-2): a tie at `channel` only
+    out = torch.randn(7, 12, generator=gen, dtype=dtype)
     wt = torch.zeros(1, 12, 100, dtype=dtype)  # features t = x exactly
-    maxima, argmax, tied = native.ops().bucket_max_pool(x, out, wt, torch.arange(5), torch.tensor([0, 3]),
-                                                        torch.tensor([3, 2]), torch.tensor([0, 0]))
+    bias = torch.randn(1, 100, generator=gen, dtype=dtype)
+    starts, lengths = torch.tensor([0, 3, 4, 4, 6]), torch.tensor([3, 1, 0, 2, 1])
+    pooled, argmax, tied = native.ops().bucket_pool(x, out, wt, bias, torch.arange(7), starts, lengths,
+                                                    torch.zeros(5, dtype=torch.long), 2.0)
     assert tied.tolist() == [True, False]
-    torch.testing.assert_close(maxima, torch.stack((x[:3].amax(0), x[3:].amax(0))), rtol=0, atol=0)
+    rows = [x[first:first + n] for first, n in zip(starts.tolist(), lengths.tolist())]
+    expected = torch.stack([r.amax(0) + r.mean(0) if len(r) else torch.zeros(100, dtype=dtype) for r in rows])
+    torch.testing.assert_close(pooled, expected + 2 * bias)
     assert argmax[0, channel] == 1
-    torch.testing.assert_close(argmax, torch.stack((x[:3].argmax(0), x[3:].argmax(0))).to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(argmax, torch.stack((rows[0].argmax(0), rows[3].argmax(0))).to(dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

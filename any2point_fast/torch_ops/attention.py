@@ -477,18 +477,22 @@ def _max_buckets(plan: _Plan, segments: Segments):
             plan.starts.index_select(0, chosen), plan.counts.index_select(0, chosen))
 
 
-def _compiled_maxima(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, plan: _Plan, segments: Segments,
-                     pooled: torch.Tensor) -> _CompiledMax:
-    """Add the maxima of ``t_j − b_o`` of every view without a tie to ``pooled`` ``[S, C]``."""
-    chosen, bounds, views, starts, lengths = _derived(segments, "max buckets", len(xf),
-                                                      lambda: _max_buckets(plan, segments))
-    maxima, argmax, tied = native.ops().bucket_max_pool(xf, out, wo.transpose(1, 2).contiguous(), plan.tokens,
-                                                         starts, lengths, views)
-    tied_views = set(views[tied].tolist())
-    for view, (first, last) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if view not in tied_views:
-            pooled.index_add_(0, chosen[first:last], maxima[first:last])
-    return _CompiledMax(chosen, starts, lengths, bounds, argmax, tied_views)
+def _segment_views(segments: Segments) -> torch.Tensor:
+    """``[S]`` view of every segment."""
+    counts = torch.tensor(segments.view_offsets, device=segments.perm.device).diff()
+    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+
+
+def _compiled_pool(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, plan: _Plan,
+                   segments: Segments, bias_factor: float) -> tuple[torch.Tensor, _CompiledMax]:
+    """Every pooled row ``[S, C]`` under ``max + mean`` by the compiled kernel, and the item holding
+    every maximum of the buckets of two or more tokens."""
+    views = _derived(segments, "segment views", len(xf), lambda: _segment_views(segments))
+    pooled, argmax, tied = native.ops().bucket_pool(xf, out, wo.transpose(1, 2).contiguous(), bo.contiguous(),
+                                                    plan.tokens, plan.starts, plan.counts, views, bias_factor)
+    chosen, bounds, max_views, starts, lengths = _derived(segments, "max buckets", len(xf),
+                                                          lambda: _max_buckets(plan, segments))
+    return pooled, _CompiledMax(chosen, starts, lengths, bounds, argmax, set(max_views[tied].tolist()))
 
 
 def _compiled_max_backward(g: torch.Tensor, maxima: _CompiledMax, out: torch.Tensor, wo: torch.Tensor,
@@ -573,21 +577,22 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         # linear part (the mean, and the maximum of singletons): sums of x and of the D-wide outputs
         wo, bo = out_weight.to(dtype), out_bias.to(dtype)
         weights = linear_pool_weights(plan.counts, pooling, dtype)
-        pool_matrix = _derived(segments, f"pool {pooling} {dtype} {xf.device}", len(xf), lambda: csr(
-            plan.counts, plan.tokens, weights.index_select(0, plan.segment_of_position), len(xf)))
-        pooled = csr_mm(pool_matrix, xf)
         linear_out = torch.segment_reduce(out, "sum", lengths=plan.counts, axis=0, unsafe=True).mul_(weights[:, None])
-        # b_o as one more column, in the same product (twice b_o under max + mean): [S, D + 1]
-        bias_factor = 2.0 if pooling == "max+mean" else 1.0
-        linear_out = torch.cat((linear_out, linear_out.new_full((len(linear_out), 1), bias_factor)), dim=1)
-        out_weight_bias = torch.cat((wo, bo[:, :, None]), dim=2)  # [M, C, D + 1]
-        for view, (first, last) in enumerate(zip(segments.view_offsets[:-1], segments.view_offsets[1:])):
-            pooled[first:last].addmm_(linear_out[first:last], out_weight_bias[view].T)
-        # maximum of the buckets of two or more tokens: by the compiled kernel (views with a tie
-        # excepted), or one view at a time
+        bias_factor = 2.0 if pooling == "max+mean" else 1.0  # b_o's, twice under max + mean
         compiled = None
-        if pooling == "max+mean" and native.available(xf.device):
-            compiled = _compiled_maxima(xf, out, wo, plan, segments, pooled)
+        if pooling == "max+mean" and native.available(xf.device):  # every pooled row in one pass over its items
+            pooled, compiled = _compiled_pool(xf, out, wo, bo, plan, segments, bias_factor)
+        # b_o as one more column: [S, D + 1] (and [W_o | b_o]'s gradient in one product per view)
+        linear_out = torch.cat((linear_out, linear_out.new_full((len(linear_out), 1), bias_factor)), dim=1)
+        if compiled is None:
+            pool_matrix = _derived(segments, f"pool {pooling} {dtype} {xf.device}", len(xf), lambda: csr(
+                plan.counts, plan.tokens, weights.index_select(0, plan.segment_of_position), len(xf)))
+            pooled = csr_mm(pool_matrix, xf)
+            out_weight_bias = torch.cat((wo, bo[:, :, None]), dim=2)  # [M, C, D + 1]
+            for view, (first, last) in enumerate(zip(segments.view_offsets[:-1], segments.view_offsets[1:])):
+                pooled[first:last].addmm_(linear_out[first:last], out_weight_bias[view].T)
+        # maximum of the buckets of two or more tokens: by the compiled kernel (a view with a tie
+        # also recomputes them below, for backward), or one view at a time
         max_items = _max_items(plan, segments) if pooling == "max+mean" and (compiled is None or compiled.tied) else []
         # per view, for backward, [S_j, C] (far smaller than the [T_j, C] features): the maxima, or
         # the rows of the items that hold them
@@ -601,7 +606,8 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
                     top, rows = _maxima_and_items(t, items, masks)
                 else:
                     top = segment_max(t, items.local, len(items.segments))
-                pooled.index_add_(0, items.segments, top)
+                if compiled is None:
+                    pooled.index_add_(0, items.segments, top)
             maxima.append(top if rows is None else None)
             argmax_rows.append(rows)
         del features, masks
@@ -666,7 +672,8 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         folded_weight, _ = _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype)
         grad_folded_bias = grad_qkv.sum(dim=0).view(views, 3 * width)
         xhat = _normalized(xf, ctx.eps)[0]
-        grad_folded_weight = torch.mm(grad_qkv.T, xhat).view(views, 3 * width, channels)
+        # (x̂ᵀ ∂qkv, transposed after: MKL is faster so than ∂qkvᵀ x̂)
+        grad_folded_weight = torch.mm(xhat.T, grad_qkv).T.reshape(views, 3 * width, channels)
         del xhat
         w = qkv_weight.to(dtype)
         grad_qkv_weight = grad_folded_weight * ln_weight.to(dtype)[:, None, :]

@@ -46,7 +46,7 @@ import torch
 #: Environment variable: ``0`` keeps the torch path in plain PyTorch (no compilation).
 ENV_VAR = "ANY2POINT_NATIVE"
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("batch_norm_gelu.cpp", "bucket_attention.cpp", "bucket_max_pool.cpp", "ensemble.cpp",
+                for name in ("batch_norm_gelu.cpp", "bucket_attention.cpp", "bucket_pool.cpp", "ensemble.cpp",
                              "layer_norm.cpp"))
 #: The ``torch.ops`` namespace of the compiled kernels.
 NAMESPACE = "any2point_native"

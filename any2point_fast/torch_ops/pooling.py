@@ -38,18 +38,20 @@ class _SegmentPool(torch.autograd.Function):
         ids = segment_ids.long()
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids, minlength=num_segments)
-        weights = linear_pool_weights(counts, pooling, dtype)
-        pooled = csr_mm(csr(counts, order, weights.index_select(0, ids.index_select(0, order)), len(v)), v)
-        shared = rows = maxima = argmax = None
-        if pooling == "max+mean":
-            shared = (counts > 1).nonzero().squeeze(1)  # segments whose maximum is not their only row
-            if native.available(v.device):
-                v = v.contiguous()
-                maxima, argmax = _compiled_maxima(v, order, counts, shared)
-            if argmax is None:
-                rows = order[(counts > 1).index_select(0, ids.index_select(0, order))]  # their rows, segment by segment
-                maxima = segment_max(v, ids, num_segments).index_select(0, shared)
-            pooled.index_add_(0, shared, maxima)
+        with_max = pooling == "max+mean"
+        shared = (counts > 1).nonzero().squeeze(1) if with_max else None  # segments whose maximum is not their only row
+        rows = maxima = argmax = None
+        compiled = with_max and native.available(v.device)
+        if compiled:  # every pooled row in one pass over its rows
+            pooled, argmax = _compiled_pool(v.contiguous(), order, counts)
+        else:
+            weights = linear_pool_weights(counts, pooling, dtype)
+            pooled = csr_mm(csr(counts, order, weights.index_select(0, ids.index_select(0, order)), len(v)), v)
+        if with_max and argmax is None:  # no compiled kernels, or a maximum attained twice
+            rows = order[(counts > 1).index_select(0, ids.index_select(0, order))]  # their rows, segment by segment
+            maxima = segment_max(v, ids, num_segments).index_select(0, shared)
+            if not compiled:
+                pooled.index_add_(0, shared, maxima)
         # with argmax (the row holding every maximum), backward needs no maxima
         ctx.save_for_backward(values, ids, order, counts, shared, rows, maxima if argmax is None else None, argmax)
         ctx.pooling = pooling
@@ -82,14 +84,15 @@ def _buckets(counts: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, 
     return csr_offsets(counts).index_select(0, shared), counts.index_select(0, shared)
 
 
-def _compiled_maxima(v: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
-                     shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Maxima ``[K, C]`` of the ``shared`` segments by the compiled kernel, and the segment-local
-    index of the row holding each (``None`` if some maximum is attained twice)."""
-    starts, lengths = _buckets(counts, shared)
-    maxima, argmax, tied = native.ops().bucket_max_pool(v, v.new_empty(len(order), 0), v.new_empty(1, 0, v.shape[1]),
-                                                         order, starts, lengths, torch.zeros_like(shared))
-    return maxima, None if bool(tied.any()) else argmax
+def _compiled_pool(v: torch.Tensor, order: torch.Tensor,
+                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled rows ``[S, C]`` under ``max + mean`` by the compiled kernel (no attention term, no
+    bias), and the segment-local index of the row holding every maximum of the segments of two or
+    more rows (``None`` if some maximum is attained twice)."""
+    pooled, argmax, tied = native.ops().bucket_pool(v, v.new_empty(len(order), 0), v.new_empty(1, 0, v.shape[1]),
+                                                    v.new_empty(0), order, csr_offsets(counts)[:-1], counts,
+                                                    torch.zeros_like(counts), 0.0)
+    return pooled, None if bool(tied.any()) else argmax
 
 
 def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:

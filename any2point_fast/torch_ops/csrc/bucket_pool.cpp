@@ -55,16 +55,25 @@ inline bool any_nonzero(const V& v) {
   return std::any_of(lanes, lanes + sizeof(V) / sizeof(T), [](T value) { return value != T(0); });
 }
 
+// Pooled rows of every segment s (items starts[s] .. starts[s] + lengths[s] - 1, view views[s]),
+// a block of channels at a time in registers, the [T, C] features of a view never formed:
+// max + mean: max_i t_i + (1/n) Σ_i t_i + bias_factor · b, with t_i = x[tokens[i]] + out[i] W_oᵀ (a
+// singleton's row is 2 t + bias_factor · b, an empty segment's bias_factor · b; bias is null
+// without a bias: segment_pool). Segments of two or more items (slot ≥ 0) also keep per channel
+// the segment-local index of the item holding the maximum, and whether another item ties with it.
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
-void forward_kernel(const T* x, const T* out, const T* wt, const int64_t* tokens, const int64_t* starts,
-                    const int64_t* lengths, const int64_t* views, int64_t num_buckets, int64_t runtime_dim,
-                    int64_t channels, T* maxima, T* argmax, bool* tied) {
+void max_mean_kernel(const T* x, const T* out, const T* wt, const T* bias, const int64_t* tokens,
+                     const int64_t* starts, const int64_t* lengths, const int64_t* views, const int64_t* slots,
+                     int64_t num_segments, int64_t runtime_dim, int64_t channels, T bias_factor, T* pooled,
+                     T* argmax, bool* tied) {
   const int64_t dim = kDim > 0 ? kDim : runtime_dim;
   constexpr int64_t line = 64 / sizeof(T);  // values per cache line
-  for_each_bucket(lengths, num_buckets, [&](int64_t k) {
-    const T* w = wt + views[k] * dim * channels;
-    const int64_t first_item = starts[k], length = lengths[k];
+  for_each_bucket(lengths, num_segments, [&](int64_t s) {
+    const T* w = wt + views[s] * dim * channels;
+    const T* bias_row = bias == nullptr ? nullptr : bias + views[s] * channels;
+    const int64_t first_item = starts[s], length = lengths[s], slot = slots[s];
+    const T inverse = T(1) / T(std::max<int64_t>(length, 1));
     any2point::Vec<T> ties{};  // tie flags summed over the blocks (lane by lane), checked once
     T tail_ties = 0;
     // the items' token rows are scattered: ask for each block's lines one block ahead, and for
@@ -76,11 +85,12 @@ void forward_kernel(const T* x, const T* out, const T* wt, const int64_t* tokens
       using V = typename decltype(block)::type;
       constexpr int64_t n = decltype(block)::size, lanes = sizeof(V) / sizeof(T);
       const int64_t ahead = std::min(channels, first + 2 * n * lanes);
-      V best[n], arg[n], tie[n];
+      V best[n], arg[n], tie[n], sum[n];
       for (int64_t b = 0; b < n; ++b) {
         best[b] = V{} - T(INFINITY);
         arg[b] = V{};
         tie[b] = V{};
+        sum[b] = V{};
       }
       // the features of m consecutive items (m ≤ 2), then their turns at the maxima in order:
       // every vector of W_oᵀ is loaded once for the m items
@@ -104,6 +114,7 @@ void forward_kernel(const T* x, const T* out, const T* wt, const int64_t* tokens
         for (int64_t j = 0; j < m; ++j) {
           const V index = V{} + T(i + j);
           for (int64_t b = 0; b < n; ++b) {
+            sum[b] += t[j][b];
             const auto above = t[j][b] > best[b];
             tie[b] = above ? V{} : (t[j][b] == best[b] ? V{} + T(1) : tie[b]);
             arg[b] = above ? index : arg[b];
@@ -115,15 +126,20 @@ void forward_kernel(const T* x, const T* out, const T* wt, const int64_t* tokens
       for (; i + 2 <= length; i += 2) visit(i, std::integral_constant<int64_t, 2>{});
       if (i < length) visit(i, std::integral_constant<int64_t, 1>{});
       for (int64_t b = 0; b < n; ++b) {
-        store_as(maxima + k * channels + first + b * lanes, best[b]);
-        store_as(argmax + k * channels + first + b * lanes, arg[b]);
+        V row = length > 0 ? best[b] + sum[b] * inverse : V{};
+        if (bias_row != nullptr) row += bias_factor * load_as<V>(bias_row + first + b * lanes);
+        store_as(pooled + s * channels + first + b * lanes, row);
+      }
+      if (slot < 0) return;
+      for (int64_t b = 0; b < n; ++b) {
+        store_as(argmax + slot * channels + first + b * lanes, arg[b]);
         if constexpr (std::is_same_v<V, T>)
           tail_ties += tie[b];
         else
           ties += tie[b];
       }
     });
-    tied[k] = tail_ties != T(0) || any_nonzero<T>(ties);
+    if (slot >= 0) tied[slot] = tail_ties != T(0) || any_nonzero<T>(ties);
   });
 }
 
@@ -211,30 +227,42 @@ void backward_kernel(const T* grad, const int64_t* rows, const T* argmax, const 
     for (int64_t j = 0; j < channels * dim; ++j) grad_w[j] += partials[r * channels * dim + j];
 }
 
-// (maxima [K, C], argmax [K, C] (the bucket-local index of the item holding each maximum, in
-// x's dtype), tied [K] (bool)) of the K listed buckets; wt is [M, D, C], W_oᵀ of every view.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_max_pool(const at::Tensor& x, const at::Tensor& out,
-                                                               const at::Tensor& wt, const at::Tensor& tokens,
-                                                               const at::Tensor& starts, const at::Tensor& lengths,
-                                                               const at::Tensor& views) {
-  any2point::check_values(x, {&x, &out, &wt});
+// (pooled [S, C], argmax [K, C] (the segment-local index of the item holding every maximum, in
+// x's dtype), tied [K] (bool)) of the S segments under max + mean; the K segments of two or more
+// items, in segment order, have maxima. wt is [M, D, C], W_oᵀ of every view; bias [M, C] or empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_pool(const at::Tensor& x, const at::Tensor& out,
+                                                           const at::Tensor& wt, const at::Tensor& bias,
+                                                           const at::Tensor& tokens, const at::Tensor& starts,
+                                                           const at::Tensor& lengths, const at::Tensor& views,
+                                                           double bias_factor) {
+  any2point::check_values(x, {&x, &out, &wt, &bias});
   any2point::check_indices({&tokens, &starts, &lengths, &views});
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && wt.dim() == 3 && wt.size(1) == out.size(1) && wt.size(2) == x.size(1),
               "x [R, C], out [T, D], wt [M, D, C]");
-  const int64_t num_buckets = starts.numel(), channels = x.size(1);
-  TORCH_CHECK(lengths.numel() == num_buckets && views.numel() == num_buckets, "one start, length and view per bucket");
-  TORCH_CHECK(num_buckets == 0 || lengths.max().item<int64_t>() < (int64_t(1) << 24),
-              "a bucket of 2^24 items or more: its item indices are not exact in float32");
-  auto maxima = at::empty({num_buckets, channels}, x.options());
-  auto argmax = at::empty({num_buckets, channels}, x.options());
-  auto tied = at::empty({num_buckets}, x.options().dtype(at::kBool));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bucket_max_pool", [&] {
-    const auto kernel = out.size(1) == 12 ? forward_kernel<scalar_t, 12> : forward_kernel<scalar_t, 0>;
-    kernel(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
-           starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), views.data_ptr<int64_t>(), num_buckets,
-           out.size(1), channels, maxima.data_ptr<scalar_t>(), argmax.data_ptr<scalar_t>(), tied.data_ptr<bool>());
+  const int64_t num_segments = starts.numel(), channels = x.size(1), dim = out.size(1);
+  TORCH_CHECK(lengths.numel() == num_segments && views.numel() == num_segments,
+              "one start, length and view per segment");
+  TORCH_CHECK(bias.numel() == 0 || (bias.dim() == 2 && bias.size(0) == wt.size(0) && bias.size(1) == channels),
+              "bias [M, C] or empty");
+  TORCH_CHECK(num_segments == 0 || lengths.max().item<int64_t>() < (int64_t(1) << 24),
+              "a segment of 2^24 items or more: its item indices are not exact in float32");
+  std::vector<int64_t> slots(num_segments, -1);
+  int64_t num_max = 0;
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  for (int64_t s = 0; s < num_segments; ++s)
+    if (length[s] > 1) slots[s] = num_max++;
+  auto pooled = at::empty({num_segments, channels}, x.options());
+  auto argmax = at::empty({num_max, channels}, x.options());
+  auto tied = at::empty({num_max}, x.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bucket_pool", [&] {
+    const auto kernel = dim == 12 ? max_mean_kernel<scalar_t, 12> : max_mean_kernel<scalar_t, 0>;
+    kernel(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+           bias.numel() == 0 ? nullptr : bias.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
+           starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), views.data_ptr<int64_t>(), slots.data(),
+           num_segments, dim, channels, static_cast<scalar_t>(bias_factor), pooled.data_ptr<scalar_t>(),
+           argmax.data_ptr<scalar_t>(), tied.data_ptr<bool>());
   });
-  return {maxima, argmax, tied};
+  return {pooled, argmax, tied};
 }
 
 // Adds the gradient through one view's maxima (their buckets listed by starts and lengths, their
@@ -265,13 +293,13 @@ at::Tensor bucket_max_pool_backward(const at::Tensor& grad, const at::Tensor& ro
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
-  m.def("bucket_max_pool(Tensor x, Tensor out, Tensor wt, Tensor tokens, Tensor starts, Tensor lengths, "
-        "Tensor views) -> (Tensor, Tensor, Tensor)");
+  m.def("bucket_pool(Tensor x, Tensor out, Tensor wt, Tensor bias, Tensor tokens, Tensor starts, Tensor lengths, "
+        "Tensor views, float bias_factor) -> (Tensor, Tensor, Tensor)");
   m.def("bucket_max_pool_backward(Tensor grad, Tensor rows, Tensor argmax, Tensor out, Tensor w, Tensor tokens, "
         "Tensor starts, Tensor lengths, Tensor(a!) grad_x, Tensor(b!) grad_out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
-  m.impl("bucket_max_pool", &bucket_max_pool);
+  m.impl("bucket_pool", &bucket_pool);
   m.impl("bucket_max_pool_backward", &bucket_max_pool_backward);
 }
