@@ -25,20 +25,22 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
    ``t_j`` itself: it is formed one view at a time for their tokens only (at most
    ``[B·N, C]``, grouped by bucket length) and reduced per bucket, never for all views at once.
 4. **Backward recomputes, or scatters from argmaxes.** Saved are ``x`` (as a contiguous float
-   copy only where it is not one already), the ``D``-wide ``qkv`` and attention outputs, the
-   log-sum-exps of the buckets not attended by the explicit softmax, the LayerNorm statistics
-   and, per view, ``[S_j, C]`` rows (not token features): where a view's buckets are long
+   copy only where it is not one already), ``x̂`` with its LayerNorm statistics (``[B·N, C]``,
+   shared by the views), the ``D``-wide ``qkv`` and attention outputs, the log-sum-exps of the
+   buckets not attended by the explicit softmax and, per view, ``[S_j, C]`` rows (not token features): where a view's buckets are long
    (``ARGMAX_MIN_LENGTH``), the item holding every maximum, so that backward scatters the
    maximum's gradient straight to it; elsewhere, or where some maximum is attained twice, the
    maxima themselves, and ``t_j`` is recomputed one view at a time and compared with them. Tied
    tokens share the maximum's gradient equally, as in the reference.
 
-On the CPU, where the compiled kernels of :mod:`.native` build, one kernel finds the maxima of
-every view's buckets, forming each item's features a block of channels at a time in registers,
-and keeps per channel the bucket-local index of the item holding the maximum (``[K, C]``); its
-backward hands each maximum's gradient straight to that item. A view where some maximum is
-attained twice takes the PyTorch route above. Another kernel there gives ``x̂`` (forward, and
-again in backward) in one pass over the tokens, and one more adds their gradient through it.
+On the CPU, where the compiled kernels of :mod:`.native` build, ``max + mean`` pools in one
+kernel: it forms every item's features a block of channels at a time in registers and writes
+every pooled row (``max_s(t_j) + mean_s(t_j) + b_o``: no sparse product), keeping per channel the
+bucket-local index of the item holding each maximum of the buckets of two or more tokens
+(``[K, C]``); its backward hands each maximum's gradient straight to that item. A view where
+some maximum is attained twice recomputes its maxima on the PyTorch route above, for backward.
+Another kernel there gives ``x̂`` in one pass over the tokens, and one more adds their gradient
+through it.
 
 The integer bookkeeping (the plan of step 2, the bucket lists of the maxima, the sparse pooling
 matrices) depends on the segments only: it is derived once per :class:`Segments` object
@@ -571,7 +573,6 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         xhat, mean, rstd = _normalized(xf, eps)
         folded_weight, folded_bias = _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype)
         qkv = torch.addmm(folded_bias, xhat, folded_weight.T)  # [B·N, M·3D], row-major = [B·N·M, 3D]
-        del xhat
         out, lse = _attention_forward(qkv.view(-1, qkv_weight.shape[1]), plan, num_heads)
 
         # linear part (the mean, and the maximum of singletons): sums of x and of the D-wide outputs
@@ -611,17 +612,17 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
             maxima.append(top if rows is None else None)
             argmax_rows.append(rows)
         del features, masks
-        ctx.save_for_backward(xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, mean, rstd, qkv, out,
-                              linear_out)
+        ctx.save_for_backward(xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, xhat, mean, rstd,
+                              qkv, out, linear_out)
         ctx.plan, ctx.max_items, ctx.lse, ctx.segments = plan, max_items, lse, segments
         ctx.maxima, ctx.argmax_rows, ctx.compiled = maxima, argmax_rows, compiled
-        ctx.num_heads, ctx.pooling, ctx.eps, ctx.x_dtype, ctx.x_shape = num_heads, pooling, eps, x.dtype, x.shape
+        ctx.num_heads, ctx.pooling, ctx.x_dtype, ctx.x_shape = num_heads, pooling, x.dtype, x.shape
         return pooled.to(x.dtype)
 
     @staticmethod
     @without_autocast
     def backward(ctx, grad):
-        (xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, mean, rstd, qkv, out,
+        (xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, xhat, mean, rstd, qkv, out,
          linear_out) = ctx.saved_tensors
         plan, segments, pooling = ctx.plan, ctx.segments, ctx.pooling
         dtype = qkv.dtype
@@ -671,10 +672,8 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         grad_qkv = grad_qkv.view(xf.shape[0], -1)
         folded_weight, _ = _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype)
         grad_folded_bias = grad_qkv.sum(dim=0).view(views, 3 * width)
-        xhat = _normalized(xf, ctx.eps)[0]
         # (x̂ᵀ ∂qkv, transposed after: MKL is faster so than ∂qkvᵀ x̂)
         grad_folded_weight = torch.mm(xhat.T, grad_qkv).T.reshape(views, 3 * width, channels)
-        del xhat
         w = qkv_weight.to(dtype)
         grad_qkv_weight = grad_folded_weight * ln_weight.to(dtype)[:, None, :]
         grad_qkv_weight += grad_folded_bias[:, :, None] * ln_bias.to(dtype)[:, None, :]
