@@ -27,11 +27,12 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
 4. **Backward recomputes, or scatters from argmaxes.** Saved are ``x`` (as a contiguous float
    copy only where it is not one already), ``x̂`` with its LayerNorm statistics (``[B·N, C]``,
    shared by the views), the ``D``-wide ``qkv`` and attention outputs, the log-sum-exps of the
-   buckets not attended by the explicit softmax and, per view, ``[S_j, C]`` rows (not token features): where a view's buckets are long
-   (``ARGMAX_MIN_LENGTH``), the item holding every maximum, so that backward scatters the
-   maximum's gradient straight to it; elsewhere, or where some maximum is attained twice, the
-   maxima themselves, and ``t_j`` is recomputed one view at a time and compared with them. Tied
-   tokens share the maximum's gradient equally, as in the reference.
+   buckets not attended by the explicit softmax and, per view, ``[S_j, C]`` rows (not token
+   features): where a view's buckets are long (``ARGMAX_MIN_LENGTH``), the item holding every
+   maximum, so that backward scatters the maximum's gradient straight to it; elsewhere, or where
+   some maximum is attained twice, the maxima themselves, and ``t_j`` is recomputed one view at a
+   time and compared with them. Tied tokens share the maximum's gradient equally, as in the
+   reference.
 
 On the CPU, where the compiled kernels of :mod:`.native` build, ``max + mean`` pools in one
 kernel: it forms every item's features a block of channels at a time in registers and writes
@@ -447,15 +448,12 @@ class _CompiledMax:
     """The maxima of the buckets of two or more tokens, found by the compiled kernel (:mod:`.native`).
 
     Attributes:
-        segments, starts, lengths: ``[K]`` each, the buckets view after view.
-        bounds: ``M + 1`` ints, the range of every view's buckets.
-        argmax: ``[K, C]`` bucket-local index of the item holding every maximum (in the compute dtype).
+        bounds: ``M + 1`` ints, the range of every view's buckets among the ``K``.
+        argmax: ``[K, C]`` bucket-local index of the item holding every maximum (in the compute dtype),
+            the buckets in segment order.
         tied: the views where some maximum is attained twice; they take the PyTorch route.
     """
 
-    segments: torch.Tensor
-    starts: torch.Tensor
-    lengths: torch.Tensor
     bounds: list[int]
     argmax: torch.Tensor
     tied: set[int]
@@ -470,13 +468,11 @@ def _spread_matrix(segments: Segments, weights: torch.Tensor, tokens: int) -> to
     return csr(token_views, segment_ids, weights.index_select(0, segment_ids), len(weights))
 
 
-def _max_buckets(plan: _Plan, segments: Segments):
-    """The buckets of two or more tokens: ``[K]`` segments, the ``M + 1`` bounds of every view's,
-    and ``[K]`` views, starts and lengths."""
+def _max_buckets(plan: _Plan, segments: Segments) -> tuple[list[int], torch.Tensor]:
+    """The buckets of two or more tokens: the ``M + 1`` bounds of every view's, and their ``[K]`` views."""
     chosen = (plan.counts > 1).nonzero().squeeze(1)
     offsets = torch.tensor(segments.view_offsets, device=chosen.device)
-    return (chosen, torch.searchsorted(chosen, offsets).tolist(), torch.bucketize(chosen, offsets[1:-1], right=True),
-            plan.starts.index_select(0, chosen), plan.counts.index_select(0, chosen))
+    return torch.searchsorted(chosen, offsets).tolist(), torch.bucketize(chosen, offsets[1:-1], right=True)
 
 
 def _segment_views(segments: Segments) -> torch.Tensor:
@@ -492,23 +488,8 @@ def _compiled_pool(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, bo: to
     views = _derived(segments, "segment views", len(xf), lambda: _segment_views(segments))
     pooled, argmax, tied = native.ops().bucket_pool(xf, out, wo.transpose(1, 2).contiguous(), bo.contiguous(),
                                                     plan.tokens, plan.starts, plan.counts, views, bias_factor)
-    chosen, bounds, max_views, starts, lengths = _derived(segments, "max buckets", len(xf),
-                                                          lambda: _max_buckets(plan, segments))
-    return pooled, _CompiledMax(chosen, starts, lengths, bounds, argmax, set(max_views[tied].tolist()))
-
-
-def _compiled_max_backward(g: torch.Tensor, maxima: _CompiledMax, out: torch.Tensor, wo: torch.Tensor,
-                           plan: _Plan, grad_x: torch.Tensor, grad_out: torch.Tensor,
-                           grad_out_weight: torch.Tensor) -> None:
-    """Accumulate the gradient ``g`` ``[S, C]`` through the compiled maxima, view by view: the kernel
-    hands each maximum's gradient to the item holding it, through ``t_j = x + Attn_j W_oᵀ``."""
-    g = g.contiguous()
-    for view, (first, last) in enumerate(zip(maxima.bounds[:-1], maxima.bounds[1:])):
-        if first == last or view in maxima.tied:
-            continue
-        grad_out_weight[view] += native.ops().bucket_max_pool_backward(
-            g, maxima.segments[first:last], maxima.argmax[first:last], out, wo[view].contiguous(),
-            plan.tokens, maxima.starts[first:last], maxima.lengths[first:last], grad_x, grad_out)
+    bounds, max_views = _derived(segments, "max buckets", len(xf), lambda: _max_buckets(plan, segments))
+    return pooled, _CompiledMax(bounds, argmax, set(max_views[tied].tolist()))
 
 
 def _scratch(max_items: list[_MaxItems], like: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -616,6 +597,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
                               qkv, out, linear_out)
         ctx.plan, ctx.max_items, ctx.lse, ctx.segments = plan, max_items, lse, segments
         ctx.maxima, ctx.argmax_rows, ctx.compiled = maxima, argmax_rows, compiled
+        ctx.fused = native.available(xf.device)
         ctx.num_heads, ctx.pooling, ctx.x_dtype, ctx.x_shape = num_heads, pooling, x.dtype, x.shape
         return pooled.to(x.dtype)
 
@@ -631,25 +613,35 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         g = grad.to(dtype)
         wo = out_weight.to(dtype)
 
-        # linear part: pooled = Σ w·x + (Σ w·out) W_oᵀ + b_o (twice b_o under max + mean)
+        # linear part: pooled = Σ w·x + (Σ w·out) W_oᵀ + b_o (twice b_o under max + mean); [W_o | b_o]'s
+        # gradient in one product per view (linear_out's last column: b_o's factor)
         weights = linear_pool_weights(plan.counts, pooling, dtype)
-        grad_x = csr_mm(_derived(segments, f"spread {pooling} {dtype} {g.device}", len(xf),
-                                 lambda: _spread_matrix(segments, weights, len(xf))), g)
-        # [W_o | b_o]'s gradient in one product per view (linear_out's last column: b_o's factor)
         grad_out_weight_bias = torch.empty(views, channels, width + 1, dtype=dtype, device=g.device)
-        grad_linear_out = torch.empty(len(linear_out), width, dtype=dtype, device=g.device)
         offsets = segments.view_offsets
+        grad_linear_out = torch.empty(len(linear_out), width, dtype=dtype, device=g.device)
         for view, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
             g_view = g[first:last]
             torch.mm(g_view.T, linear_out[first:last], out=grad_out_weight_bias[view])
             torch.mm(g_view, wo[view], out=grad_linear_out[first:last])
+        if ctx.fused:  # the compiled kernel, view by view: the items' gradients, and the maxima it saved
+            g = g.contiguous()
+            # (every view's segments hold every token once: the first view writes grad_x's rows)
+            grad_x, grad_out = torch.empty_like(xf), torch.empty_like(out)
+            for view, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
+                argmax = g.new_empty(0, channels)
+                if ctx.compiled is not None and view not in ctx.compiled.tied:
+                    argmax = ctx.compiled.argmax[ctx.compiled.bounds[view]:ctx.compiled.bounds[view + 1]]
+                grad_out_weight_bias[view, :, :width] += native.ops().bucket_pool_backward(
+                    g, weights, grad_linear_out, argmax, out, wo[view].contiguous(), plan.tokens, plan.starts,
+                    plan.counts, first, last - first, view > 0, grad_x, grad_out)
+        else:
+            grad_x = csr_mm(_derived(segments, f"spread {pooling} {dtype} {g.device}", len(xf),
+                                     lambda: _spread_matrix(segments, weights, len(xf))), g)
+            grad_out = grad_linear_out.mul_(weights[:, None]).index_select(0, plan.segment_of_position)
         grad_out_weight, grad_out_bias = grad_out_weight_bias[..., :width], grad_out_weight_bias[..., width]
-        grad_out = grad_linear_out.mul_(weights[:, None]).index_select(0, plan.segment_of_position)
 
-        # maximum: scattered to the saved items holding it (by the compiled kernel, or one view at a
-        # time), or (t_j recomputed, compared with the saved maxima) shared equally among tied tokens
-        if ctx.compiled is not None:
-            _compiled_max_backward(g, ctx.compiled, out, wo, plan, grad_x, grad_out, grad_out_weight)
+        # maximum (where the compiled kernel did not take it): scattered to the saved items holding it,
+        # or (t_j recomputed, compared with the saved maxima) shared equally among tied tokens
         recomputed = [items for items, top in zip(ctx.max_items, ctx.maxima) if top is not None]
         features, masks = _scratch(recomputed, xf, 2)
         for view, (items, top, rows) in enumerate(zip(ctx.max_items, ctx.maxima, ctx.argmax_rows)):

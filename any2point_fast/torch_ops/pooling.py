@@ -65,23 +65,21 @@ class _SegmentPool(torch.autograd.Function):
             return None, None, None, None
         dtype = compute_dtype(values)
         g = grad.to(dtype)
-        grad_values = (g * linear_pool_weights(counts, ctx.pooling, dtype)[:, None]).index_select(0, ids)
-        if argmax is not None and len(shared):
-            empty = g.new_empty(len(order), 0)  # no attention term
-            native.ops().bucket_max_pool_backward(g.contiguous(), shared, argmax, empty,
-                                                  g.new_empty(g.shape[1], 0), order, *_buckets(counts, shared),
-                                                  grad_values, empty)
-        elif ctx.pooling == "max+mean" and len(shared):
+        weights = linear_pool_weights(counts, ctx.pooling, dtype)
+        if argmax is not None:  # the compiled kernel: the linear part and the maxima, segment by segment
+            grad_values = g.new_empty(values.shape)  # every row is in one segment: all written
+            none = g.new_empty(len(order), 0)  # no attention term
+            native.ops().bucket_pool_backward(g.contiguous(), weights, g.new_empty(len(counts), 0), argmax, none,
+                                              g.new_empty(g.shape[1], 0), order, csr_offsets(counts)[:-1], counts, 0,
+                                              len(counts), False, grad_values, none)
+        else:
+            grad_values = (g * weights[:, None]).index_select(0, ids)
+        if argmax is None and ctx.pooling == "max+mean" and len(shared):
             # a maximum is exact: the rows that attain it compare equal to it
             local = (torch.cumsum(counts > 1, 0) - 1).index_select(0, ids.index_select(0, rows))
             at_max = maxima.index_select(0, local).eq_(values.to(dtype).index_select(0, rows))
             grad_values.index_add_(0, rows, max_gradient_shares(g.index_select(0, shared), at_max, local))
         return grad_values.to(values.dtype), None, None, None
-
-
-def _buckets(counts: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(starts, lengths)`` of the ``shared`` segments among the rows sorted by segment."""
-    return csr_offsets(counts).index_select(0, shared), counts.index_select(0, shared)
 
 
 def _compiled_pool(v: torch.Tensor, order: torch.Tensor,

@@ -143,18 +143,19 @@ void max_mean_kernel(const T* x, const T* out, const T* wt, const T* bias, const
   });
 }
 
-// The backward of one view's buckets is cut into this many runs of consecutive buckets (of about
-// equal items); each run sums its part of grad_w in its own buffer, and the buffers are added in
-// run order, so that the result does not depend on which thread took which run.
+// The backward of one view's segments is cut into this many runs of consecutive segments (of
+// about equal items); each run sums its part of grad_w in its own buffer, and the buffers are
+// added in run order, so that the result does not depend on which thread took which run.
 constexpr int64_t kRuns = 8;
-// The items' grad_out rows are summed in this many buffers, by channel: in short buckets,
+// The items' grad_out rows are summed in this many buffers, by channel: in short segments,
 // consecutive channels mostly hit the same item, and one buffer would chain their adds.
 constexpr int64_t kOutBuffers = 8;
 
-// Bucket k's share of grad_x: item by item, each channel whose maximum the item holds gets its
-// gradient g, a SIMD vector of channels at a time (the rows are read in order, once each).
-template <typename T>
-inline void add_to_rows(const T* g, const T* a, const int64_t* tokens, int64_t start, int64_t length,
+// Segment s's share of grad_x, item by item (each row read and written once, in order): the
+// linear part's weight · g, and, with a maximum (a non-null), g at the channels whose maximum
+// the item holds, a SIMD vector of channels at a time; added to the rows (kAdd), or written.
+template <typename T, bool kAdd>
+inline void add_to_rows(const T* g, T weight, const T* a, const int64_t* tokens, int64_t start, int64_t length,
                         int64_t channels, T* grad_x) {
   using V = any2point::Vec<T>;
   constexpr int64_t lanes = any2point::kLanes<T>;
@@ -162,53 +163,76 @@ inline void add_to_rows(const T* g, const T* a, const int64_t* tokens, int64_t s
   for (int64_t i = 0; i < length; ++i) {
     T* row = grad_x + tokens[start + i] * channels;
     const V index = V{} + T(i);
-    for (int64_t c = 0; c < full; c += lanes)
-      store_as(row + c, load_as<V>(row + c) + (load_as<V>(a + c) == index ? load_as<V>(g + c) : V{}));
-    for (int64_t c = full; c < channels; ++c) row[c] += a[c] == T(i) ? g[c] : T(0);
+    for (int64_t c = 0; c < full; c += lanes) {
+      const V gv = load_as<V>(g + c);
+      V value = weight * gv;
+      if (a != nullptr) value += load_as<V>(a + c) == index ? gv : V{};
+      store_as(row + c, kAdd ? load_as<V>(row + c) + value : value);
+    }
+    for (int64_t c = full; c < channels; ++c)
+      row[c] = (kAdd ? row[c] : T(0)) + weight * g[c] + (a != nullptr && a[c] == T(i) ? g[c] : T(0));
   }
 }
 
-// One view's buckets (so their items' tokens differ, and each item is in one bucket): every
-// maximum's gradient g goes to the item holding it, to its token's row of grad_x, to its row of
-// grad_out (g · w[c]) and to grad_w[c] (g · out[item]); w and grad_w are the view's W_o, [C][D].
-// Bucket k's gradient is grad's row rows[k]. Without an attention term (dim 0: segment_pool's
-// maxima of plain rows) only grad_x remains.
+// The gradient through one view's pooled rows (segments first .. first + count - 1, items
+// starts[s] .. starts[s] + lengths[s] - 1; no two items share a token), pooled = weight · Σ t +
+// max t (where the segment has a maximum) with t = x + out W_oᵀ + the bias term, given grad, the
+// rows' gradients [S, C], and linear = grad W_o [S, D] (the caller's product, one per view):
+//   grad_x[token]  += weight · g + g at the channels whose maximum the item holds;
+//   grad_out[item]  = weight · linear[s] + Σ over those channels of g[c] W_o[c];
+//   grad_w [C, D]   = Σ over the maxima of g[c] out[item] (the linear part's is the caller's product).
+// The segments of two or more items (in order) have maxima when argmax [K, C] is not empty.
+// Without accumulate, the items' rows of grad_x are written, not added to (where the segments
+// hold every token once, as a view's do, grad_x need not be zeroed first). Without an attention
+// term (dim 0: segment_pool) only grad_x remains.
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
-void backward_kernel(const T* grad, const int64_t* rows, const T* argmax, const T* out, const T* w,
-                     const int64_t* tokens, const int64_t* starts, const int64_t* lengths, int64_t num_buckets,
-                     int64_t runtime_dim, int64_t channels, T* grad_x, T* grad_out, T* grad_w) {
+void backward_kernel(const T* grad, const T* weights, const T* linear, const T* argmax, bool with_max, const T* out,
+                     const T* w, const int64_t* tokens, const int64_t* starts, const int64_t* lengths, int64_t first,
+                     int64_t count, int64_t runtime_dim, int64_t channels, bool accumulate, T* grad_x, T* grad_out,
+                     T* grad_w) {
   const int64_t dim = kDim > 0 ? kDim : runtime_dim;
-  const int64_t runs = std::min(num_buckets, kRuns);
-  const int64_t items = std::accumulate(lengths, lengths + num_buckets, int64_t(0));
-  std::vector<int64_t> first(runs + 1, 0), run_items(runs, 0);
-  for (int64_t k = 0, seen = 0; k < num_buckets; seen += lengths[k++]) {
+  std::vector<int64_t> slots(count, -1);
+  for (int64_t k = 0, seen = 0; k < count; ++k)
+    if (with_max && lengths[first + k] > 1) slots[k] = seen++;
+  const int64_t runs = std::max<int64_t>(1, std::min(count, kRuns));
+  const int64_t items = std::accumulate(lengths + first, lengths + first + count, int64_t(0));
+  std::vector<int64_t> bounds(runs + 1, 0), run_items(runs, 0);
+  for (int64_t k = 0, seen = 0; k < count; seen += lengths[first + k++]) {
     const int64_t r = std::min(runs - 1, seen * runs / std::max<int64_t>(items, 1));
-    first[r + 1] = k + 1;
-    run_items[r] += lengths[k];
+    bounds[r + 1] = k + 1;
+    run_items[r] += lengths[first + k];
   }
-  for (int64_t r = 1; r <= runs; ++r) first[r] = std::max(first[r], first[r - 1]);  // empty runs
+  for (int64_t r = 1; r <= runs; ++r) bounds[r] = std::max(bounds[r], bounds[r - 1]);  // empty runs
   auto partial = scratch<T>(runs * channels * dim).zero_();
   T* partials = partial.template data_ptr<T>();
   for_each_bucket(run_items.data(), runs, [&](int64_t r) {
     T* gw = partials + r * channels * dim;
-    if (first[r] == first[r + 1]) return;
-    const int64_t longest = *std::max_element(lengths + first[r], lengths + first[r + 1]);
+    if (bounds[r] == bounds[r + 1]) return;
+    const int64_t longest = *std::max_element(lengths + first + bounds[r], lengths + first + bounds[r + 1]);
     const auto buffer = scratch<T>(kOutBuffers * longest * dim);
     T* local = buffer.template data_ptr<T>();
-    for (int64_t k = first[r]; k < first[r + 1]; ++k) {
-      const T* g = grad + rows[k] * channels;
-      const T* a = argmax + k * channels;
-      const int64_t length = lengths[k];
-      add_to_rows(g, a, tokens, starts[k], length, channels, grad_x);
+    for (int64_t k = bounds[r]; k < bounds[r + 1]; ++k) {
+      const int64_t s = first + k, length = lengths[s], start = starts[s], slot = slots[k];
+      const T* g = grad + s * channels;
+      const T* a = slot >= 0 ? argmax + slot * channels : nullptr;
+      const T weight = weights[s];
+      (accumulate ? add_to_rows<T, true> : add_to_rows<T, false>)(g, weight, a, tokens, start, length, channels,
+                                                                   grad_x);
       if (dim == 0) continue;
+      const T* lin = linear + s * dim;
+      if (a == nullptr) {
+        for (int64_t i = 0; i < length; ++i)
+          for (int64_t e = 0; e < dim; ++e) grad_out[(start + i) * dim + e] = weight * lin[e];
+        continue;
+      }
       std::fill(local, local + kOutBuffers * length * dim, T(0));
       for (int64_t c = 0; c < channels; ++c) {
-        const int64_t i = static_cast<int64_t>(a[c]), item = starts[k] + i;
+        const int64_t i = static_cast<int64_t>(a[c]);
         const T gc = g[c];
         T* go = local + ((c % kOutBuffers) * length + i) * dim;
         const T* wc = w + c * dim;
-        const T* o = out + item * dim;
+        const T* o = out + (start + i) * dim;
         T* gwc = gw + c * dim;
 #pragma omp simd
         for (int64_t e = 0; e < dim; ++e) {
@@ -217,9 +241,12 @@ void backward_kernel(const T* grad, const int64_t* rows, const T* argmax, const 
         }
       }
       for (int64_t i = 0; i < length; ++i) {
-        T* go = grad_out + (starts[k] + i) * dim;
-        for (int64_t q = 0; q < kOutBuffers; ++q)
-          for (int64_t e = 0; e < dim; ++e) go[e] += local[(q * length + i) * dim + e];
+        T* go = grad_out + (start + i) * dim;
+        for (int64_t e = 0; e < dim; ++e) {
+          T value = weight * lin[e];
+          for (int64_t q = 0; q < kOutBuffers; ++q) value += local[(q * length + i) * dim + e];
+          go[e] = value;
+        }
       }
     }
   });
@@ -265,27 +292,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_pool(const at::Tensor& x, 
   return {pooled, argmax, tied};
 }
 
-// Adds the gradient through one view's maxima (their buckets listed by starts and lengths, their
-// gradients the rows of grad [S, C] that rows lists) to grad_x [R, C] and grad_out [T, D], and
-// returns that of the view's W_o ([C, D], as w).
-at::Tensor bucket_max_pool_backward(const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& argmax,
-                                    const at::Tensor& out, const at::Tensor& w, const at::Tensor& tokens,
-                                    const at::Tensor& starts, const at::Tensor& lengths, at::Tensor grad_x,
-                                    at::Tensor grad_out) {
-  any2point::check_values(grad_x, {&grad, &argmax, &out, &w, &grad_x, &grad_out});
-  any2point::check_indices({&rows, &tokens, &starts, &lengths});
-  const int64_t num_buckets = starts.numel(), channels = grad_x.size(1), dim = out.size(1);
-  TORCH_CHECK(lengths.numel() == num_buckets && rows.numel() == num_buckets && argmax.size(0) == num_buckets &&
-                  grad.dim() == 2 && grad.size(1) == channels && argmax.size(1) == channels && w.dim() == 2 &&
-                  w.size(0) == channels && w.size(1) == dim && grad_out.sizes() == out.sizes(),
-              "grad [S, C], argmax [K, C], out and grad_out [T, D], w [C, D], one row, start and length per bucket");
-  auto grad_w = at::zeros_like(w);
-  AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "bucket_max_pool_backward", [&] {
+// The gradient through the pooled rows of one view, segments first .. first + count - 1 (see
+// backward_kernel): adds grad_x's [R, C] share (writes it without accumulate), writes the rows of
+// grad_out [T, D] of their items,
+// and returns the maxima's share of W_o's ([C, D], as w); argmax [K, C] lists the maxima of the
+// view's segments of two or more items, or is empty (no maxima: mean, or a tie).
+at::Tensor bucket_pool_backward(const at::Tensor& grad, const at::Tensor& weights, const at::Tensor& linear,
+                                const at::Tensor& argmax, const at::Tensor& out, const at::Tensor& w,
+                                const at::Tensor& tokens, const at::Tensor& starts, const at::Tensor& lengths,
+                                int64_t first, int64_t count, bool accumulate, at::Tensor grad_x,
+                                at::Tensor grad_out) {
+  any2point::check_values(grad_x, {&grad, &weights, &linear, &argmax, &out, &w, &grad_x, &grad_out});
+  any2point::check_indices({&tokens, &starts, &lengths});
+  const int64_t num_segments = starts.numel(), channels = grad_x.size(1), dim = out.size(1);
+  TORCH_CHECK(first >= 0 && count >= 0 && first + count <= num_segments && lengths.numel() == num_segments &&
+                  weights.numel() == num_segments && grad.dim() == 2 && grad.size(0) == num_segments &&
+                  grad.size(1) == channels && linear.dim() == 2 && linear.size(0) == num_segments &&
+                  linear.size(1) == dim && w.dim() == 2 && w.size(0) == channels && w.size(1) == dim &&
+                  grad_out.sizes() == out.sizes(),
+              "grad [S, C], weights [S], linear [S, D], out and grad_out [T, D], w [C, D], segments in range");
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  const int64_t num_max = std::count_if(length + first, length + first + count, [](int64_t n) { return n > 1; });
+  const bool with_max = argmax.numel() > 0;
+  TORCH_CHECK(!with_max || (argmax.dim() == 2 && argmax.size(0) == num_max && argmax.size(1) == channels),
+              "argmax [K, C]: a row per segment of two or more items, or empty");
+  auto grad_w = at::zeros({channels, dim}, grad_x.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "bucket_pool_backward", [&] {
     const auto kernel = dim == 12 ? backward_kernel<scalar_t, 12> : backward_kernel<scalar_t, 0>;
-    kernel(grad.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), argmax.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-           w.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
-           num_buckets, dim, channels, grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-           grad_w.data_ptr<scalar_t>());
+    kernel(grad.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), linear.data_ptr<scalar_t>(),
+           argmax.data_ptr<scalar_t>(), with_max, out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+           tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), length, first, count, dim, channels, accumulate,
+           grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
   });
   return grad_w;
 }
@@ -295,11 +332,12 @@ at::Tensor bucket_max_pool_backward(const at::Tensor& grad, const at::Tensor& ro
 TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
   m.def("bucket_pool(Tensor x, Tensor out, Tensor wt, Tensor bias, Tensor tokens, Tensor starts, Tensor lengths, "
         "Tensor views, float bias_factor) -> (Tensor, Tensor, Tensor)");
-  m.def("bucket_max_pool_backward(Tensor grad, Tensor rows, Tensor argmax, Tensor out, Tensor w, Tensor tokens, "
-        "Tensor starts, Tensor lengths, Tensor(a!) grad_x, Tensor(b!) grad_out) -> Tensor");
+  m.def("bucket_pool_backward(Tensor grad, Tensor weights, Tensor linear, Tensor argmax, Tensor out, Tensor w, "
+        "Tensor tokens, Tensor starts, Tensor lengths, int first, int count, bool accumulate, Tensor(a!) grad_x, "
+        "Tensor(b!) grad_out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
   m.impl("bucket_pool", &bucket_pool);
-  m.impl("bucket_max_pool_backward", &bucket_max_pool_backward);
+  m.impl("bucket_pool_backward", &bucket_pool_backward);
 }
