@@ -75,8 +75,9 @@ class Any2PointAdapter(ReferenceAdapter):
 
     def pool_voxels(self, tokens: torch.Tensor, segments: Segments) -> torch.Tensor:
         """``[B, N, C]`` tokens → ``[Sv, C]`` pooled rows of every voxel."""
-        return ops.segment_pool(tokens.reshape(-1, tokens.shape[-1]), segments.segment_ids.flatten(),
-                                segments.num_segments, self.pooling)
+        # the flattened ids as one tensor object per geometry: the op derives its sort order once for it
+        ids = segments.derived("flat segment ids", segments.segment_ids.flatten)
+        return ops.segment_pool(tokens.reshape(-1, tokens.shape[-1]), ids, segments.num_segments, self.pooling)
 
     def ensemble(self, tokens, base_rows, base_ids, view_rows, view_ids) -> torch.Tensor:
         """``tokens + c · Σ_j w_ij F_ij`` (Eq. 3), ``[B, N, C]``."""

@@ -9,6 +9,7 @@ bitwise repeatable.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 from typing import NamedTuple
@@ -21,7 +22,9 @@ from hypothesis import strategies as st
 from any2point_fast import reference, torch_ops
 from any2point_fast.config import Any2PointConfig
 from any2point_fast.geometry import ProjectionSpec, Segments
+from any2point_fast.torch_ops import _common as torch_common
 from any2point_fast.torch_ops import attention as torch_attention
+from any2point_fast.torch_ops import ensemble as torch_ensemble
 from any2point_fast.torch_ops._common import segment_max
 from tests.margins import min_max_margin
 from tests.routes import ROUTES, use_compiled, use_route
@@ -313,6 +316,42 @@ def test_the_plan_of_a_geometry_is_built_once(monkeypatch):
     for out, grad in outputs[1:]:
         torch.testing.assert_close(out, outputs[0][0], rtol=0, atol=0)
         torch.testing.assert_close(grad, outputs[0][1], rtol=0, atol=0)
+
+
+def test_the_ensemble_index_plan_is_built_once_per_ids(monkeypatch):
+    """Every block passes the same view ids: the ensemble's sort orders are built once for them, and
+    again for other baseline ids, for ids changed in place or for a new ids tensor; the values and
+    gradients never depend on whether the plan was reused."""
+    built = []
+    plan = torch_ensemble._index_plan
+    monkeypatch.setattr(torch_ensemble, "_index_plan", lambda *args: built.append(1) or plan(*args))
+    gen = torch.Generator().manual_seed(0)
+    view_ids, base_ids = torch.randint(0, 9, (3, 2, 10), generator=gen), torch.randint(0, 4, (2, 10), generator=gen)
+    x = torch.randn(2, 10, 16, generator=gen)
+    base_rows, view_rows = torch.randn(4, 16, generator=gen), torch.randn(9, 16, generator=gen)
+
+    def run(views, bases):
+        rows = (base_rows.clone().requires_grad_(), view_rows.clone().requires_grad_())
+        out = torch_ops.ensemble_propagate(x, rows[0], bases, rows[1], views, 0.3)
+        expected = reference.ensemble_propagate(x, base_rows, bases, view_rows, views, 0.3)
+        torch.testing.assert_close(out, expected)
+        return (out, *torch.autograd.grad(out.sum(), rows))
+
+    first = run(view_ids, base_ids)
+    for result in (run(view_ids, base_ids.clone()), run(view_ids, base_ids)):  # equal values: reused
+        for ours, theirs in zip(result, first):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert len(built) == 1
+    run(view_ids, (base_ids + 1) % 4)
+    assert len(built) == 2
+    view_ids[0, 0, 0] = (view_ids[0, 0, 0] + 1) % 9  # in place: rebuilt
+    run(view_ids, base_ids)
+    run(view_ids.clone(), base_ids)
+    assert len(built) == 4
+    cached = len(torch_common._DERIVED)
+    del view_ids
+    gc.collect()
+    assert len(torch_common._DERIVED) == cached - 1  # the plan goes with its ids
 
 
 def test_saved_argmax_rows_hold_the_maxima_of_padded_classes():

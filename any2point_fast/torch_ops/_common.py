@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 
@@ -44,6 +47,27 @@ def linear_pool_weights(counts: torch.Tensor, pooling: str, dtype: torch.dtype) 
     ``max + mean`` (its maximum is its only row, so it joins the linear part); empty segments 1."""
     weights = 1 / counts.clamp_min(1).to(dtype)
     return weights.masked_fill_(counts == 1, 2.0) if pooling == "max+mean" else weights
+
+
+#: Bookkeeping of :func:`derived_from`, by ``id`` of its tensor; an entry goes when its tensor does.
+_DERIVED: dict[int, dict] = {}
+
+
+def derived_from(ids: torch.Tensor, key: Hashable, build: Callable[[], Any], *others: torch.Tensor) -> Any:
+    """``build()`` once per ``ids`` tensor object, then the same value while ``ids`` is not changed in
+    place and ``others`` (small index tensors, compared by value) are equal: the integer bookkeeping
+    of an op whose index tensors every block of a model passes again (the segment ids of one
+    geometry). Kept as long as ``ids`` lives: what ``build`` returns must not refer to ``ids`` (a
+    view of it included), or neither would ever be freed."""
+    cache = _DERIVED.get(id(ids))
+    if cache is None:
+        cache = _DERIVED[id(ids)] = {}
+        weakref.finalize(ids, _DERIVED.pop, id(ids), None)
+    entry = cache.get(key)
+    if entry is None or entry[0] != ids._version or not all(
+            kept.shape == other.shape and torch.equal(kept, other) for kept, other in zip(entry[1], others)):
+        entry = cache[key] = (ids._version, [other.clone() for other in others], build())
+    return entry[2]
 
 
 def csr_offsets(counts: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,13 @@ gradients (``[M, B·N]``) are computed the same way on both routes.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import native
-from ._common import compute_dtype, csr, csr_mm, csr_offsets, grad_as, without_autocast
+from ._common import compute_dtype, csr, csr_mm, csr_offsets, derived_from, grad_as, without_autocast
 
 #: ``eps`` of :func:`any2point_fast.reference.ensemble_weights`, for both clamps.
 EPS = 1e-8
@@ -65,15 +66,60 @@ def _inverse_or_zero(norm: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
 
 
+@dataclass
+class _IndexPlan:
+    """The integer bookkeeping of one pair of id tensors (every block of a model passes the same).
+
+    Attributes:
+        vid: ``[M, B·N]`` view row of every item; ``bid``: ``[B·N]`` baseline row of every token.
+        order: ``[M·B·N]`` items sorted by view row (stable); ``token``: their tokens;
+            ``counts``: ``[S]`` items per view row; ``offsets``: ``[S + 1]``.
+        cloud_order: ``[S]`` view rows in the order of the cloud of their first token (the compiled
+            route visits them so); ``base_of_item``: ``[M·B·N]`` baseline row of every sorted item.
+        base_order: ``[B·N]`` tokens sorted by baseline row; ``base_offsets``: ``[Sv + 1]`` of their
+            ``M`` items each; ``base_items``: ``[M·B·N]`` view row of those items, token by token.
+    """
+
+    vid: torch.Tensor
+    bid: torch.Tensor
+    order: torch.Tensor
+    token: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    cloud_order: torch.Tensor
+    base_of_item: torch.Tensor
+    base_order: torch.Tensor
+    base_offsets: torch.Tensor
+    base_items: torch.Tensor
+
+
+def _index_plan(view_ids: torch.Tensor, base_ids: torch.Tensor, num_view_rows: int, num_base_rows: int,
+                tokens_per_cloud: int) -> _IndexPlan:
+    views = view_ids.shape[0]
+    # copies, never views: the cache (see derived_from) must not keep view_ids alive
+    vid, bid = view_ids.reshape(views, -1).to(torch.long, copy=True), base_ids.reshape(-1).to(torch.long, copy=True)
+    order = torch.argsort(vid.flatten(), stable=True)
+    token = order % vid.shape[1]
+    counts = torch.bincount(vid.flatten(), minlength=num_view_rows)
+    offsets = csr_offsets(counts)
+    first_token = token[offsets[:-1].clamp_max(max(len(token) - 1, 0))]
+    clouds = torch.div(first_token, tokens_per_cloud, rounding_mode="floor")
+    base_order = torch.argsort(bid, stable=True)
+    base_counts = torch.bincount(bid, minlength=num_base_rows) * views
+    return _IndexPlan(vid, bid, order, token, counts, offsets, torch.argsort(clouds, stable=True), bid[token],
+                      base_order, csr_offsets(base_counts), vid[:, base_order].T.flatten())
+
+
 class _EnsemblePropagate(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def forward(ctx, x, base_rows, base_ids, view_rows, view_ids, coef):
         dtype = compute_dtype(x, base_rows, view_rows)
         batch, tokens, channels = x.shape
-        views = view_ids.shape[0]
         rows_f, rows_b = view_rows.to(dtype).contiguous(), base_rows.to(dtype).contiguous()
-        bid, vid = base_ids.reshape(-1).long().contiguous(), view_ids.reshape(views, -1).long().contiguous()
+        plan = derived_from(view_ids, ("ensemble", len(rows_f), len(rows_b), tokens), lambda: _index_plan(
+            view_ids, base_ids, len(rows_f), len(rows_b), tokens), base_ids)
+        vid, bid = plan.vid, plan.bid
         compiled = native.available(x.device)
         norms_f, norms_b = rows_f.norm(dim=1), rows_b.norm(dim=1)
         x_rows = x.reshape(batch * tokens, channels).to(dtype)
@@ -85,19 +131,20 @@ class _EnsemblePropagate(torch.autograd.Function):
             w = _weights(dots, norms_b.index_select(0, bid), norms_f[vid])[0]
             out = F.embedding_bag(vid.T.contiguous(), rows_f, per_sample_weights=w.T.contiguous(), mode="sum")
             y = torch.add(x_rows, out, alpha=coef)
-        ctx.save_for_backward(base_rows, bid, view_rows, vid, dots, norms_f, norms_b)
-        ctx.coef, ctx.compiled, ctx.tokens_per_cloud = coef, compiled, tokens
+        ctx.save_for_backward(base_rows, view_rows, dots, norms_f, norms_b)
+        ctx.coef, ctx.compiled, ctx.plan = coef, compiled, plan
         return y.view(batch, tokens, channels).to(x.dtype)
 
     @staticmethod
     @without_autocast
     def backward(ctx, grad):
-        base_rows, bid, view_rows, vid, dots, norms_f, norms_b = ctx.saved_tensors
+        base_rows, view_rows, dots, norms_f, norms_b = ctx.saved_tensors
+        plan = ctx.plan
+        vid, bid = plan.vid, plan.bid
         needs = ctx.needs_input_grad
         if not (needs[1] or needs[3]):
             return grad if needs[0] else None, None, None, None, None, None
         coef, dtype, compiled = ctx.coef, dots.dtype, ctx.compiled
-        views = vid.shape[0]
         rows_f, rows_b = view_rows.to(dtype).contiguous(), base_rows.to(dtype).contiguous()
         base_norm, view_norm = norms_b.index_select(0, bid), norms_f[vid]
         w, cos, denominator, den_passes, total, total_passes = _weights(dots, base_norm, view_norm)
@@ -113,33 +160,26 @@ class _EnsemblePropagate(torch.autograd.Function):
 
         grad_f = grad_b = None
         if needs[3]:  # rows: view rows, an entry per item
-            order = torch.argsort(vid.flatten(), stable=True)
-            token = order % vid.shape[1]
-            counts = torch.bincount(vid.flatten(), minlength=rows_f.shape[0])
             norm_grad = torch.zeros_like(norms_f).index_add_(0, vid.flatten(), grad_view_norm.flatten())
             scale = norm_grad * _inverse_or_zero(norms_f)
-            on_g, on_base = (w * coef).flatten()[order], grad_dot.flatten()[order]
+            on_g, on_base = (w * coef).flatten()[plan.order], grad_dot.flatten()[plan.order]
             if compiled:  # rows visited cloud by cloud: the g and baseline rows they read stay in cache
-                offsets = csr_offsets(counts)
-                first_token = token[offsets[:-1].clamp_max(len(token) - 1)]
-                clouds = torch.div(first_token, ctx.tokens_per_cloud, rounding_mode="floor")
-                grad_f = native.ops().segment_rows(offsets, torch.argsort(clouds, stable=True), on_g, token, g, on_base,
-                                                   bid[token], rows_b, scale, rows_f)
+                grad_f = native.ops().segment_rows(plan.offsets, plan.cloud_order, on_g, plan.token, g, on_base,
+                                                   plan.base_of_item, rows_b, scale, rows_f)
             else:
-                grad_f = csr_mm(csr(counts, token, on_g, vid.shape[1]), g)
-                grad_f.addmm_(csr(counts, bid[token], on_base, rows_b.shape[0]), rows_b)
+                grad_f = csr_mm(csr(plan.counts, plan.token, on_g, vid.shape[1]), g)
+                grad_f.addmm_(csr(plan.counts, plan.base_of_item, on_base, rows_b.shape[0]), rows_b)
                 grad_f.addcmul_(scale[:, None], rows_f)
         if needs[1]:  # rows: baseline rows, an entry per item of each of their tokens
-            order = torch.argsort(bid, stable=True)
-            counts = torch.bincount(bid, minlength=rows_b.shape[0]) * views
             norm_grad = torch.zeros_like(norms_b).index_add_(0, bid, grad_base_norm)
             scale = norm_grad * _inverse_or_zero(norms_b)
-            rows, on_rows = vid[:, order].T.flatten(), grad_dot[:, order].T.flatten()
+            on_rows = grad_dot[:, plan.base_order].T.flatten()
             if compiled:
-                grad_b = native.ops().segment_rows(csr_offsets(counts), None, None, None, None, on_rows, rows, rows_f,
-                                                   scale, rows_b)
+                grad_b = native.ops().segment_rows(plan.base_offsets, None, None, None, None, on_rows, plan.base_items,
+                                                   rows_f, scale, rows_b)
             else:
-                grad_b = csr_mm(csr(counts, rows, on_rows, rows_f.shape[0]), rows_f)
+                counts = plan.base_offsets.diff()
+                grad_b = csr_mm(csr(counts, plan.base_items, on_rows, rows_f.shape[0]), rows_f)
                 grad_b.addcmul_(scale[:, None], rows_b)
         return (grad if needs[0] else None, grad_as(grad_b, base_rows, needs[1]), None,
                 grad_as(grad_f, view_rows, needs[3]), None, None)

@@ -22,6 +22,7 @@ from ._common import (
     csr,
     csr_mm,
     csr_offsets,
+    derived_from,
     linear_pool_weights,
     max_gradient_shares,
     segment_max,
@@ -35,18 +36,18 @@ class _SegmentPool(torch.autograd.Function):
     def forward(ctx, values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:
         dtype = compute_dtype(values)
         v = values.to(dtype)
-        ids = segment_ids.long()
-        order = torch.argsort(ids, stable=True)
-        counts = torch.bincount(ids, minlength=num_segments)
+        ids, order, counts, shared = derived_from(segment_ids, ("segment pool", num_segments),
+                                                  lambda: _sort(segment_ids, num_segments))
         with_max = pooling == "max+mean"
-        shared = (counts > 1).nonzero().squeeze(1) if with_max else None  # segments whose maximum is not their only row
         rows = maxima = argmax = None
         compiled = with_max and native.available(v.device)
         if compiled:  # every pooled row in one pass over its rows
             pooled, argmax = _compiled_pool(v.contiguous(), order, counts)
         else:
-            weights = linear_pool_weights(counts, pooling, dtype)
-            pooled = csr_mm(csr(counts, order, weights.index_select(0, ids.index_select(0, order)), len(v)), v)
+            pool_matrix = derived_from(segment_ids, ("segment pool matrix", num_segments, pooling, dtype), lambda: csr(
+                counts, order, linear_pool_weights(counts, pooling, dtype).index_select(0, ids.index_select(0, order)),
+                len(v)))
+            pooled = csr_mm(pool_matrix, v)
         if with_max and argmax is None:  # no compiled kernels, or a maximum attained twice
             rows = order[(counts > 1).index_select(0, ids.index_select(0, order))]  # their rows, segment by segment
             maxima = segment_max(v, ids, num_segments).index_select(0, shared)
@@ -80,6 +81,15 @@ class _SegmentPool(torch.autograd.Function):
             at_max = maxima.index_select(0, local).eq_(values.to(dtype).index_select(0, rows))
             grad_values.index_add_(0, rows, max_gradient_shares(g.index_select(0, shared), at_max, local))
         return grad_values.to(values.dtype), None, None, None
+
+
+def _sort(segment_ids: torch.Tensor, num_segments: int):
+    """``(ids, order, counts, shared)``: int64 ids ``[T]``, the rows in the stable order of their
+    segments, ``[S]`` rows per segment, and the ``[K]`` segments of two or more rows (those whose
+    maximum is not their only row)."""
+    ids = segment_ids.to(torch.long, copy=True)  # a copy: the cache must not keep segment_ids alive
+    counts = torch.bincount(ids, minlength=num_segments)
+    return ids, torch.argsort(ids, stable=True), counts, (counts > 1).nonzero().squeeze(1)
 
 
 def _compiled_pool(v: torch.Tensor, order: torch.Tensor,
