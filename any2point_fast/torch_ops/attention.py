@@ -618,23 +618,24 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         weights = linear_pool_weights(plan.counts, pooling, dtype)
         grad_out_weight_bias = torch.empty(views, channels, width + 1, dtype=dtype, device=g.device)
         offsets = segments.view_offsets
-        grad_linear_out = torch.empty(len(linear_out), width, dtype=dtype, device=g.device)
-        for view, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
-            g_view = g[first:last]
-            torch.mm(g_view.T, linear_out[first:last], out=grad_out_weight_bias[view])
-            torch.mm(g_view, wo[view], out=grad_linear_out[first:last])
-        if ctx.fused:  # the compiled kernel, view by view: the items' gradients, and the maxima it saved
+        if ctx.fused:  # the compiled kernel, view by view: each row of g read once, for every gradient
             g = g.contiguous()
+            wo_t = wo.transpose(1, 2).contiguous()
             # (every view's segments hold every token once: the first view writes grad_x's rows)
             grad_x, grad_out = torch.empty_like(xf), torch.empty_like(out)
             for view, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
                 argmax = g.new_empty(0, channels)
                 if ctx.compiled is not None and view not in ctx.compiled.tied:
                     argmax = ctx.compiled.argmax[ctx.compiled.bounds[view]:ctx.compiled.bounds[view + 1]]
-                grad_out_weight_bias[view, :, :width] += native.ops().bucket_pool_backward(
-                    g, weights, grad_linear_out, argmax, out, wo[view].contiguous(), plan.tokens, plan.starts,
+                grad_out_weight_bias[view] = native.ops().bucket_pool_backward(
+                    g, weights, linear_out, argmax, out, wo[view].contiguous(), wo_t[view], plan.tokens, plan.starts,
                     plan.counts, first, last - first, view > 0, grad_x, grad_out)
         else:
+            grad_linear_out = torch.empty(len(linear_out), width, dtype=dtype, device=g.device)
+            for view, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
+                g_view = g[first:last]
+                torch.mm(g_view.T, linear_out[first:last], out=grad_out_weight_bias[view])
+                torch.mm(g_view, wo[view], out=grad_linear_out[first:last])
             grad_x = csr_mm(_derived(segments, f"spread {pooling} {dtype} {g.device}", len(xf),
                                      lambda: _spread_matrix(segments, weights, len(xf))), g)
             grad_out = grad_linear_out.mul_(weights[:, None]).index_select(0, plan.segment_of_position)

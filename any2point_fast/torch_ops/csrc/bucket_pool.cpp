@@ -174,44 +174,96 @@ inline void add_to_rows(const T* g, T weight, const T* a, const int64_t* tokens,
   }
 }
 
+// Segment s's linear part: lin_grad = g W_o ([D], from wt = W_oᵀ [D, C]), and g ⊗ linear[s] added to
+// gwt ([D + 1, C]: W_o's and the bias column's gradient, transposed), a SIMD vector of channels at a
+// time: g is read once for both, and the D dot products are independent chains.
+template <typename T, int64_t kDim>
+inline void linear_part(const T* g, const T* wt, const T* lin, int64_t runtime_dim, int64_t channels, T* lin_grad,
+                        T* gwt) {
+  using V = any2point::Vec<T>;
+  constexpr int64_t lanes = any2point::kLanes<T>;
+  const int64_t dim = kDim > 0 ? kDim : runtime_dim, full = channels / lanes * lanes;
+  if constexpr (kDim > 0) {
+    V acc[kDim];
+    for (int64_t e = 0; e < kDim; ++e) acc[e] = V{};
+    for (int64_t c = 0; c < full; c += lanes) {
+      const V gv = load_as<V>(g + c);
+      for (int64_t e = 0; e < kDim; ++e) acc[e] += gv * load_as<V>(wt + e * channels + c);
+      for (int64_t e = 0; e <= kDim; ++e) {
+        T* to = gwt + e * channels + c;
+        store_as(to, load_as<V>(to) + lin[e] * gv);
+      }
+    }
+    for (int64_t e = 0; e < kDim; ++e) {
+      T lanes_of[lanes];
+      std::memcpy(lanes_of, &acc[e], sizeof(V));
+      T total = std::accumulate(lanes_of, lanes_of + lanes, T(0));
+      for (int64_t c = full; c < channels; ++c) total += g[c] * wt[e * channels + c];
+      lin_grad[e] = total;
+    }
+    for (int64_t e = 0; e <= kDim; ++e)
+      for (int64_t c = full; c < channels; ++c) gwt[e * channels + c] += lin[e] * g[c];
+    return;
+  }
+  for (int64_t e = 0; e < dim; ++e) {
+    const T* row = wt + e * channels;
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t c = 0; c < channels; ++c) total += g[c] * row[c];
+    lin_grad[e] = total;
+  }
+  for (int64_t e = 0; e <= dim; ++e) {
+    T* row = gwt + e * channels;
+    const T factor = lin[e];
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) row[c] += factor * g[c];
+  }
+}
+
 // The gradient through one view's pooled rows (segments first .. first + count - 1, items
 // starts[s] .. starts[s] + lengths[s] - 1; no two items share a token), pooled = weight · Σ t +
 // max t (where the segment has a maximum) with t = x + out W_oᵀ + the bias term, given grad, the
-// rows' gradients [S, C], and linear = grad W_o [S, D] (the caller's product, one per view):
+// rows' gradients [S, C], and linear [S, D + 1], the forward's weight · Σ out with the bias factor
+// last (W_o is w [C, D] and wt [D, C]):
 //   grad_x[token]  += weight · g + g at the channels whose maximum the item holds;
-//   grad_out[item]  = weight · linear[s] + Σ over those channels of g[c] W_o[c];
-//   grad_w [C, D]   = Σ over the maxima of g[c] out[item] (the linear part's is the caller's product).
-// The segments of two or more items (in order) have maxima when argmax [K, C] is not empty.
-// Without accumulate, the items' rows of grad_x are written, not added to (where the segments
-// hold every token once, as a view's do, grad_x need not be zeroed first). Without an attention
-// term (dim 0: segment_pool) only grad_x remains.
+//   grad_out[item]  = weight · g W_o + Σ over those channels of g[c] W_o[c];
+//   grad_w [C, D + 1] = Σ_s g ⊗ linear[s] + Σ over the maxima of g[c] out[item] (W_o's, then b_o's).
+// Every segment's row g is read once for all three. The segments of two or more items (in
+// order) have maxima when argmax [K, C] is not empty. Without accumulate, the items' rows of
+// grad_x are written, not added to (where the segments hold every token once, as a view's do,
+// grad_x need not be zeroed first). Without an attention term (dim 0: segment_pool) only grad_x
+// remains.
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
 void backward_kernel(const T* grad, const T* weights, const T* linear, const T* argmax, bool with_max, const T* out,
-                     const T* w, const int64_t* tokens, const int64_t* starts, const int64_t* lengths, int64_t first,
-                     int64_t count, int64_t runtime_dim, int64_t channels, bool accumulate, T* grad_x, T* grad_out,
-                     T* grad_w) {
-  const int64_t dim = kDim > 0 ? kDim : runtime_dim;
+                     const T* w, const T* wt, const int64_t* tokens, const int64_t* starts, const int64_t* lengths,
+                     int64_t first, int64_t count, int64_t runtime_dim, int64_t channels, bool accumulate, T* grad_x,
+                     T* grad_out, T* grad_w) {
+  const int64_t dim = kDim > 0 ? kDim : runtime_dim, width = dim + 1;
   std::vector<int64_t> slots(count, -1);
   for (int64_t k = 0, seen = 0; k < count; ++k)
     if (with_max && lengths[first + k] > 1) slots[k] = seen++;
   const int64_t runs = std::max<int64_t>(1, std::min(count, kRuns));
-  const int64_t items = std::accumulate(lengths + first, lengths + first + count, int64_t(0));
+  const int64_t items = std::accumulate(lengths + first, lengths + first + count, int64_t(0)) + count;
   std::vector<int64_t> bounds(runs + 1, 0), run_items(runs, 0);
-  for (int64_t k = 0, seen = 0; k < count; seen += lengths[first + k++]) {
+  for (int64_t k = 0, seen = 0; k < count; seen += lengths[first + k++] + 1) {  // + 1: the segment's own row
     const int64_t r = std::min(runs - 1, seen * runs / std::max<int64_t>(items, 1));
     bounds[r + 1] = k + 1;
-    run_items[r] += lengths[first + k];
+    run_items[r] += lengths[first + k] + 1;
   }
   for (int64_t r = 1; r <= runs; ++r) bounds[r] = std::max(bounds[r], bounds[r - 1]);  // empty runs
-  auto partial = scratch<T>(runs * channels * dim).zero_();
+  // per run: the maxima's share of W_o's gradient [C, D], and the linear part's [D + 1, C]
+  const int64_t per_run = channels * dim + width * channels;
+  auto partial = scratch<T>(runs * per_run).zero_();
   T* partials = partial.template data_ptr<T>();
   for_each_bucket(run_items.data(), runs, [&](int64_t r) {
-    T* gw = partials + r * channels * dim;
+    T* gw = partials + r * per_run;
+    T* gwt = gw + channels * dim;
     if (bounds[r] == bounds[r + 1]) return;
     const int64_t longest = *std::max_element(lengths + first + bounds[r], lengths + first + bounds[r + 1]);
-    const auto buffer = scratch<T>(kOutBuffers * longest * dim);
-    T* local = buffer.template data_ptr<T>();
+    const auto buffer = scratch<T>(kOutBuffers * longest * dim + dim);
+    T* lin_grad = buffer.template data_ptr<T>();
+    T* local = lin_grad + dim;
     for (int64_t k = bounds[r]; k < bounds[r + 1]; ++k) {
       const int64_t s = first + k, length = lengths[s], start = starts[s], slot = slots[k];
       const T* g = grad + s * channels;
@@ -220,10 +272,10 @@ void backward_kernel(const T* grad, const T* weights, const T* linear, const T* 
       (accumulate ? add_to_rows<T, true> : add_to_rows<T, false>)(g, weight, a, tokens, start, length, channels,
                                                                    grad_x);
       if (dim == 0) continue;
-      const T* lin = linear + s * dim;
+      linear_part<T, kDim>(g, wt, linear + s * width, dim, channels, lin_grad, gwt);
       if (a == nullptr) {
         for (int64_t i = 0; i < length; ++i)
-          for (int64_t e = 0; e < dim; ++e) grad_out[(start + i) * dim + e] = weight * lin[e];
+          for (int64_t e = 0; e < dim; ++e) grad_out[(start + i) * dim + e] = weight * lin_grad[e];
         continue;
       }
       std::fill(local, local + kOutBuffers * length * dim, T(0));
@@ -243,15 +295,21 @@ void backward_kernel(const T* grad, const T* weights, const T* linear, const T* 
       for (int64_t i = 0; i < length; ++i) {
         T* go = grad_out + (start + i) * dim;
         for (int64_t e = 0; e < dim; ++e) {
-          T value = weight * lin[e];
+          T value = weight * lin_grad[e];
           for (int64_t q = 0; q < kOutBuffers; ++q) value += local[(q * length + i) * dim + e];
           go[e] = value;
         }
       }
     }
   });
-  for (int64_t r = 0; r < runs; ++r)
-    for (int64_t j = 0; j < channels * dim; ++j) grad_w[j] += partials[r * channels * dim + j];
+  for (int64_t r = 0; r < runs; ++r) {
+    const T* gw = partials + r * per_run;
+    const T* gwt = gw + channels * dim;
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t e = 0; e < dim; ++e) grad_w[c * width + e] += gw[c * dim + e] + gwt[e * channels + c];
+      grad_w[c * width + dim] += gwt[dim * channels + c];
+    }
+  }
 }
 
 // (pooled [S, C], argmax [K, C] (the segment-local index of the item holding every maximum, in
@@ -294,35 +352,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_pool(const at::Tensor& x, 
 
 // The gradient through the pooled rows of one view, segments first .. first + count - 1 (see
 // backward_kernel): adds grad_x's [R, C] share (writes it without accumulate), writes the rows of
-// grad_out [T, D] of their items,
-// and returns the maxima's share of W_o's ([C, D], as w); argmax [K, C] lists the maxima of the
-// view's segments of two or more items, or is empty (no maxima: mean, or a tie).
+// grad_out [T, D] of their items, and returns that of [W_o | b_o] ([C, D + 1]; W_o is w [C, D], and
+// wt [D, C]); argmax [K, C] lists the maxima of the view's segments of two or more items, or is
+// empty (no maxima: mean, or a tie).
 at::Tensor bucket_pool_backward(const at::Tensor& grad, const at::Tensor& weights, const at::Tensor& linear,
                                 const at::Tensor& argmax, const at::Tensor& out, const at::Tensor& w,
-                                const at::Tensor& tokens, const at::Tensor& starts, const at::Tensor& lengths,
-                                int64_t first, int64_t count, bool accumulate, at::Tensor grad_x,
-                                at::Tensor grad_out) {
-  any2point::check_values(grad_x, {&grad, &weights, &linear, &argmax, &out, &w, &grad_x, &grad_out});
+                                const at::Tensor& wt, const at::Tensor& tokens, const at::Tensor& starts,
+                                const at::Tensor& lengths, int64_t first, int64_t count, bool accumulate,
+                                at::Tensor grad_x, at::Tensor grad_out) {
+  any2point::check_values(grad_x, {&grad, &weights, &linear, &argmax, &out, &w, &wt, &grad_x, &grad_out});
   any2point::check_indices({&tokens, &starts, &lengths});
   const int64_t num_segments = starts.numel(), channels = grad_x.size(1), dim = out.size(1);
   TORCH_CHECK(first >= 0 && count >= 0 && first + count <= num_segments && lengths.numel() == num_segments &&
                   weights.numel() == num_segments && grad.dim() == 2 && grad.size(0) == num_segments &&
                   grad.size(1) == channels && linear.dim() == 2 && linear.size(0) == num_segments &&
-                  linear.size(1) == dim && w.dim() == 2 && w.size(0) == channels && w.size(1) == dim &&
-                  grad_out.sizes() == out.sizes(),
-              "grad [S, C], weights [S], linear [S, D], out and grad_out [T, D], w [C, D], segments in range");
+                  linear.size(1) == dim + 1 && w.dim() == 2 && w.size(0) == channels && w.size(1) == dim &&
+                  wt.dim() == 2 && wt.size(0) == dim && wt.size(1) == channels && grad_out.sizes() == out.sizes(),
+              "grad [S, C], weights [S], linear [S, D + 1], out and grad_out [T, D], w [C, D], wt [D, C], "
+              "segments in range");
   const int64_t* length = lengths.data_ptr<int64_t>();
   const int64_t num_max = std::count_if(length + first, length + first + count, [](int64_t n) { return n > 1; });
   const bool with_max = argmax.numel() > 0;
   TORCH_CHECK(!with_max || (argmax.dim() == 2 && argmax.size(0) == num_max && argmax.size(1) == channels),
               "argmax [K, C]: a row per segment of two or more items, or empty");
-  auto grad_w = at::zeros({channels, dim}, grad_x.options());
+  auto grad_w = at::zeros({channels, dim + 1}, grad_x.options());
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "bucket_pool_backward", [&] {
     const auto kernel = dim == 12 ? backward_kernel<scalar_t, 12> : backward_kernel<scalar_t, 0>;
     kernel(grad.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), linear.data_ptr<scalar_t>(),
            argmax.data_ptr<scalar_t>(), with_max, out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-           tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), length, first, count, dim, channels, accumulate,
-           grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
+           wt.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), length, first, count, dim,
+           channels, accumulate, grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+           grad_w.data_ptr<scalar_t>());
   });
   return grad_w;
 }
@@ -333,8 +393,8 @@ TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
   m.def("bucket_pool(Tensor x, Tensor out, Tensor wt, Tensor bias, Tensor tokens, Tensor starts, Tensor lengths, "
         "Tensor views, float bias_factor) -> (Tensor, Tensor, Tensor)");
   m.def("bucket_pool_backward(Tensor grad, Tensor weights, Tensor linear, Tensor argmax, Tensor out, Tensor w, "
-        "Tensor tokens, Tensor starts, Tensor lengths, int first, int count, bool accumulate, Tensor(a!) grad_x, "
-        "Tensor(b!) grad_out) -> Tensor");
+        "Tensor wt, Tensor tokens, Tensor starts, Tensor lengths, int first, int count, bool accumulate, "
+        "Tensor(a!) grad_x, Tensor(b!) grad_out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
