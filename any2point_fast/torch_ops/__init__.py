@@ -6,8 +6,9 @@ differs is how they are computed, the same way as the Triton kernels:
 
 - tokens are visited in the sorted order of :class:`~any2point_fast.geometry.Segments`, so every
   bucket is a contiguous run; pooled sums are sparse CSR products (a matrix row per bucket),
-  pooled maxima one ``scatter_reduce`` (on the CPU, a compiled kernel of :mod:`.native`, which
-  keeps the item holding each maximum);
+  pooled maxima one ``scatter_reduce`` (on the CPU, ``max + mean`` pools in one compiled kernel
+  of :mod:`.native`, which keeps the item holding each maximum, and the views' pooling goes
+  backward in another);
 - attention runs inside each bucket only: on the CPU a small compiled C++ kernel takes short
   buckets of one length a SIMD vector of buckets at a time and long ones a bucket at a time
   (:mod:`.native`, built on first use); where it cannot build, buckets are

@@ -18,7 +18,8 @@ one pass over the rows they read: ``ensemble_forward`` for the whole forward, to
 ``M`` dots, their weights, and the weighted sum and residual over the same rows, still in
 cache), ``row_dots`` for backward's dot products, ``segment_rows`` for the table gradients (the
 rows of a table visited cloud by cloud, so the rows they read stay in cache). The weights'
-gradients (``[M, B·N]``) are computed the same way on both routes.
+gradients (``[M, B·N]``) are computed the same way on both routes. The integer bookkeeping (sort
+orders, counts, offsets) is derived once per ``view_ids`` tensor, which every block passes again.
 """
 
 from __future__ import annotations

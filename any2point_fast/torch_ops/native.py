@@ -7,9 +7,12 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
   are far below what PyTorch's flash kernel is built for: short buckets (most of them) go a
   SIMD vector of buckets of one length at a time, and the loops over a long bucket's keys
   vectorise.
-- ``bucket_max_pool``: the per-bucket maxima of ``t_j = x + Attn_j W_oᵀ`` under ``max + mean``,
-  formed a block of channels at a time in registers, with the item holding each maximum; PyTorch
-  needs several passes over every view's ``[T_j, C]`` features for the same.
+- ``bucket_pool``: every pooled row under ``max + mean`` (the maximum and the mean of
+  ``t_j = x + Attn_j W_oᵀ``, formed a block of channels at a time in registers), with the item
+  holding each maximum; PyTorch needs several passes over every view's ``[T_j, C]`` features and
+  a sparse product for the same. ``bucket_pool_backward``, under either pooling: one pass per
+  view over the rows' gradients, for those of the tokens, of the attention outputs and of
+  ``[W_o | b_o]`` (PyTorch: a sparse product, a gather and two skinny products per view).
 - ``ensemble_forward``, ``row_dots``, ``segment_rows``: the row products of ``ensemble_propagate``,
   which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
   C++ each is one pass over the rows it reads.

@@ -6,10 +6,12 @@ for the segments of two or more rows — a singleton's maximum is its row, which
 part with weight 2. Backward spreads the linear gradient back with one gather and shares each
 maximum's gradient equally among the rows that attain it, as the reference does.
 
-On the CPU, where the compiled kernels of :mod:`.native` build, the maxima come from the max-pool
+On the CPU, where the compiled kernels of :mod:`.native` build, ``max + mean`` pools in the
 kernel of ``neighborhood_attention_pool`` (with no attention term: the features are the rows),
-which keeps the row holding each maximum; backward then hands each maximum's gradient straight
-to that row. Where some maximum is attained twice, the PyTorch route above runs instead.
+every pooled row in one pass over the rows, keeping the row holding each maximum; its backward
+writes every row's gradient (the linear part's and, where the row holds it, the maximum's) in one
+pass. Where some maximum is attained twice, backward takes the PyTorch route above. The sort
+order and counts are derived once per ``segment_ids`` tensor (every block passes the same).
 """
 
 from __future__ import annotations

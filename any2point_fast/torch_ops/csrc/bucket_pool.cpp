@@ -1,12 +1,15 @@
-// Per-bucket maxima of t = x + Attn · W_oᵀ (bias left out), on the CPU (loaded by
+// Pooling of t = x + Attn · W_oᵀ + b_o per segment, on the CPU (loaded by
 // any2point_fast.torch_ops.native).
 //
-// Forward forms, for every listed bucket (sorted positions start[k] .. start[k] + length[k] - 1,
-// view view[k]), the C-wide features t of its items a block of channels at a time in registers
-// and keeps, per channel, the maximum, the bucket-local index of the item holding it, and
-// whether another item ties with it: the [T, C] features of a view never exist. Backward hands
-// each maximum's gradient to its item (a view with a tie goes the caller's recompute route).
-// With D = 0 (no attention term) the features are the rows themselves: segment_pool's maxima.
+// Forward (max + mean) forms, for every segment (sorted positions starts[s] .. starts[s] +
+// lengths[s] - 1, view views[s]), the C-wide features t of its items a block of channels at a
+// time in registers and writes the pooled row max t + mean t + 2 b_o; per channel it keeps the
+// segment-local index of the item holding the maximum, and whether another item ties with it:
+// the [T, C] features of a view never exist. Backward (either pooling), one view at a time, reads
+// every segment's gradient row once and hands it to the items' token rows and attention outputs
+// (the mean's share, and each maximum's to its item) and to W_o's and b_o's gradients (a view
+// with a tie takes the caller's recompute route for its maxima). With D = 0 (no attention term)
+// the features are the rows themselves: segment_pool.
 #include <torch/library.h>
 
 #include <algorithm>
