@@ -134,7 +134,7 @@ def test_bucket_pool_flags_a_tie_in_any_channel(dtype, channel):
     bias = torch.randn(1, 100, generator=gen, dtype=dtype)
     starts, lengths = torch.tensor([0, 3, 4, 4, 6]), torch.tensor([3, 1, 0, 2, 1])
     pooled, argmax, tied = native.ops().bucket_pool(x, out, wt, bias, torch.arange(7), starts, lengths,
-                                                    torch.zeros(5, dtype=torch.long), 2.0)
+                                                    torch.zeros(5, dtype=torch.long), 2.0, torch.tensor([3, 0, 4, 2, 1]))
     assert tied.tolist() == [True, False]
     rows = [x[first:first + n] for first, n in zip(starts.tolist(), lengths.tolist())]
     expected = torch.stack([r.amax(0) + r.mean(0) if len(r) else torch.zeros(100, dtype=dtype) for r in rows])

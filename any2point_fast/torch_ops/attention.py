@@ -481,13 +481,23 @@ def _segment_views(segments: Segments) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
 
 
+def _cloud_order(plan: _Plan, tokens_per_cloud: int) -> torch.Tensor:
+    """``[S]`` the segments ordered by the cloud of their tokens (stable: view after view within a
+    cloud), the order the compiled kernels visit them in: a cloud's token rows are then read from
+    memory once for all its views."""
+    first = plan.tokens[plan.starts.clamp_max(max(len(plan.tokens) - 1, 0))]  # (an empty segment's: any)
+    return torch.argsort(torch.div(first, tokens_per_cloud, rounding_mode="floor"), stable=True)
+
+
 def _compiled_pool(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, plan: _Plan,
-                   segments: Segments, bias_factor: float) -> tuple[torch.Tensor, _CompiledMax]:
+                   segments: Segments, tokens_per_cloud: int, bias_factor: float) -> tuple[torch.Tensor, _CompiledMax]:
     """Every pooled row ``[S, C]`` under ``max + mean`` by the compiled kernel, and the item holding
     every maximum of the buckets of two or more tokens."""
     views = _derived(segments, "segment views", len(xf), lambda: _segment_views(segments))
+    visit = _derived(segments, f"cloud order {tokens_per_cloud}", len(xf),
+                     lambda: _cloud_order(plan, tokens_per_cloud))
     pooled, argmax, tied = native.ops().bucket_pool(xf, out, wo.transpose(1, 2).contiguous(), bo.contiguous(),
-                                                    plan.tokens, plan.starts, plan.counts, views, bias_factor)
+                                                    plan.tokens, plan.starts, plan.counts, views, bias_factor, visit)
     bounds, max_views = _derived(segments, "max buckets", len(xf), lambda: _max_buckets(plan, segments))
     return pooled, _CompiledMax(bounds, argmax, set(max_views[tied].tolist()))
 
@@ -563,7 +573,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         bias_factor = 2.0 if pooling == "max+mean" else 1.0  # b_o's, twice under max + mean
         compiled = None
         if pooling == "max+mean" and native.available(xf.device):  # every pooled row in one pass over its items
-            pooled, compiled = _compiled_pool(xf, out, wo, bo, plan, segments, bias_factor)
+            pooled, compiled = _compiled_pool(xf, out, wo, bo, plan, segments, tokens, bias_factor)
         # b_o as one more column: [S, D + 1] (and [W_o | b_o]'s gradient in one product per view)
         linear_out = torch.cat((linear_out, linear_out.new_full((len(linear_out), 1), bias_factor)), dim=1)
         if compiled is None:

@@ -102,7 +102,8 @@ def _compiled_pool(v: torch.Tensor, order: torch.Tensor,
     more rows (``None`` if some maximum is attained twice)."""
     pooled, argmax, tied = native.ops().bucket_pool(v, v.new_empty(len(order), 0), v.new_empty(1, 0, v.shape[1]),
                                                     v.new_empty(0), order, csr_offsets(counts)[:-1], counts,
-                                                    torch.zeros_like(counts), 0.0)
+                                                    torch.zeros_like(counts), 0.0,
+                                                    torch.arange(len(counts), device=counts.device))
     return pooled, None if bool(tied.any()) else argmax
 
 

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -64,15 +65,18 @@ inline bool any_nonzero(const V& v) {
 // singleton's row is 2 t + bias_factor · b, an empty segment's bias_factor · b; bias is null
 // without a bias: segment_pool). Segments of two or more items (slot ≥ 0) also keep per channel
 // the segment-local index of the item holding the maximum, and whether another item ties with it.
+// Segments a thread takes at a time, in the caller's visiting order.
+constexpr int64_t kVisitRun = 32;
+
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
 void max_mean_kernel(const T* x, const T* out, const T* wt, const T* bias, const int64_t* tokens,
                      const int64_t* starts, const int64_t* lengths, const int64_t* views, const int64_t* slots,
                      int64_t num_segments, int64_t runtime_dim, int64_t channels, T bias_factor, T* pooled,
-                     T* argmax, bool* tied) {
+                     T* argmax, bool* tied, const int64_t* visit_order) {
   const int64_t dim = kDim > 0 ? kDim : runtime_dim;
   constexpr int64_t line = 64 / sizeof(T);  // values per cache line
-  for_each_bucket(lengths, num_segments, [&](int64_t s) {
+  auto visit_segment = [&](int64_t s) {
     const T* w = wt + views[s] * dim * channels;
     const T* bias_row = bias == nullptr ? nullptr : bias + views[s] * channels;
     const int64_t first_item = starts[s], length = lengths[s], slot = slots[s];
@@ -143,6 +147,13 @@ void max_mean_kernel(const T* x, const T* out, const T* wt, const T* bias, const
       }
     });
     if (slot >= 0) tied[slot] = tail_ties != T(0) || any_nonzero<T>(ties);
+  };
+  // segments in the caller's order, a run of kVisitRun at a time per thread: the items of one
+  // cloud's segments of every view, visited together, read its token rows from memory once
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(kVisitRun); i < num_segments; i = next.fetch_add(kVisitRun))
+      for (int64_t j = i; j < std::min(num_segments, i + kVisitRun); ++j) visit_segment(visit_order[j]);
   });
 }
 
@@ -317,19 +328,21 @@ void backward_kernel(const T* grad, const T* weights, const T* linear, const T* 
 
 // (pooled [S, C], argmax [K, C] (the segment-local index of the item holding every maximum, in
 // x's dtype), tied [K] (bool)) of the S segments under max + mean; the K segments of two or more
-// items, in segment order, have maxima. wt is [M, D, C], W_oᵀ of every view; bias [M, C] or empty.
+// items, in segment order, have maxima. wt is [M, D, C], W_oᵀ of every view; bias [M, C] or empty;
+// visit_order [S] a permutation of the segments, the order to visit them in (a cloud's segments of
+// every view together: its token rows then stay in cache).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_pool(const at::Tensor& x, const at::Tensor& out,
                                                            const at::Tensor& wt, const at::Tensor& bias,
                                                            const at::Tensor& tokens, const at::Tensor& starts,
                                                            const at::Tensor& lengths, const at::Tensor& views,
-                                                           double bias_factor) {
+                                                           double bias_factor, const at::Tensor& visit_order) {
   any2point::check_values(x, {&x, &out, &wt, &bias});
-  any2point::check_indices({&tokens, &starts, &lengths, &views});
+  any2point::check_indices({&tokens, &starts, &lengths, &views, &visit_order});
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && wt.dim() == 3 && wt.size(1) == out.size(1) && wt.size(2) == x.size(1),
               "x [R, C], out [T, D], wt [M, D, C]");
   const int64_t num_segments = starts.numel(), channels = x.size(1), dim = out.size(1);
-  TORCH_CHECK(lengths.numel() == num_segments && views.numel() == num_segments,
-              "one start, length and view per segment");
+  TORCH_CHECK(lengths.numel() == num_segments && views.numel() == num_segments && visit_order.numel() == num_segments,
+              "one start, length, view and place in the visiting order per segment");
   TORCH_CHECK(bias.numel() == 0 || (bias.dim() == 2 && bias.size(0) == wt.size(0) && bias.size(1) == channels),
               "bias [M, C] or empty");
   TORCH_CHECK(num_segments == 0 || lengths.max().item<int64_t>() < (int64_t(1) << 24),
@@ -348,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_pool(const at::Tensor& x, 
            bias.numel() == 0 ? nullptr : bias.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
            starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), views.data_ptr<int64_t>(), slots.data(),
            num_segments, dim, channels, static_cast<scalar_t>(bias_factor), pooled.data_ptr<scalar_t>(),
-           argmax.data_ptr<scalar_t>(), tied.data_ptr<bool>());
+           argmax.data_ptr<scalar_t>(), tied.data_ptr<bool>(), visit_order.data_ptr<int64_t>());
   });
   return {pooled, argmax, tied};
 }
@@ -394,7 +407,7 @@ at::Tensor bucket_pool_backward(const at::Tensor& grad, const at::Tensor& weight
 
 TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
   m.def("bucket_pool(Tensor x, Tensor out, Tensor wt, Tensor bias, Tensor tokens, Tensor starts, Tensor lengths, "
-        "Tensor views, float bias_factor) -> (Tensor, Tensor, Tensor)");
+        "Tensor views, float bias_factor, Tensor visit_order) -> (Tensor, Tensor, Tensor)");
   m.def("bucket_pool_backward(Tensor grad, Tensor weights, Tensor linear, Tensor argmax, Tensor out, Tensor w, "
         "Tensor wt, Tensor tokens, Tensor starts, Tensor lengths, int first, int count, bool accumulate, "
         "Tensor(a!) grad_x, Tensor(b!) grad_out) -> Tensor");
