@@ -133,14 +133,62 @@ def test_bucket_pool_flags_a_tie_in_any_channel(dtype, channel):
     wt = torch.zeros(1, 12, 100, dtype=dtype)  # features t = x exactly
     bias = torch.randn(1, 100, generator=gen, dtype=dtype)
     starts, lengths = torch.tensor([0, 3, 4, 4, 6]), torch.tensor([3, 1, 0, 2, 1])
+    visit_order = torch.tensor([3, 0, 4, 2, 1])
     pooled, argmax, tied = native.ops().bucket_pool(x, out, wt, bias, torch.arange(7), starts, lengths,
-                                                    torch.zeros(5, dtype=torch.long), 2.0, torch.tensor([3, 0, 4, 2, 1]))
+                                                    torch.zeros(5, dtype=torch.long), 2.0, visit_order)
     assert tied.tolist() == [True, False]
     rows = [x[first:first + n] for first, n in zip(starts.tolist(), lengths.tolist())]
     expected = torch.stack([r.amax(0) + r.mean(0) if len(r) else torch.zeros(100, dtype=dtype) for r in rows])
     torch.testing.assert_close(pooled, expected + 2 * bias)
     assert argmax[0, channel] == 1
     torch.testing.assert_close(argmax, torch.stack((rows[0].argmax(0), rows[3].argmax(0))).to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim", [12, 3])
+@pytest.mark.parametrize("maxima_of", [(True, False), (False, True)])
+def test_bucket_pool_backward_writes_every_gradient_by_its_formula(dim, maxima_of):
+    """Two clouds of 3 tokens, two views, segments visited cloud by cloud in two runs: every row of
+    grad_x and grad_out is written (they start as NaN) with the linear part's share and, in the
+    view with maxima (either), each maximum's; [W_o | b_o]'s gradient by view. The recipes' D = 12 and a
+    runtime D, over 20 channels (a SIMD vector and a tail)."""
+    require_compiled()
+    gen = torch.Generator().manual_seed(dim)
+    channels = 20
+    # view 0: {0, 1} {2} {3, 4, 5}; view 1: {0} {1, 2} {3, 5} {4}
+    tokens = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 5, 4])
+    starts, lengths = torch.tensor([0, 2, 3, 6, 7, 9, 11]), torch.tensor([2, 1, 3, 1, 2, 2, 1])
+    views = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    visit_order, runs = torch.tensor([0, 1, 3, 4, 2, 5, 6]), torch.tensor([0, 4, 7])  # cloud 0, then cloud 1
+    grad, weights = torch.randn(7, channels, generator=gen), torch.rand(7, generator=gen) + 0.5
+    linear, out = torch.randn(7, dim + 1, generator=gen), torch.randn(12, dim, generator=gen)
+    w = torch.randn(2, channels, dim, generator=gen)
+    argmax = torch.stack([torch.randint(0, int(n), (channels,), generator=gen) for n in lengths if n > 1]).float()
+    has_max = torch.tensor(maxima_of)  # the other view's maxima are someone else's (a tie)
+    grad_x, grad_out = torch.full((6, channels), float("nan")), torch.full((12, dim), float("nan"))
+    grad_w = native.ops().bucket_pool_backward(grad, weights, linear, argmax, has_max, out, w,
+                                               w.transpose(1, 2).contiguous(), tokens, starts, lengths, views,
+                                               visit_order, runs, grad_x, grad_out)
+    expected_x, expected_out = torch.zeros(6, channels), torch.zeros(12, dim)
+    expected_w = torch.zeros(2, channels, dim + 1)
+    slot = 0
+    for s in range(7):
+        g, v, first, n = grad[s], int(views[s]), int(starts[s]), int(lengths[s])
+        expected_w[v] += torch.outer(g, linear[s])
+        for i in range(first, first + n):
+            expected_x[tokens[i]] += weights[s] * g
+            expected_out[i] = weights[s] * g @ w[v]
+        if n < 2:
+            continue
+        if has_max[v]:
+            for c in range(channels):
+                item = first + int(argmax[slot, c])
+                expected_x[tokens[item], c] += g[c]
+                expected_out[item] += g[c] * w[v, c]
+                expected_w[v, c, :dim] += g[c] * out[item]
+        slot += 1
+    torch.testing.assert_close(grad_x, expected_x)
+    torch.testing.assert_close(grad_out, expected_out)
+    torch.testing.assert_close(grad_w, expected_w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

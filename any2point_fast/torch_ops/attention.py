@@ -61,6 +61,7 @@ from ._common import (
     count_ones,
     csr,
     csr_mm,
+    csr_offsets,
     exclusive_cumsum,
     grad_as,
     linear_pool_weights,
@@ -481,12 +482,18 @@ def _segment_views(segments: Segments) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
 
 
-def _cloud_order(plan: _Plan, tokens_per_cloud: int) -> torch.Tensor:
+def _cloud_order(plan: _Plan, tokens_per_cloud: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[S]`` the segments ordered by the cloud of their tokens (stable: view after view within a
     cloud), the order the compiled kernels visit them in: a cloud's token rows are then read from
-    memory once for all its views."""
+    memory once for all its views; and the offsets into it that cut it into
+    :data:`~.native.POOL_BACKWARD_RUNS` runs of whole clouds."""
     first = plan.tokens[plan.starts.clamp_max(max(len(plan.tokens) - 1, 0))]  # (an empty segment's: any)
-    return torch.argsort(torch.div(first, tokens_per_cloud, rounding_mode="floor"), stable=True)
+    clouds = torch.div(first, tokens_per_cloud, rounding_mode="floor")
+    order = torch.argsort(clouds, stable=True)
+    num_clouds = int(clouds.max()) + 1 if len(clouds) else 0
+    cloud_offsets = csr_offsets(torch.bincount(clouds, minlength=num_clouds))
+    cuts = torch.linspace(0, num_clouds, min(native.POOL_BACKWARD_RUNS, max(num_clouds, 1)) + 1).round().long()
+    return order, cloud_offsets[cuts]
 
 
 def _compiled_pool(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, plan: _Plan,
@@ -494,8 +501,8 @@ def _compiled_pool(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, bo: to
     """Every pooled row ``[S, C]`` under ``max + mean`` by the compiled kernel, and the item holding
     every maximum of the buckets of two or more tokens."""
     views = _derived(segments, "segment views", len(xf), lambda: _segment_views(segments))
-    visit = _derived(segments, f"cloud order {tokens_per_cloud}", len(xf),
-                     lambda: _cloud_order(plan, tokens_per_cloud))
+    visit, _ = _derived(segments, f"cloud order {tokens_per_cloud}", len(xf),
+                        lambda: _cloud_order(plan, tokens_per_cloud))
     pooled, argmax, tied = native.ops().bucket_pool(xf, out, wo.transpose(1, 2).contiguous(), bo.contiguous(),
                                                     plan.tokens, plan.starts, plan.counts, views, bias_factor, visit)
     bounds, max_views = _derived(segments, "max buckets", len(xf), lambda: _max_buckets(plan, segments))
@@ -626,21 +633,23 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         # linear part: pooled = Σ w·x + (Σ w·out) W_oᵀ + b_o (twice b_o under max + mean); [W_o | b_o]'s
         # gradient in one product per view (linear_out's last column: b_o's factor)
         weights = linear_pool_weights(plan.counts, pooling, dtype)
-        grad_out_weight_bias = torch.empty(views, channels, width + 1, dtype=dtype, device=g.device)
-        offsets = segments.view_offsets
-        if ctx.fused:  # the compiled kernel, view by view: each row of g read once, for every gradient
+        if ctx.fused:  # the compiled kernel: each row of g read once, for every gradient, cloud by cloud
             g = g.contiguous()
-            wo_t = wo.transpose(1, 2).contiguous()
-            # (every view's segments hold every token once: the first view writes grad_x's rows)
+            tokens_per_cloud = ctx.x_shape[1]
+            visit, runs = _derived(segments, f"cloud order {tokens_per_cloud}", len(xf),
+                                   lambda: _cloud_order(plan, tokens_per_cloud))
+            segment_views = _derived(segments, "segment views", len(xf), lambda: _segment_views(segments))
+            compiled = ctx.compiled
+            has_max = torch.tensor([compiled is not None and view not in compiled.tied for view in range(views)])
+            argmax = compiled.argmax if compiled is not None else g.new_empty(0, channels)
+            # (every token has an item in view 0, which writes its row of grad_x: no zero fill)
             grad_x, grad_out = torch.empty_like(xf), torch.empty_like(out)
-            for view, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
-                argmax = g.new_empty(0, channels)
-                if ctx.compiled is not None and view not in ctx.compiled.tied:
-                    argmax = ctx.compiled.argmax[ctx.compiled.bounds[view]:ctx.compiled.bounds[view + 1]]
-                grad_out_weight_bias[view] = native.ops().bucket_pool_backward(
-                    g, weights, linear_out, argmax, out, wo[view].contiguous(), wo_t[view], plan.tokens, plan.starts,
-                    plan.counts, first, last - first, view > 0, grad_x, grad_out)
+            grad_out_weight_bias = native.ops().bucket_pool_backward(
+                g, weights, linear_out, argmax, has_max, out, wo.contiguous(), wo.transpose(1, 2).contiguous(),
+                plan.tokens, plan.starts, plan.counts, segment_views, visit, runs, grad_x, grad_out)
         else:
+            grad_out_weight_bias = torch.empty(views, channels, width + 1, dtype=dtype, device=g.device)
+            offsets = segments.view_offsets
             grad_linear_out = torch.empty(len(linear_out), width, dtype=dtype, device=g.device)
             for view, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
                 g_view = g[first:last]

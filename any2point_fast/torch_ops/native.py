@@ -53,6 +53,9 @@ SOURCES = tuple(Path(__file__).with_name("csrc") / name
                              "layer_norm.cpp"))
 #: The ``torch.ops`` namespace of the compiled kernels.
 NAMESPACE = "any2point_native"
+#: Runs ``bucket_pool_backward`` cuts the segments into, each summing its share of ``W_o``'s
+#: gradient apart (a fixed number: the sums do not depend on the threads).
+POOL_BACKWARD_RUNS = 8
 #: Seconds into a build after which a line on stderr says that the kernels are being compiled.
 NOTICE_AFTER_S = 2.0
 
@@ -124,4 +127,4 @@ def ops():
     return getattr(torch.ops, NAMESPACE)
 
 
-__all__ = ["ENV_VAR", "NAMESPACE", "available", "build_name", "ops"]
+__all__ = ["ENV_VAR", "NAMESPACE", "POOL_BACKWARD_RUNS", "available", "build_name", "ops"]

@@ -72,10 +72,13 @@ class _SegmentPool(torch.autograd.Function):
         if argmax is not None:  # the compiled kernel: the linear part and the maxima, segment by segment
             grad_values = g.new_empty(values.shape)  # every row is in one segment: all written
             none = g.new_empty(len(order), 0)  # no attention term
-            native.ops().bucket_pool_backward(g.contiguous(), weights, g.new_zeros(len(counts), 1), argmax, none,
-                                              g.new_empty(g.shape[1], 0), g.new_empty(0, g.shape[1]), order,
-                                              csr_offsets(counts)[:-1], counts, 0, len(counts), False, grad_values,
-                                              none)
+            num_segments = len(counts)
+            segments = torch.arange(num_segments, device=counts.device)  # each row in one: any runs are apart
+            runs = torch.linspace(0, num_segments, native.POOL_BACKWARD_RUNS + 1, device=counts.device).round().long()
+            native.ops().bucket_pool_backward(g.contiguous(), weights, g.new_zeros(num_segments, 1), argmax,
+                                              torch.ones(1, dtype=torch.bool), none, g.new_empty(1, g.shape[1], 0),
+                                              g.new_empty(1, 0, g.shape[1]), order, csr_offsets(counts)[:-1], counts,
+                                              torch.zeros_like(counts), segments, runs, grad_values, none)
         else:
             grad_values = (g * weights[:, None]).index_select(0, ids)
         if argmax is None and ctx.pooling == "max+mean" and len(shared):

@@ -157,10 +157,6 @@ void max_mean_kernel(const T* x, const T* out, const T* wt, const T* bias, const
   });
 }
 
-// The backward of one view's segments is cut into this many runs of consecutive segments (of
-// about equal items); each run sums its part of grad_w in its own buffer, and the buffers are
-// added in run order, so that the result does not depend on which thread took which run.
-constexpr int64_t kRuns = 8;
 // The items' grad_out rows are summed in this many buffers, by channel: in short segments,
 // consecutive channels mostly hit the same item, and one buffer would chain their adds.
 constexpr int64_t kOutBuffers = 8;
@@ -234,59 +230,60 @@ inline void linear_part(const T* g, const T* wt, const T* lin, int64_t runtime_d
   }
 }
 
-// The gradient through one view's pooled rows (segments first .. first + count - 1, items
-// starts[s] .. starts[s] + lengths[s] - 1; no two items share a token), pooled = weight · Σ t +
-// max t (where the segment has a maximum) with t = x + out W_oᵀ + the bias term, given grad, the
-// rows' gradients [S, C], and linear [S, D + 1], the forward's weight · Σ out with the bias factor
-// last (W_o is w [C, D] and wt [D, C]):
-//   grad_x[token]  += weight · g + g at the channels whose maximum the item holds;
-//   grad_out[item]  = weight · g W_o + Σ over those channels of g[c] W_o[c];
-//   grad_w [C, D + 1] = Σ_s g ⊗ linear[s] + Σ over the maxima of g[c] out[item] (W_o's, then b_o's).
-// Every segment's row g is read once for all three. The segments of two or more items (in
-// order) have maxima when argmax [K, C] is not empty. Without accumulate, the items' rows of
-// grad_x are written, not added to (where the segments hold every token once, as a view's do,
-// grad_x need not be zeroed first). Without an attention term (dim 0: segment_pool) only grad_x
-// remains.
+// The gradient through the pooled rows of every view, pooled = weight · Σ t + max t (where the
+// segment has a maximum) with t = x + out W_oᵀ + the bias term (segment s: items starts[s] ..
+// starts[s] + lengths[s] - 1, view views[s]), given grad, the rows' gradients [S, C], and linear
+// [S, D + 1], the forward's weight · Σ out with the bias factor last (W_o is w [M, C, D] and wt
+// [M, D, C]):
+//   grad_x[token]  = Σ over its items of weight · g + g at the channels whose maximum the item holds;
+//   grad_out[item] = weight · g W_o + Σ over those channels of g[c] W_o[c];
+//   grad_w [M, C, D + 1] = Σ_s g ⊗ linear[s] + Σ over the maxima of g[c] out[item] (W_o's, then b_o's).
+// Every segment's row g is read once for all three. The segments of two or more items, in
+// segment order, have rows in argmax [K, C]; those of a view v have maxima where has_max[v].
+// Segments go in visit_order, cut into runs at run_offsets: no token has items in two runs (runs
+// of whole clouds), and in a run a token's first item is of view 0, which writes its grad_x row
+// (no zero fill) and the other views add to it; a run's rows then stay in cache across views.
+// Each run sums its part of grad_w in its own buffers, added in run order: the result does not
+// depend on which thread took which run. Without an attention term (dim 0: segment_pool) only
+// grad_x remains.
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
-void backward_kernel(const T* grad, const T* weights, const T* linear, const T* argmax, bool with_max, const T* out,
-                     const T* w, const T* wt, const int64_t* tokens, const int64_t* starts, const int64_t* lengths,
-                     int64_t first, int64_t count, int64_t runtime_dim, int64_t channels, bool accumulate, T* grad_x,
-                     T* grad_out, T* grad_w) {
+void backward_kernel(const T* grad, const T* weights, const T* linear, const T* argmax, const bool* has_max,
+                     const T* out, const T* w, const T* wt, const int64_t* tokens, const int64_t* starts,
+                     const int64_t* lengths, const int64_t* views, const int64_t* visit_order,
+                     const int64_t* run_offsets, int64_t runs, int64_t num_segments, int64_t num_views,
+                     int64_t runtime_dim, int64_t channels, T* grad_x, T* grad_out, T* grad_w) {
   const int64_t dim = kDim > 0 ? kDim : runtime_dim, width = dim + 1;
-  std::vector<int64_t> slots(count, -1);
-  for (int64_t k = 0, seen = 0; k < count; ++k)
-    if (with_max && lengths[first + k] > 1) slots[k] = seen++;
-  const int64_t runs = std::max<int64_t>(1, std::min(count, kRuns));
-  const int64_t items = std::accumulate(lengths + first, lengths + first + count, int64_t(0)) + count;
-  std::vector<int64_t> bounds(runs + 1, 0), run_items(runs, 0);
-  for (int64_t k = 0, seen = 0; k < count; seen += lengths[first + k++] + 1) {  // + 1: the segment's own row
-    const int64_t r = std::min(runs - 1, seen * runs / std::max<int64_t>(items, 1));
-    bounds[r + 1] = k + 1;
-    run_items[r] += lengths[first + k] + 1;
+  std::vector<int64_t> slots(num_segments, -1);
+  for (int64_t s = 0, seen = 0; s < num_segments; ++s) {
+    if (lengths[s] < 2) continue;
+    if (has_max[views[s]]) slots[s] = seen;
+    ++seen;
   }
-  for (int64_t r = 1; r <= runs; ++r) bounds[r] = std::max(bounds[r], bounds[r - 1]);  // empty runs
-  // per run: the maxima's share of W_o's gradient [C, D], and the linear part's [D + 1, C]
-  const int64_t per_run = channels * dim + width * channels;
+  std::vector<int64_t> run_sizes(runs);
+  for (int64_t r = 0; r < runs; ++r) run_sizes[r] = run_offsets[r + 1] - run_offsets[r];
+  // per run and view: the maxima's share of W_o's gradient [C, D], and the linear part's [D + 1, C]
+  const int64_t per_view = channels * dim + width * channels, per_run = num_views * per_view;
   auto partial = scratch<T>(runs * per_run).zero_();
   T* partials = partial.template data_ptr<T>();
-  for_each_bucket(run_items.data(), runs, [&](int64_t r) {
-    T* gw = partials + r * per_run;
-    T* gwt = gw + channels * dim;
-    if (bounds[r] == bounds[r + 1]) return;
-    const int64_t longest = *std::max_element(lengths + first + bounds[r], lengths + first + bounds[r + 1]);
+  for_each_bucket(run_sizes.data(), runs, [&](int64_t r) {
+    if (run_sizes[r] == 0) return;
+    int64_t longest = 0;
+    for (int64_t j = run_offsets[r]; j < run_offsets[r + 1]; ++j) longest = std::max(longest, lengths[visit_order[j]]);
     const auto buffer = scratch<T>(kOutBuffers * longest * dim + dim);
     T* lin_grad = buffer.template data_ptr<T>();
     T* local = lin_grad + dim;
-    for (int64_t k = bounds[r]; k < bounds[r + 1]; ++k) {
-      const int64_t s = first + k, length = lengths[s], start = starts[s], slot = slots[k];
+    for (int64_t j = run_offsets[r]; j < run_offsets[r + 1]; ++j) {
+      const int64_t s = visit_order[j], v = views[s], length = lengths[s], start = starts[s], slot = slots[s];
+      T* gw = partials + r * per_run + v * per_view;
+      T* gwt = gw + channels * dim;
+      const T* wv = w + v * channels * dim;
       const T* g = grad + s * channels;
       const T* a = slot >= 0 ? argmax + slot * channels : nullptr;
       const T weight = weights[s];
-      (accumulate ? add_to_rows<T, true> : add_to_rows<T, false>)(g, weight, a, tokens, start, length, channels,
-                                                                   grad_x);
+      (v > 0 ? add_to_rows<T, true> : add_to_rows<T, false>)(g, weight, a, tokens, start, length, channels, grad_x);
       if (dim == 0) continue;
-      linear_part<T, kDim>(g, wt, linear + s * width, dim, channels, lin_grad, gwt);
+      linear_part<T, kDim>(g, wt + v * dim * channels, linear + s * width, dim, channels, lin_grad, gwt);
       if (a == nullptr) {
         for (int64_t i = 0; i < length; ++i)
           for (int64_t e = 0; e < dim; ++e) grad_out[(start + i) * dim + e] = weight * lin_grad[e];
@@ -297,7 +294,7 @@ void backward_kernel(const T* grad, const T* weights, const T* linear, const T* 
         const int64_t i = static_cast<int64_t>(a[c]);
         const T gc = g[c];
         T* go = local + ((c % kOutBuffers) * length + i) * dim;
-        const T* wc = w + c * dim;
+        const T* wc = wv + c * dim;
         const T* o = out + (start + i) * dim;
         T* gwc = gw + c * dim;
 #pragma omp simd
@@ -316,14 +313,16 @@ void backward_kernel(const T* grad, const T* weights, const T* linear, const T* 
       }
     }
   });
-  for (int64_t r = 0; r < runs; ++r) {
-    const T* gw = partials + r * per_run;
-    const T* gwt = gw + channels * dim;
-    for (int64_t c = 0; c < channels; ++c) {
-      for (int64_t e = 0; e < dim; ++e) grad_w[c * width + e] += gw[c * dim + e] + gwt[e * channels + c];
-      grad_w[c * width + dim] += gwt[dim * channels + c];
+  for (int64_t v = 0; v < num_views; ++v)
+    for (int64_t r = 0; r < runs; ++r) {
+      const T* gw = partials + r * per_run + v * per_view;
+      const T* gwt = gw + channels * dim;
+      T* to = grad_w + v * channels * width;
+      for (int64_t c = 0; c < channels; ++c) {
+        for (int64_t e = 0; e < dim; ++e) to[c * width + e] += gw[c * dim + e] + gwt[e * channels + c];
+        to[c * width + dim] += gwt[dim * channels + c];
+      }
     }
-  }
 }
 
 // (pooled [S, C], argmax [K, C] (the segment-local index of the item holding every maximum, in
@@ -366,39 +365,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_pool(const at::Tensor& x, 
   return {pooled, argmax, tied};
 }
 
-// The gradient through the pooled rows of one view, segments first .. first + count - 1 (see
-// backward_kernel): adds grad_x's [R, C] share (writes it without accumulate), writes the rows of
-// grad_out [T, D] of their items, and returns that of [W_o | b_o] ([C, D + 1]; W_o is w [C, D], and
-// wt [D, C]); argmax [K, C] lists the maxima of the view's segments of two or more items, or is
-// empty (no maxima: mean, or a tie).
+// The gradient through the pooled rows of every view (see backward_kernel): writes grad_x [R, C]
+// (every row: each token must have an item in view 0) and grad_out [T, D], and returns that of
+// [W_o | b_o] ([M, C, D + 1]; W_o is w [M, C, D], and wt [M, D, C]). argmax [K, C] lists the maxima
+// of the segments of two or more items (empty: none), has_max [M] the views whose maxima to use
+// (mean, or a tie: none); visit_order [S] and run_offsets [runs + 1] order the segments and cut
+// them into runs of whole clouds.
 at::Tensor bucket_pool_backward(const at::Tensor& grad, const at::Tensor& weights, const at::Tensor& linear,
-                                const at::Tensor& argmax, const at::Tensor& out, const at::Tensor& w,
-                                const at::Tensor& wt, const at::Tensor& tokens, const at::Tensor& starts,
-                                const at::Tensor& lengths, int64_t first, int64_t count, bool accumulate,
-                                at::Tensor grad_x, at::Tensor grad_out) {
+                                const at::Tensor& argmax, const at::Tensor& has_max, const at::Tensor& out,
+                                const at::Tensor& w, const at::Tensor& wt, const at::Tensor& tokens,
+                                const at::Tensor& starts, const at::Tensor& lengths, const at::Tensor& views,
+                                const at::Tensor& visit_order, const at::Tensor& run_offsets, at::Tensor grad_x,
+                                at::Tensor grad_out) {
   any2point::check_values(grad_x, {&grad, &weights, &linear, &argmax, &out, &w, &wt, &grad_x, &grad_out});
-  any2point::check_indices({&tokens, &starts, &lengths});
-  const int64_t num_segments = starts.numel(), channels = grad_x.size(1), dim = out.size(1);
-  TORCH_CHECK(first >= 0 && count >= 0 && first + count <= num_segments && lengths.numel() == num_segments &&
+  any2point::check_indices({&tokens, &starts, &lengths, &views, &visit_order, &run_offsets});
+  const int64_t num_segments = starts.numel(), channels = grad_x.size(1), dim = out.size(1), num_views = w.size(0);
+  TORCH_CHECK(lengths.numel() == num_segments && views.numel() == num_segments && visit_order.numel() == num_segments &&
                   weights.numel() == num_segments && grad.dim() == 2 && grad.size(0) == num_segments &&
                   grad.size(1) == channels && linear.dim() == 2 && linear.size(0) == num_segments &&
-                  linear.size(1) == dim + 1 && w.dim() == 2 && w.size(0) == channels && w.size(1) == dim &&
-                  wt.dim() == 2 && wt.size(0) == dim && wt.size(1) == channels && grad_out.sizes() == out.sizes(),
-              "grad [S, C], weights [S], linear [S, D + 1], out and grad_out [T, D], w [C, D], wt [D, C], "
-              "segments in range");
+                  linear.size(1) == dim + 1 && w.dim() == 3 && w.size(1) == channels && w.size(2) == dim &&
+                  wt.dim() == 3 && wt.size(0) == num_views && wt.size(1) == dim && wt.size(2) == channels &&
+                  grad_out.sizes() == out.sizes() && run_offsets.numel() >= 1 &&
+                  has_max.scalar_type() == at::kBool && has_max.numel() == num_views && has_max.is_contiguous(),
+              "grad [S, C], weights [S], linear [S, D + 1], out and grad_out [T, D], w [M, C, D], wt [M, D, C], "
+              "has_max [M] bool, one length, view and place in the visiting order per segment");
+  const int64_t* offsets = run_offsets.data_ptr<int64_t>();
+  const int64_t runs = run_offsets.numel() - 1;
+  TORCH_CHECK(offsets[0] == 0 && offsets[runs] == num_segments && std::is_sorted(offsets, offsets + runs + 1),
+              "run_offsets: from 0 to S, nondecreasing");
   const int64_t* length = lengths.data_ptr<int64_t>();
-  const int64_t num_max = std::count_if(length + first, length + first + count, [](int64_t n) { return n > 1; });
-  const bool with_max = argmax.numel() > 0;
-  TORCH_CHECK(!with_max || (argmax.dim() == 2 && argmax.size(0) == num_max && argmax.size(1) == channels),
+  const int64_t num_max = std::count_if(length, length + num_segments, [](int64_t n) { return n > 1; });
+  TORCH_CHECK(argmax.numel() == 0 || (argmax.dim() == 2 && argmax.size(0) == num_max && argmax.size(1) == channels),
               "argmax [K, C]: a row per segment of two or more items, or empty");
-  auto grad_w = at::zeros({channels, dim + 1}, grad_x.options());
+  auto used = has_max.clone();
+  if (argmax.numel() == 0) used.fill_(false);
+  auto grad_w = at::zeros({num_views, channels, dim + 1}, grad_x.options());
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "bucket_pool_backward", [&] {
     const auto kernel = dim == 12 ? backward_kernel<scalar_t, 12> : backward_kernel<scalar_t, 0>;
     kernel(grad.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), linear.data_ptr<scalar_t>(),
-           argmax.data_ptr<scalar_t>(), with_max, out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-           wt.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), length, first, count, dim,
-           channels, accumulate, grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-           grad_w.data_ptr<scalar_t>());
+           argmax.data_ptr<scalar_t>(), used.data_ptr<bool>(), out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+           wt.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), length,
+           views.data_ptr<int64_t>(), visit_order.data_ptr<int64_t>(), offsets, runs, num_segments, num_views, dim, channels, grad_x.data_ptr<scalar_t>(),
+           grad_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
   });
   return grad_w;
 }
@@ -408,9 +416,9 @@ at::Tensor bucket_pool_backward(const at::Tensor& grad, const at::Tensor& weight
 TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
   m.def("bucket_pool(Tensor x, Tensor out, Tensor wt, Tensor bias, Tensor tokens, Tensor starts, Tensor lengths, "
         "Tensor views, float bias_factor, Tensor visit_order) -> (Tensor, Tensor, Tensor)");
-  m.def("bucket_pool_backward(Tensor grad, Tensor weights, Tensor linear, Tensor argmax, Tensor out, Tensor w, "
-        "Tensor wt, Tensor tokens, Tensor starts, Tensor lengths, int first, int count, bool accumulate, "
-        "Tensor(a!) grad_x, Tensor(b!) grad_out) -> Tensor");
+  m.def("bucket_pool_backward(Tensor grad, Tensor weights, Tensor linear, Tensor argmax, Tensor has_max, Tensor out, "
+        "Tensor w, Tensor wt, Tensor tokens, Tensor starts, Tensor lengths, Tensor views, Tensor visit_order, "
+        "Tensor run_offsets, Tensor(a!) grad_x, Tensor(b!) grad_out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
