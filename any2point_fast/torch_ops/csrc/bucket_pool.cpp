@@ -59,15 +59,15 @@ inline bool any_nonzero(const V& v) {
   return std::any_of(lanes, lanes + sizeof(V) / sizeof(T), [](T value) { return value != T(0); });
 }
 
+// Segments a thread takes at a time, in the caller's visiting order.
+constexpr int64_t kVisitRun = 32;
+
 // Pooled rows of every segment s (items starts[s] .. starts[s] + lengths[s] - 1, view views[s]),
 // a block of channels at a time in registers, the [T, C] features of a view never formed:
 // max + mean: max_i t_i + (1/n) Σ_i t_i + bias_factor · b, with t_i = x[tokens[i]] + out[i] W_oᵀ (a
 // singleton's row is 2 t + bias_factor · b, an empty segment's bias_factor · b; bias is null
 // without a bias: segment_pool). Segments of two or more items (slot ≥ 0) also keep per channel
 // the segment-local index of the item holding the maximum, and whether another item ties with it.
-// Segments a thread takes at a time, in the caller's visiting order.
-constexpr int64_t kVisitRun = 32;
-
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
 void max_mean_kernel(const T* x, const T* out, const T* wt, const T* bias, const int64_t* tokens,
@@ -405,8 +405,8 @@ at::Tensor bucket_pool_backward(const at::Tensor& grad, const at::Tensor& weight
     kernel(grad.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), linear.data_ptr<scalar_t>(),
            argmax.data_ptr<scalar_t>(), used.data_ptr<bool>(), out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
            wt.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), length,
-           views.data_ptr<int64_t>(), visit_order.data_ptr<int64_t>(), offsets, runs, num_segments, num_views, dim, channels, grad_x.data_ptr<scalar_t>(),
-           grad_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
+           views.data_ptr<int64_t>(), visit_order.data_ptr<int64_t>(), offsets, runs, num_segments, num_views, dim,
+           channels, grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
   });
   return grad_w;
 }
