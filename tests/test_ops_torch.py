@@ -352,6 +352,12 @@ def test_the_ensemble_index_plan_is_built_once_per_ids(monkeypatch):
     del view_ids
     gc.collect()
     assert len(torch_common._DERIVED) == cached - 1  # the plan goes with its ids
+    with torch.inference_mode():  # inference tensors have no version: built every time, not kept
+        ids = base_ids.new_zeros(3, 2, 10)
+        for _ in range(2):
+            out = torch_ops.ensemble_propagate(x, base_rows, base_ids, view_rows, ids, 0.3)
+            torch.testing.assert_close(out, reference.ensemble_propagate(x, base_rows, base_ids, view_rows, ids, 0.3))
+    assert len(built) == 6 and len(torch_common._DERIVED) == cached - 1
 
 
 def test_saved_argmax_rows_hold_the_maxima_of_padded_classes():

@@ -58,7 +58,10 @@ def derived_from(ids: torch.Tensor, key: Hashable, build: Callable[[], Any], *ot
     place and ``others`` (small index tensors, compared by value) are equal: the integer bookkeeping
     of an op whose index tensors every block of a model passes again (the segment ids of one
     geometry). Kept as long as ``ids`` lives: what ``build`` returns must not refer to ``ids`` (a
-    view of it included), or neither would ever be freed."""
+    view of it included), or neither would ever be freed. An inference tensor has no version to
+    tell a change in place: its bookkeeping is built every time."""
+    if ids.is_inference():
+        return build()
     cache = _DERIVED.get(id(ids))
     if cache is None:
         cache = _DERIVED[id(ids)] = {}
