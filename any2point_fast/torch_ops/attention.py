@@ -486,7 +486,8 @@ def _cloud_order(plan: _Plan, tokens_per_cloud: int) -> tuple[torch.Tensor, torc
     """``[S]`` the segments ordered by the cloud of their tokens (stable: view after view within a
     cloud), the order the compiled kernels visit them in: a cloud's token rows are then read from
     memory once for all its views; and the offsets into it that cut it into
-    :data:`~.native.POOL_BACKWARD_RUNS` runs of whole clouds."""
+    :data:`~.native.POOL_BACKWARD_RUNS` runs of whole clouds. A segment never spans two clouds
+    (:func:`~any2point_fast.torch_ops.bucket_sort` groups by view, cloud and bucket)."""
     first = plan.tokens[plan.starts.clamp_max(max(len(plan.tokens) - 1, 0))]  # (an empty segment's: any)
     clouds = torch.div(first, tokens_per_cloud, rounding_mode="floor")
     order = torch.argsort(clouds, stable=True)
@@ -581,7 +582,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         compiled = None
         if pooling == "max+mean" and native.available(xf.device):  # every pooled row in one pass over its items
             pooled, compiled = _compiled_pool(xf, out, wo, bo, plan, segments, tokens, bias_factor)
-        # b_o as one more column: [S, D + 1] (and [W_o | b_o]'s gradient in one product per view)
+        # b_o as one more column: [S, D + 1] (backward's [W_o | b_o] gradient from the same rows)
         linear_out = torch.cat((linear_out, linear_out.new_full((len(linear_out), 1), bias_factor)), dim=1)
         if compiled is None:
             pool_matrix = _derived(segments, f"pool {pooling} {dtype} {xf.device}", len(xf), lambda: csr(
@@ -631,7 +632,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         wo = out_weight.to(dtype)
 
         # linear part: pooled = Σ w·x + (Σ w·out) W_oᵀ + b_o (twice b_o under max + mean); [W_o | b_o]'s
-        # gradient in one product per view (linear_out's last column: b_o's factor)
+        # gradient is g ⊗ linear_out (its last column: b_o's factor)
         weights = linear_pool_weights(plan.counts, pooling, dtype)
         if ctx.fused:  # the compiled kernel: each row of g read once, for every gradient, cloud by cloud
             g = g.contiguous()
