@@ -14,6 +14,7 @@ import itertools
 import math
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -352,12 +353,30 @@ def test_the_ensemble_index_plan_is_built_once_per_ids(monkeypatch):
     del view_ids
     gc.collect()
     assert len(torch_common._DERIVED) == cached - 1  # the plan goes with its ids
-    with torch.inference_mode():  # inference tensors have no version: built every time, not kept
-        ids = base_ids.new_zeros(3, 2, 10)
+    view_ids = torch.randint(0, 9, (2, 10, 3), generator=gen).permute(2, 0, 1)  # strided ids
+    with torch.inference_mode():  # built every time, not kept: its tensors could not be saved later
         for _ in range(2):
-            out = torch_ops.ensemble_propagate(x, base_rows, base_ids, view_rows, ids, 0.3)
-            torch.testing.assert_close(out, reference.ensemble_propagate(x, base_rows, base_ids, view_rows, ids, 0.3))
+            out = torch_ops.ensemble_propagate(x, base_rows, base_ids, view_rows, view_ids, 0.3)
+            expected = reference.ensemble_propagate(x, base_rows, base_ids, view_rows, view_ids, 0.3)
+            torch.testing.assert_close(out, expected)
     assert len(built) == 6 and len(torch_common._DERIVED) == cached - 1
+    run(view_ids, base_ids)  # then in training
+    assert len(built) == 7
+
+
+def test_segment_pool_bookkeeping_follows_its_ids_values():
+    """segment_pool derives its sort order once per ids tensor, yet sees a change of their values made
+    where no version counter sees it (a numpy buffer), and works in training after inference."""
+    buffer = np.zeros(6, dtype=np.int64)
+    ids = torch.from_numpy(buffer)
+    values = torch.arange(12.0).view(6, 2).requires_grad_()
+    with torch.inference_mode():
+        torch_ops.segment_pool(values.detach(), ids, 3, "max+mean")
+    for layout in ([0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 2, 2]):
+        buffer[:] = layout
+        out = torch_ops.segment_pool(values, ids, 3, "max+mean")
+        torch.testing.assert_close(out, reference.segment_pool(values, ids, 3, "max+mean"))
+        out.sum().backward()
 
 
 def test_saved_argmax_rows_hold_the_maxima_of_padded_classes():

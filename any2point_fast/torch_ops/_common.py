@@ -54,23 +54,24 @@ _DERIVED: dict[int, dict] = {}
 
 
 def derived_from(ids: torch.Tensor, key: Hashable, build: Callable[[], Any], *others: torch.Tensor) -> Any:
-    """``build()`` once per ``ids`` tensor object, then the same value while ``ids`` is not changed in
-    place and ``others`` (small index tensors, compared by value) are equal: the integer bookkeeping
-    of an op whose index tensors every block of a model passes again (the segment ids of one
-    geometry). Kept as long as ``ids`` lives: what ``build`` returns must not refer to ``ids`` (a
-    view of it included), or neither would ever be freed. An inference tensor has no version to
-    tell a change in place: its bookkeeping is built every time."""
-    if ids.is_inference():
+    """``build()`` once per ``ids`` tensor object, then the same value while ``ids`` and ``others``
+    (index tensors) hold the same values as then (compared every call, a pass over small integer
+    tensors: a change in place is seen whichever way it was made): the integer bookkeeping of an op
+    whose index tensors every block of a model passes again (the segment ids of one geometry). Kept
+    as long as ``ids`` lives: what ``build`` returns must not refer to ``ids`` (a view of it
+    included), or neither would ever be freed. Under inference mode it is built every time (what it
+    builds there could not be saved for a later backward)."""
+    if torch.is_inference_mode_enabled() or ids.is_inference():
         return build()
     cache = _DERIVED.get(id(ids))
     if cache is None:
         cache = _DERIVED[id(ids)] = {}
         weakref.finalize(ids, _DERIVED.pop, id(ids), None)
     entry = cache.get(key)
-    if entry is None or entry[0] != ids._version or not all(
-            kept.shape == other.shape and torch.equal(kept, other) for kept, other in zip(entry[1], others)):
-        entry = cache[key] = (ids._version, [other.clone() for other in others], build())
-    return entry[2]
+    if entry is None or not all(kept.shape == now.shape and torch.equal(kept, now)
+                                for kept, now in zip(entry[0], (ids, *others))):
+        entry = cache[key] = ([tensor.clone() for tensor in (ids, *others)], build())
+    return entry[1]
 
 
 def csr_offsets(counts: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,14 @@ among the tokens of ``s`` only, then pools ``t_j`` over ``s``. It returns only t
 
 On the CPU, where the compiled kernels of :mod:`.native` build, ``max + mean`` pools in one
 kernel: it forms every item's features a block of channels at a time in registers and writes
-every pooled row (``max_s(t_j) + mean_s(t_j) + b_o``: no sparse product), keeping per channel the
-bucket-local index of the item holding each maximum of the buckets of two or more tokens
-(``[K, C]``); its backward hands each maximum's gradient straight to that item. A view where
-some maximum is attained twice recomputes its maxima on the PyTorch route above, for backward.
-Another kernel there gives ``x̂`` in one pass over the tokens, and one more adds their gradient
-through it.
+every pooled row (``max_s + mean_s`` of ``t_j − b_o``, plus ``2 b_o``: no sparse product),
+keeping per channel the bucket-local index of the item holding each maximum of the buckets of
+two or more tokens (``[K, C]``). Under either pooling, backward is one more kernel over all the
+views: each pooled row's gradient is read once for the tokens', the attention outputs' (each
+maximum's straight to its item) and ``[W_o | b_o]``'s gradients. Both visit the segments cloud by
+cloud, so that a cloud's token rows stay in cache across its views. A view where some maximum is
+attained twice recomputes its maxima on the PyTorch route above, for backward. Another kernel
+there gives ``x̂`` in one pass over the tokens, and one more adds their gradient through it.
 
 The integer bookkeeping (the plan of step 2, the bucket lists of the maxima, the sparse pooling
 matrices) depends on the segments only: it is derived once per :class:`Segments` object
@@ -449,13 +451,12 @@ class _CompiledMax:
     """The maxima of the buckets of two or more tokens, found by the compiled kernel (:mod:`.native`).
 
     Attributes:
-        bounds: ``M + 1`` ints, the range of every view's buckets among the ``K``.
         argmax: ``[K, C]`` bucket-local index of the item holding every maximum (in the compute dtype),
             the buckets in segment order.
-        tied: the views where some maximum is attained twice; they take the PyTorch route.
+        tied: the views where some maximum is attained twice: their pooled rows are the kernel's, but
+            their maxima go backward on the PyTorch route (recomputed in forward for it).
     """
 
-    bounds: list[int]
     argmax: torch.Tensor
     tied: set[int]
 
@@ -469,11 +470,10 @@ def _spread_matrix(segments: Segments, weights: torch.Tensor, tokens: int) -> to
     return csr(token_views, segment_ids, weights.index_select(0, segment_ids), len(weights))
 
 
-def _max_buckets(plan: _Plan, segments: Segments) -> tuple[list[int], torch.Tensor]:
-    """The buckets of two or more tokens: the ``M + 1`` bounds of every view's, and their ``[K]`` views."""
+def _max_views(plan: _Plan, segments: Segments) -> torch.Tensor:
+    """``[K]`` view of every bucket of two or more tokens, in segment order."""
     chosen = (plan.counts > 1).nonzero().squeeze(1)
-    offsets = torch.tensor(segments.view_offsets, device=chosen.device)
-    return torch.searchsorted(chosen, offsets).tolist(), torch.bucketize(chosen, offsets[1:-1], right=True)
+    return torch.bucketize(chosen, torch.tensor(segments.view_offsets[1:-1], device=chosen.device), right=True)
 
 
 def _segment_views(segments: Segments) -> torch.Tensor:
@@ -506,8 +506,8 @@ def _compiled_pool(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, bo: to
                         lambda: _cloud_order(plan, tokens_per_cloud))
     pooled, argmax, tied = native.ops().bucket_pool(xf, out, wo.transpose(1, 2).contiguous(), bo.contiguous(),
                                                     plan.tokens, plan.starts, plan.counts, views, bias_factor, visit)
-    bounds, max_views = _derived(segments, "max buckets", len(xf), lambda: _max_buckets(plan, segments))
-    return pooled, _CompiledMax(bounds, argmax, set(max_views[tied].tolist()))
+    max_views = _derived(segments, "max views", len(xf), lambda: _max_views(plan, segments))
+    return pooled, _CompiledMax(argmax, set(max_views[tied].tolist()))
 
 
 def _scratch(max_items: list[_MaxItems], like: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -714,7 +714,9 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
 
     Args:
         x: ``[B, N, C]`` tokens.
-        segments: the ``M`` views' buckets (``segments.segment_ids`` is ``[M, B, N]``).
+        segments: the ``M`` views' buckets (``segments.segment_ids`` is ``[M, B, N]``), as
+            :func:`~any2point_fast.torch_ops.bucket_sort` makes them: every segment a non-empty
+            group of one view, cloud and bucket (the compiled kernels rely on it).
         ln_weight, ln_bias: ``[M, C]``; qkv_weight ``[M, 3D, C]``; qkv_bias ``[M, 3D]``;
         out_weight ``[M, C, D]``; out_bias ``[M, C]``; ``D = num_heads · head_dim``.
         pooling: ``"mean"`` or ``"max+mean"``.

@@ -98,7 +98,8 @@ def _index_plan(view_ids: torch.Tensor, base_ids: torch.Tensor, num_view_rows: i
                 tokens_per_cloud: int) -> _IndexPlan:
     views = view_ids.shape[0]
     # copies, never views: the cache (see derived_from) must not keep view_ids alive
-    vid, bid = view_ids.reshape(views, -1).to(torch.long, copy=True), base_ids.reshape(-1).to(torch.long, copy=True)
+    vid = view_ids.reshape(views, -1).to(torch.long, memory_format=torch.contiguous_format, copy=True)
+    bid = base_ids.reshape(-1).to(torch.long, memory_format=torch.contiguous_format, copy=True)
     order = torch.argsort(vid.flatten(), stable=True)
     token = order % vid.shape[1]
     counts = torch.bincount(vid.flatten(), minlength=num_view_rows)

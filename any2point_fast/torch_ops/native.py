@@ -10,9 +10,10 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
 - ``bucket_pool``: every pooled row under ``max + mean`` (the maximum and the mean of
   ``t_j = x + Attn_j W_oᵀ``, formed a block of channels at a time in registers), with the item
   holding each maximum; PyTorch needs several passes over every view's ``[T_j, C]`` features and
-  a sparse product for the same. ``bucket_pool_backward``, under either pooling: one pass per
-  view over the rows' gradients, for those of the tokens, of the attention outputs and of
-  ``[W_o | b_o]`` (PyTorch: a sparse product, a gather and two skinny products per view).
+  a sparse product for the same. ``bucket_pool_backward``, under either pooling: one pass over
+  the rows' gradients of all the views, cloud by cloud, for those of the tokens, of the attention
+  outputs and of ``[W_o | b_o]`` (PyTorch: a sparse product, a gather and two skinny products per
+  view).
 - ``ensemble_forward``, ``row_dots``, ``segment_rows``: the row products of ``ensemble_propagate``,
   which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
   C++ each is one pass over the rows it reads.

@@ -93,7 +93,8 @@ def _sort(segment_ids: torch.Tensor, num_segments: int):
     """``(ids, order, counts, shared)``: int64 ids ``[T]``, the rows in the stable order of their
     segments, ``[S]`` rows per segment, and the ``[K]`` segments of two or more rows (those whose
     maximum is not their only row)."""
-    ids = segment_ids.to(torch.long, copy=True)  # a copy: the cache must not keep segment_ids alive
+    # a copy: the cache must not keep segment_ids alive
+    ids = segment_ids.to(torch.long, memory_format=torch.contiguous_format, copy=True)
     counts = torch.bincount(ids, minlength=num_segments)
     return ids, torch.argsort(ids, stable=True), counts, (counts > 1).nonzero().squeeze(1)
 

@@ -5,11 +5,12 @@
 // lengths[s] - 1, view views[s]), the C-wide features t of its items a block of channels at a
 // time in registers and writes the pooled row max t + mean t + 2 b_o; per channel it keeps the
 // segment-local index of the item holding the maximum, and whether another item ties with it:
-// the [T, C] features of a view never exist. Backward (either pooling), one view at a time, reads
-// every segment's gradient row once and hands it to the items' token rows and attention outputs
-// (the mean's share, and each maximum's to its item) and to W_o's and b_o's gradients (a view
-// with a tie takes the caller's recompute route for its maxima). With D = 0 (no attention term)
-// the features are the rows themselves: segment_pool.
+// the [T, C] features of a view never exist. Backward (either pooling), all views in one call,
+// cloud by cloud, reads every segment's gradient row once and hands it to the items' token rows
+// and attention outputs (the mean's share, and each maximum's to its item) and to W_o's and b_o's
+// gradients (a view with a tie takes the caller's recompute route for its maxima). Segments are
+// bucket_sort's: each a non-empty group of one view, cloud and bucket. With D = 0 (no attention
+// term) the features are the rows themselves: segment_pool.
 #include <torch/library.h>
 
 #include <algorithm>
