@@ -248,9 +248,7 @@ void check_groups(const at::Tensor& rows, const at::Tensor& offsets, const at::T
   TORCH_CHECK(batch.scalar_type() == at::kBool && batch.is_contiguous() && batch.numel() == groups, "batch: G bools");
   for (const at::Tensor* t : per_group)
     TORCH_CHECK(t->dim() == 2 && t->size(0) == groups && t->size(1) == rows.size(1), "per-group tensors [G, C]");
-  const int64_t* o = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(o[0] == 0 && o[groups] == rows.size(0) && std::is_sorted(o, o + groups + 1),
-              "offsets: non-decreasing from 0 to S");
+  any2point::check_offsets(offsets, rows.size(0), "offsets");
 }
 
 // (y, mean, var, rstd, slope): slope is GELU'(z) [S, C] for backward where keep_slope is set, else empty.

@@ -1,10 +1,11 @@
-// Pooling of t = x + Attn · W_oᵀ + b_o per segment, on the CPU (loaded by
+// Pooling of t = x + Attn · W_oᵀ per segment, plus the bias term, on the CPU (loaded by
 // any2point_fast.torch_ops.native).
 //
 // Forward (max + mean) forms, for every segment (sorted positions starts[s] .. starts[s] +
 // lengths[s] - 1, view views[s]), the C-wide features t of its items a block of channels at a
-// time in registers and writes the pooled row max t + mean t + 2 b_o; per channel it keeps the
-// segment-local index of the item holding the maximum, and whether another item ties with it:
+// time in registers and writes the pooled row max t + mean t + bias_factor · b_o; per channel it
+// keeps the segment-local index of the item holding the maximum, and per segment whether a
+// maximum is tied:
 // the [T, C] features of a view never exist. Backward (either pooling), all views in one call,
 // cloud by cloud, reads every segment's gradient row once and hands it to the items' token rows
 // and attention outputs (the mean's share, and each maximum's to its item) and to W_o's and b_o's
@@ -151,11 +152,7 @@ void max_mean_kernel(const T* x, const T* out, const T* wt, const T* bias, const
   };
   // segments in the caller's order, a run of kVisitRun at a time per thread: the items of one
   // cloud's segments of every view, visited together, read its token rows from memory once
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(kVisitRun); i < num_segments; i = next.fetch_add(kVisitRun))
-      for (int64_t j = i; j < std::min(num_segments, i + kVisitRun); ++j) visit_segment(visit_order[j]);
-  });
+  any2point::for_each_claimed(visit_order, num_segments, kVisitRun, visit_segment);
 }
 
 // The items' grad_out rows are summed in this many buffers, by channel: in short segments,
@@ -206,9 +203,7 @@ inline void linear_part(const T* g, const T* wt, const T* lin, int64_t runtime_d
       }
     }
     for (int64_t e = 0; e < kDim; ++e) {
-      T lanes_of[lanes];
-      std::memcpy(lanes_of, &acc[e], sizeof(V));
-      T total = std::accumulate(lanes_of, lanes_of + lanes, T(0));
+      T total = any2point::lane_sum<T>(acc[e]);
       for (int64_t c = full; c < channels; ++c) total += g[c] * wt[e * channels + c];
       lin_grad[e] = total;
     }
@@ -249,18 +244,12 @@ inline void linear_part(const T* g, const T* wt, const T* lin, int64_t runtime_d
 // grad_x remains.
 // kDim > 0: dim is known at compile time (the recipes' 12), so that the loops over it unroll.
 template <typename T, int64_t kDim>
-void backward_kernel(const T* grad, const T* weights, const T* linear, const T* argmax, const bool* has_max,
+void backward_kernel(const T* grad, const T* weights, const T* linear, const T* argmax, const int64_t* slots,
                      const T* out, const T* w, const T* wt, const int64_t* tokens, const int64_t* starts,
                      const int64_t* lengths, const int64_t* views, const int64_t* visit_order,
-                     const int64_t* run_offsets, int64_t runs, int64_t num_segments, int64_t num_views,
-                     int64_t runtime_dim, int64_t channels, T* grad_x, T* grad_out, T* grad_w) {
+                     const int64_t* run_offsets, int64_t runs, int64_t num_views, int64_t runtime_dim,
+                     int64_t channels, T* grad_x, T* grad_out, T* grad_w) {
   const int64_t dim = kDim > 0 ? kDim : runtime_dim, width = dim + 1;
-  std::vector<int64_t> slots(num_segments, -1);
-  for (int64_t s = 0, seen = 0; s < num_segments; ++s) {
-    if (lengths[s] < 2) continue;
-    if (has_max[views[s]]) slots[s] = seen;
-    ++seen;
-  }
   std::vector<int64_t> run_sizes(runs);
   for (int64_t r = 0; r < runs; ++r) run_sizes[r] = run_offsets[r + 1] - run_offsets[r];
   // per run and view: the maxima's share of W_o's gradient [C, D], and the linear part's [D + 1, C]
@@ -314,16 +303,40 @@ void backward_kernel(const T* grad, const T* weights, const T* linear, const T* 
       }
     }
   });
-  for (int64_t v = 0; v < num_views; ++v)
-    for (int64_t r = 0; r < runs; ++r) {
-      const T* gw = partials + r * per_run + v * per_view;
-      const T* gwt = gw + channels * dim;
-      T* to = grad_w + v * channels * width;
-      for (int64_t c = 0; c < channels; ++c) {
-        for (int64_t e = 0; e < dim; ++e) to[c * width + e] += gw[c * dim + e] + gwt[e * channels + c];
-        to[c * width + dim] += gwt[dim * channels + c];
+  // the runs' partials, summed in run order for every element (channels in parallel)
+  at::parallel_for(0, num_views * channels, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t vc = begin; vc < end; ++vc) {
+      const int64_t v = vc / channels, c = vc % channels;
+      T* to = grad_w + vc * width;
+      for (int64_t r = 0; r < runs; ++r) {
+        const T* gw = partials + r * per_run + v * per_view;
+        const T* gwt = gw + channels * dim;
+        for (int64_t e = 0; e < dim; ++e) to[e] += gw[c * dim + e] + gwt[e * channels + c];
+        to[dim] += gwt[dim * channels + c];
       }
     }
+  });
+}
+
+// The row of argmax [K, C] of every segment of two or more items, in segment order (K of them), or
+// -1; where uses is given, also -1 for the segments of the views v without uses[v] (their rows still
+// count). Also checks that item indices are exact in float32.
+struct MaxSlots {
+  std::vector<int64_t> slots;
+  int64_t count = 0;
+};
+
+inline MaxSlots max_slots(const int64_t* lengths, int64_t num_segments, const int64_t* views = nullptr,
+                          const bool* uses = nullptr) {
+  MaxSlots result{std::vector<int64_t>(num_segments, -1)};
+  for (int64_t s = 0; s < num_segments; ++s) {
+    TORCH_CHECK(lengths[s] < (int64_t(1) << 24),
+                "a segment of 2^24 items or more: its item indices are not exact in float32");
+    if (lengths[s] < 2) continue;
+    if (uses == nullptr || uses[views[s]]) result.slots[s] = result.count;
+    ++result.count;
+  }
+  return result;
 }
 
 // (pooled [S, C], argmax [K, C] (the segment-local index of the item holding every maximum, in
@@ -345,13 +358,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_pool(const at::Tensor& x, 
               "one start, length, view and place in the visiting order per segment");
   TORCH_CHECK(bias.numel() == 0 || (bias.dim() == 2 && bias.size(0) == wt.size(0) && bias.size(1) == channels),
               "bias [M, C] or empty");
-  TORCH_CHECK(num_segments == 0 || lengths.max().item<int64_t>() < (int64_t(1) << 24),
-              "a segment of 2^24 items or more: its item indices are not exact in float32");
-  std::vector<int64_t> slots(num_segments, -1);
-  int64_t num_max = 0;
-  const int64_t* length = lengths.data_ptr<int64_t>();
-  for (int64_t s = 0; s < num_segments; ++s)
-    if (length[s] > 1) slots[s] = num_max++;
+  const MaxSlots maxima = max_slots(lengths.data_ptr<int64_t>(), num_segments);
+  const int64_t num_max = maxima.count;
   auto pooled = at::empty({num_segments, channels}, x.options());
   auto argmax = at::empty({num_max, channels}, x.options());
   auto tied = at::empty({num_max}, x.options().dtype(at::kBool));
@@ -359,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_pool(const at::Tensor& x, 
     const auto kernel = dim == 12 ? max_mean_kernel<scalar_t, 12> : max_mean_kernel<scalar_t, 0>;
     kernel(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
            bias.numel() == 0 ? nullptr : bias.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
-           starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), views.data_ptr<int64_t>(), slots.data(),
+           starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), views.data_ptr<int64_t>(), maxima.slots.data(),
            num_segments, dim, channels, static_cast<scalar_t>(bias_factor), pooled.data_ptr<scalar_t>(),
            argmax.data_ptr<scalar_t>(), tied.data_ptr<bool>(), visit_order.data_ptr<int64_t>());
   });
@@ -390,24 +398,22 @@ at::Tensor bucket_pool_backward(const at::Tensor& grad, const at::Tensor& weight
                   has_max.scalar_type() == at::kBool && has_max.numel() == num_views && has_max.is_contiguous(),
               "grad [S, C], weights [S], linear [S, D + 1], out and grad_out [T, D], w [M, C, D], wt [M, D, C], "
               "has_max [M] bool, one length, view and place in the visiting order per segment");
-  const int64_t* offsets = run_offsets.data_ptr<int64_t>();
-  const int64_t runs = run_offsets.numel() - 1;
-  TORCH_CHECK(offsets[0] == 0 && offsets[runs] == num_segments && std::is_sorted(offsets, offsets + runs + 1),
-              "run_offsets: from 0 to S, nondecreasing");
+  any2point::check_offsets(run_offsets, num_segments, "run_offsets");
   const int64_t* length = lengths.data_ptr<int64_t>();
-  const int64_t num_max = std::count_if(length, length + num_segments, [](int64_t n) { return n > 1; });
-  TORCH_CHECK(argmax.numel() == 0 || (argmax.dim() == 2 && argmax.size(0) == num_max && argmax.size(1) == channels),
+  MaxSlots maxima = max_slots(length, num_segments, views.data_ptr<int64_t>(), has_max.data_ptr<bool>());
+  TORCH_CHECK(argmax.numel() == 0 ||
+                  (argmax.dim() == 2 && argmax.size(0) == maxima.count && argmax.size(1) == channels),
               "argmax [K, C]: a row per segment of two or more items, or empty");
-  auto used = has_max.clone();
-  if (argmax.numel() == 0) used.fill_(false);
+  if (argmax.numel() == 0) std::fill(maxima.slots.begin(), maxima.slots.end(), -1);  // no maxima at all
   auto grad_w = at::zeros({num_views, channels, dim + 1}, grad_x.options());
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "bucket_pool_backward", [&] {
     const auto kernel = dim == 12 ? backward_kernel<scalar_t, 12> : backward_kernel<scalar_t, 0>;
     kernel(grad.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), linear.data_ptr<scalar_t>(),
-           argmax.data_ptr<scalar_t>(), used.data_ptr<bool>(), out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+           argmax.data_ptr<scalar_t>(), maxima.slots.data(), out.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
            wt.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), length,
-           views.data_ptr<int64_t>(), visit_order.data_ptr<int64_t>(), offsets, runs, num_segments, num_views, dim,
-           channels, grad_x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
+           views.data_ptr<int64_t>(), visit_order.data_ptr<int64_t>(), run_offsets.data_ptr<int64_t>(),
+           run_offsets.numel() - 1, num_views, dim, channels, grad_x.data_ptr<scalar_t>(),
+           grad_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>());
   });
   return grad_w;
 }

@@ -14,6 +14,16 @@
 
 namespace any2point {
 
+// Calls body(order[i]) for every i < n, each thread claiming the next `run` of them when it is free.
+template <typename Body>
+inline void for_each_claimed(const int64_t* order, int64_t n, int64_t run, Body body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(run); i < n; i = next.fetch_add(run))
+      for (int64_t j = i; j < std::min(n, i + run); ++j) body(order[j]);
+  });
+}
+
 // Calls body(b) for every bucket b < num_buckets, the longest first, each thread taking the next
 // bucket when it is free (bucket lengths vary by orders of magnitude).
 template <typename Body>
@@ -21,10 +31,7 @@ inline void for_each_bucket(const int64_t* lengths, int64_t num_buckets, Body bo
   std::vector<int64_t> order(num_buckets);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next++; i < num_buckets; i = next++) body(order[i]);
-  });
+  for_each_claimed(order.data(), num_buckets, 1, body);
 }
 
 // e^x for float32, vectorizable: Cody-Waite reduction and a degree-6 polynomial (relative error
@@ -50,7 +57,8 @@ inline float exp_approx(float x) {
 }
 inline double exp_approx(double x) { return std::exp(x); }
 
-// Scratch buffers come from ATen's allocator, so that memory profiles see them.
+// Scratch buffers come from ATen's allocator, so that memory profiles see them (bucket_attention's
+// small per-thread buffers excepted: see its thread_buffer).
 template <typename T>
 at::Tensor scratch(int64_t size) {
   return at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
@@ -80,10 +88,26 @@ inline void store_as(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// The sum of a vector's lanes, first to last.
+template <typename T>
+inline T lane_sum(const Vec<T>& v) {
+  T sum = 0;
+  for (int64_t l = 0; l < kLanes<T>; ++l) sum += v[l];
+  return sum;
+}
+
 // Checks shared by the kernels' entry points.
 inline void check_indices(std::initializer_list<const at::Tensor*> tensors) {
   for (const at::Tensor* t : tensors)
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(), "int64 contiguous 1-D indices");
+}
+
+// offsets [n + 1]: from 0 to total, non-decreasing.
+inline void check_offsets(const at::Tensor& offsets, int64_t total, const char* what) {
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  const int64_t n = offsets.numel() - 1;
+  TORCH_CHECK(n >= 0 && o[0] == 0 && o[n] == total && std::is_sorted(o, o + n + 1), what,
+              ": non-decreasing from 0 to ", total);
 }
 
 inline void check_values(const at::Tensor& like, std::initializer_list<const at::Tensor*> tensors) {

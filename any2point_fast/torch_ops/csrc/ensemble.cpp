@@ -44,8 +44,7 @@ inline void token_dots(const T* a, const int64_t* ids, const T* bi, int64_t i, i
       for (int64_t j = 0; j < kViews; ++j) acc[j] += any2point::load_as<V>(rows[j] + c) * bv;
     }
     for (int64_t j = 0; j < n; ++j) {
-      T sum = 0;
-      for (int64_t l = 0; l < lanes; ++l) sum += acc[j][l];
+      T sum = any2point::lane_sum<T>(acc[j]);
       for (int64_t c = full; c < channels; ++c) sum += rows[j][c] * bi[c];
       dots[(j0 + j) * tokens + i] = sum;
     }

@@ -31,8 +31,7 @@ T row_sum(const T* row, int64_t channels, T shift, bool squares) {
       acc[a] += squares ? d * d : d;
     }
   for (int64_t a = 1; a < kAccumulators; ++a) acc[0] += acc[a];
-  T sum = 0;
-  for (int64_t l = 0; l < lanes; ++l) sum += acc[0][l];
+  T sum = any2point::lane_sum<T>(acc[0]);
   for (; c < channels; ++c) {
     const T d = row[c] - shift;
     sum += squares ? d * d : d;
