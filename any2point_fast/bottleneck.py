@@ -4,7 +4,7 @@ Module by module, the sum is a ``[B, P + N, C]`` tensor whose point tokens every
 out of their slice, and backward zero-fills a full-size gradient per slice, scales it for
 ``Up``, reads it for ``Up``'s bias, and adds ``Down``'s input gradient in a pass of its own.
 Here forward writes the prefix ``[B, P, C]`` and the point tokens ``[B, N, C]`` once each,
-contiguous: ``hidden + ffn``, then one matrix product adds ``s · (a Wᵤᵀ + bᵤ)`` in place
+contiguous: ``hidden + ffn``, then a matrix product per part adds ``s · (a Wᵤᵀ + bᵤ)`` in place
 (``a = QuickGELU(Down(ffn))`` with a column of ones, ``[Wᵤ | bᵤ]``). Backward assembles the
 ``[B, P + N, C]`` gradient once, which is ``hidden``'s; it reads it for ``Up``'s weight and bias
 at once and for ``a``'s gradient, and writes ``ffn``'s as that gradient plus ``Down``'s input

@@ -232,7 +232,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"device: cuda:{index} {props.name} ({props.total_memory / 2**30:.0f} GiB)")
         devices.append("cuda")
     print(f"ops backend selected: {ops.get_backend()} (set with ANY2POINT_BACKEND or train.backend)")
-    compiled = native.available(torch.device("cpu"))  # builds them on first use (about 40 s)
+    compiled = native.available(torch.device("cpu"))  # builds them on first use (30–40 s)
     print(f"compiled CPU kernels of the torch path: {'built' if compiled else 'unavailable (plain PyTorch)'}"
           f" (set {native.ENV_VAR}=0 to skip them)")
     for device in devices:

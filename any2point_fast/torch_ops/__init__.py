@@ -7,8 +7,8 @@ differs is how they are computed, the same way as the Triton kernels:
 - tokens are visited in the sorted order of :class:`~any2point_fast.geometry.Segments`, so every
   bucket is a contiguous run; pooled sums are sparse CSR products (a matrix row per bucket),
   pooled maxima one ``scatter_reduce`` (on the CPU, ``max + mean`` pools in one compiled kernel
-  of :mod:`.native`, which keeps the item holding each maximum, and the views' pooling goes
-  backward in another);
+  of :mod:`.native`, which keeps the item holding each maximum, for the views and the voxels,
+  and the pooling goes backward in another);
 - attention runs inside each bucket only: on the CPU a small compiled C++ kernel takes short
   buckets of one length a SIMD vector of buckets at a time and long ones a bucket at a time
   (:mod:`.native`, built on first use); where it cannot build, buckets are
@@ -22,9 +22,10 @@ differs is how they are computed, the same way as the Triton kernels:
   same formulas in PyTorch elsewhere), saving its input rows and ``[G, C]`` statistics (and, on
   the CPU, GELU's slope ``[S, C]``, so that backward evaluates no erf);
 - ``neighborhood_attention_pool`` and ``ensemble_propagate`` are autograd Functions that keep
-  only small per-token tensors (``D = 12`` attention channels, ``M`` weights) and per-bucket
-  rows (the pooled maxima, or the items holding them) for backward and recompute the rest; no
-  ``[M, B·N, C]`` tensor exists in forward or backward.
+  for backward the tokens (and their normalised ``x̂``, ``[B·N, C]``, shared by the views),
+  small per-token tensors (``D = 12`` attention channels, ``M`` weights) and per-bucket rows
+  (the pooled maxima, or the items holding them), and recompute the rest; no ``[M, B·N, C]``
+  tensor exists in forward or backward.
 
 Inputs may be float16/bfloat16 (computed in float32, returned in the input dtype), float32, or
 float64 (computed in float64, for ``gradcheck``), contiguous or not.

@@ -45,9 +45,10 @@ cloud, so that a cloud's token rows stay in cache across its views. A view where
 attained twice recomputes its maxima on the PyTorch route above, for backward. Another kernel
 there gives ``x̂`` in one pass over the tokens, and one more adds their gradient through it.
 
-The integer bookkeeping (the plan of step 2, the bucket lists of the maxima, the sparse pooling
-matrices) depends on the segments only: it is derived once per :class:`Segments` object
-(:meth:`Segments.derived`) and reused by every block of the model that pools over them.
+The integer bookkeeping (the plan of step 2, the compiled kernels' segment views and cloud
+order, the sparse pooling matrices) depends on the segments only: it is derived once per
+:class:`Segments` object (:meth:`Segments.derived`) and reused by every block of the model that
+pools over them. (The PyTorch route's per-view lists of the maxima's items are built per call.)
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ class _Batch:
 
 @dataclass
 class _Plan:
-    """Integer bookkeeping of one ``Segments``, built once per call and kept for backward.
+    """Integer bookkeeping of one ``Segments``, derived once for it (every block reuses it) and kept
+    for backward.
 
     Attributes:
         tokens: ``[T]`` token (``b·N + i``) of every sorted item, ``T = M·B·N``.
@@ -579,8 +581,8 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         weights = linear_pool_weights(plan.counts, pooling, dtype)
         linear_out = torch.segment_reduce(out, "sum", lengths=plan.counts, axis=0, unsafe=True).mul_(weights[:, None])
         bias_factor = 2.0 if pooling == "max+mean" else 1.0  # b_o's, twice under max + mean
-        compiled = None
-        if pooling == "max+mean" and native.available(xf.device):  # every pooled row in one pass over its items
+        fused, compiled = native.available(xf.device), None
+        if pooling == "max+mean" and fused:  # every pooled row in one pass over its items
             pooled, compiled = _compiled_pool(xf, out, wo, bo, plan, segments, tokens, bias_factor)
         # b_o as one more column: [S, D + 1] (backward's [W_o | b_o] gradient from the same rows)
         linear_out = torch.cat((linear_out, linear_out.new_full((len(linear_out), 1), bias_factor)), dim=1)
@@ -614,8 +616,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         ctx.save_for_backward(xf, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, xhat, mean, rstd,
                               qkv, out, linear_out)
         ctx.plan, ctx.max_items, ctx.lse, ctx.segments = plan, max_items, lse, segments
-        ctx.maxima, ctx.argmax_rows, ctx.compiled = maxima, argmax_rows, compiled
-        ctx.fused = native.available(xf.device)
+        ctx.maxima, ctx.argmax_rows, ctx.compiled, ctx.fused = maxima, argmax_rows, compiled, fused
         ctx.num_heads, ctx.pooling, ctx.x_dtype, ctx.x_shape = num_heads, pooling, x.dtype, x.shape
         return pooled.to(x.dtype)
 

@@ -13,7 +13,7 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
   a sparse product for the same. ``bucket_pool_backward``, under either pooling: one pass over
   the rows' gradients of all the views, cloud by cloud, for those of the tokens, of the attention
   outputs and of ``[W_o | b_o]`` (PyTorch: a sparse product, a gather and two skinny products per
-  view).
+  view). Both also pool the voxels (``segment_pool`` under ``max + mean``: no attention term).
 - ``ensemble_forward``, ``row_dots``, ``segment_rows``: the row products of ``ensemble_propagate``,
   which PyTorch spreads over sampled and CSR sparse products and several elementwise passes; in
   C++ each is one pass over the rows it reads.
@@ -25,7 +25,7 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
   per GELU and per concatenation).
 
 The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
-(a C++ compiler with OpenMP and ``ninja``; about 40 s on 2 cores, said on stderr), cached
+(a C++ compiler with OpenMP and ``ninja``; 30–40 s on 2 cores, said on stderr), cached
 afterwards under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``) in a folder
 per CPU instruction set. Where that fails, the torch path keeps its plain PyTorch code for the
 step and warns once; ``ANY2POINT_NATIVE=0`` skips the build altogether. Both routes compute the
@@ -98,7 +98,7 @@ def _build() -> bool:
         return False
     # a cached build loads in well under a second: only a compilation outlives the timer
     notice = threading.Timer(NOTICE_AFTER_S, print, ("any2point_fast: compiling the CPU kernels of the torch path "
-                                                     "(first use: about 40 s, cached afterwards) ...",),
+                                                     "(first use: 30–40 s, cached afterwards) ...",),
                              {"file": sys.stderr, "flush": True})
     notice.start()
     try:
