@@ -12,8 +12,10 @@ import platform
 import subprocess
 import sys
 import textwrap
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
+
+from .environment import installed_version, lock_report
 
 DEFAULT_RECIPE = "cpu-synthetic"
 
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION.format(recipes=textwrap.fill(", ".join(recipe_names()) or "none found", 100)),
         epilog="run 'any2point-fast COMMAND --help' for the options and examples of a command",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version('any2point-fast')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version('any2point-fast')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = commands.add_parser(
@@ -203,13 +205,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
-def _version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -219,9 +214,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"any2point-fast {__version__}")
     print(f"python {platform.python_version()} ({platform.platform()})")
     print(f"torch {torch.__version__}")
-    print(f"triton {_version('triton')}")
-    print(f"transformers {_version('transformers')}")
-    print(f"safetensors {_version('safetensors')}")
+    for name in ("triton", "transformers", "kernels", "safetensors", "xformers"):
+        print(f"{name} {installed_version(name) or 'not installed'}")
+    print(lock_report())
     cuda = torch.cuda.is_available()
     print(f"CUDA available: {'yes' if cuda else 'no'}" + (f" (CUDA {torch.version.cuda})" if cuda else ""))
     print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")

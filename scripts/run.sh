@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
-exec .venv/bin/python -m any2point_fast train "$@"
+exec "${VENV:-.venv}/bin/python" -m any2point_fast train "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -114,8 +115,22 @@ def test_each_instruction_set_has_its_own_build(fresh_build, monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", lambda name, *args, **kwargs: names.append(name))
     assert native.available(torch.device("cpu"))
     assert names == [native.build_name()] and names[0].startswith(native.NAMESPACE + "_")
+    environment = native._environment_fingerprint()
     monkeypatch.setattr(native, "_cpu_fingerprint", lambda: "another-cpu")
-    assert native.build_name() == native.NAMESPACE + "_another-cpu" != names[0]
+    assert native.build_name() == f"{native.NAMESPACE}_another-cpu_{environment}" != names[0]
+
+
+def test_each_environment_has_its_own_build():
+    """Two virtual environments with the same torch write different include paths into
+    ``build.ninja``: sharing a folder, each start in the other would rebuild the kernels."""
+    here = native.build_name()
+    script = "from any2point_fast.torch_ops import native; print(native.build_name())"
+    same = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert same.stdout.strip() == here
+    other_prefix = subprocess.run([sys.executable, "-c", f"import sys; sys.prefix = '/elsewhere'; {script}"],
+                                  capture_output=True, text=True, check=True)
+    name = other_prefix.stdout.strip()
+    assert name != here and name.rsplit("_", 1)[0] == here.rsplit("_", 1)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

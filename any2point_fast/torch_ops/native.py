@@ -27,7 +27,7 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
 The first call in a fresh environment compiles the sources with ``torch.utils.cpp_extension``
 (a C++ compiler with OpenMP and ``ninja``; 30–40 s on 2 cores, said on stderr), cached
 afterwards under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``) in a folder
-per CPU instruction set. Where that fails, the torch path keeps its plain PyTorch code for the
+per CPU instruction set and Python environment. Where that fails, the torch path keeps its plain PyTorch code for the
 step and warns once; ``ANY2POINT_NATIVE=0`` skips the build altogether. Both routes compute the
 same values up to float rounding (the tests run each against the reference).
 """
@@ -85,11 +85,19 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha1(f"{platform.machine()} {platform.processor()} {flags}".encode()).hexdigest()[:12]
 
 
+def _environment_fingerprint() -> str:
+    """A short hash of this Python environment and its torch: ``cpp_extension`` writes the
+    environment's include paths into ``build.ninja`` and rebuilds whenever they change, so two
+    environments sharing one folder would rebuild each other's kernels at every switch."""
+    where = f"{os.path.realpath(sys.prefix)} {torch.__version__} {os.path.realpath(torch.__file__)}"
+    return hashlib.sha1(where.encode()).hexdigest()[:8]
+
+
 def build_name() -> str:
     """The extension's name, hence its build folder under ``TORCH_EXTENSIONS_DIR``: one per
     instruction set, since ``-march=native`` code built on one CPU may not run on another (a home
-    folder shared by the nodes of a cluster)."""
-    return f"{NAMESPACE}_{_cpu_fingerprint()}"
+    folder shared by the nodes of a cluster), and one per Python environment and torch."""
+    return f"{NAMESPACE}_{_cpu_fingerprint()}_{_environment_fingerprint()}"
 
 
 @functools.cache
