@@ -298,7 +298,15 @@ class DataSettings:
     ``cache``: keep the raw clouds in memory after the first read (per process/worker);
     ``options``: constructor options of both splits (``variant`` of ScanObjectNN, ``seed`` of
     the synthetic set, ...), ``train_options`` / ``test_options`` of one split only
-    (``num_samples`` of the synthetic set). ``train_split`` / ``test_split``: split names.
+    (``num_samples`` of the synthetic set).
+
+    Splits: ``train_split`` / ``test_split`` are split names (``<root>/<class>/<split>/`` for the
+    folder dataset). ``test_split: null`` holds out a seeded stratified ``test_ratio`` of each
+    class of the train split as the test set (never trained on); the folder dataset does so by
+    itself when its class folders have no ``<train_split>/`` subfolder (a flat
+    ``<root>/<class>/*`` layout, also selected by ``train_split: null``).
+    ``limit_per_class``: train on at most that many seeded random clouds per class (null: all).
+    ``split_seed`` seeds both selections (not ``train.seed``: runs of several seeds share them).
     """
 
     dataset: str = "synthetic"
@@ -306,8 +314,11 @@ class DataSettings:
     num_points: int = 1024
     augment: str = "auto"
     cache: bool = False
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str | None = "train"
+    test_split: str | None = "test"
+    test_ratio: float = 0.2
+    split_seed: int = 0
+    limit_per_class: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     train_options: dict[str, Any] = field(default_factory=dict)
     test_options: dict[str, Any] = field(default_factory=dict)
@@ -315,6 +326,16 @@ class DataSettings:
     def __post_init__(self) -> None:
         if self.num_points < 1:
             raise ConfigError(f"data.num_points must be >= 1, got {self.num_points}")
+        if not 0 < self.test_ratio < 1:
+            raise ConfigError(f"data.test_ratio must be in (0, 1), got {self.test_ratio}")
+        if self.limit_per_class is not None and self.limit_per_class < 1:
+            raise ConfigError(f"data.limit_per_class must be >= 1 or null (all), got {self.limit_per_class}")
+        if self.train_split is None and self.dataset != "folder":
+            raise ConfigError(f"data.train_split: null (a flat folder) is for the folder dataset; "
+                              f"dataset {self.dataset!r} needs a split name")
+        if self.test_split is None and self.test_options:
+            raise ConfigError("data.test_options cannot apply: with data.test_split null the test set is "
+                              "held out of the train split (use data.options or data.train_options)")
         if self.augment not in ("auto", "none", "scanobjectnn", "modelnet40"):
             raise ConfigError(f"data.augment must be 'auto', 'none', 'scanobjectnn' or 'modelnet40', "
                               f"got {self.augment!r}")
@@ -503,9 +524,13 @@ class EpochItems(Dataset):
         return self.transform(points), label
 
 
-def build_datasets(data: DataSettings, seed: int = 0) -> tuple[EpochItems, EpochItems]:
-    """The train and test sets of ``data``: ``(points [P, 3], label)`` items with the recipe's transforms."""
-    from .data import build_dataset
+def build_datasets(data: DataSettings, seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> tuple[EpochItems, EpochItems]:
+    """The train and test sets of ``data``: ``(points [P, 3], label)`` items with the recipe's transforms.
+
+    ``log`` receives one line per selection made (a held-out test set, a training subset).
+    """
+    from .data import build_train_test
     from .data.transforms import Compose, NormalizeUnitSphere, Resample, recipe_transforms
 
     if data.dataset != "synthetic" and not data.root:
@@ -513,17 +538,23 @@ def build_datasets(data: DataSettings, seed: int = 0) -> tuple[EpochItems, Epoch
     recipe = _AUGMENT_RECIPES.get(data.dataset, "modelnet40") if data.augment == "auto" else data.augment
     # Generated sets are made at the target size; file sets keep every point for random subsets.
     raw_points = data.num_points if data.dataset == "synthetic" else None
-    sets = []
-    for split, options, train in ((data.train_split, data.train_options, True),
-                                  (data.test_split, data.test_options, False)):
-        base = build_dataset(data.dataset, data.root, split, num_points=raw_points, **{**data.options, **options})
+    sets = build_train_test(
+        data.dataset, data.root, data.train_split, data.test_split, raw_points, options=data.options,
+        train_options=data.train_options, test_options=data.test_options, test_ratio=data.test_ratio,
+        split_seed=data.split_seed, limit_per_class=data.limit_per_class,
+    )
+    for note in sets.notes if log is not None else ():
+        log(f"data: {note}")
+    items = []
+    for base, split, train in ((sets.train, data.train_split or "train", True),
+                               (sets.test, data.test_split or "test", False)):
         generator = torch.Generator()
         if recipe == "none" or not train:
             transform = Compose([Resample(data.num_points, mode="first"), NormalizeUnitSphere()])
         else:
             transform = recipe_transforms(recipe, train=True, num_points=data.num_points, generator=generator)
-        sets.append(EpochItems(base, transform, generator, seed=_mix(seed, split), cache=data.cache))
-    return sets[0], sets[1]
+        items.append(EpochItems(base, transform, generator, seed=_mix(seed, split), cache=data.cache))
+    return items[0], items[1]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -776,7 +807,7 @@ def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resu
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    train_set, test_set = build_datasets(run.data, cfg.seed)
+    train_set, test_set = build_datasets(run.data, cfg.seed, say)
     if cfg.num_workers:  # workers are started every epoch: give them a filled cache to copy
         train_set.preload()
         test_set.preload()

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -363,6 +364,42 @@ def test_overrides_are_typed_and_checked():
         tiny("lr=1")
     assert RunConfig.from_dict(tiny().to_dict()) == tiny()
     assert TrainConfig().lr == 5e-4 and TrainConfig().epochs == 300 and TrainConfig().grad_clip == 10
+
+
+def test_split_settings_are_checked():
+    for assignment, message in [
+        ("data.test_ratio=0", r"data.test_ratio must be in \(0, 1\), got 0.0"),
+        ("data.test_ratio=1", r"data.test_ratio must be in \(0, 1\)"),
+        ("data.limit_per_class=0", "data.limit_per_class must be >= 1 or null"),
+        ("data.train_split=null", "data.train_split: null .* is for the folder dataset; dataset 'synthetic'"),
+        ("data.test_split=null", "data.test_options cannot apply"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            tiny(assignment)
+    run = tiny("data.dataset=folder", "data.train_split=null", "data.limit_per_class=5", "data.test_ratio=0.3")
+    assert (run.data.train_split, run.data.limit_per_class, run.data.test_ratio) == (None, 5, 0.3)
+
+
+def test_flat_folder_run_holds_out_its_test_set_and_says_so(tmp_path):
+    """The first-time user's flat <root>/<class>/ folder: a seeded held-out split and a training subset, logged."""
+    rng = np.random.default_rng(0)
+    for name in ("box", "cone", "rod"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            np.save(tmp_path / "data" / name / f"{i}.npy", rng.normal(size=(80, 3)).astype(np.float32))
+    lines: list[str] = []
+    run = tiny("data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.limit_per_class=6",
+               "data.train_options={}", "data.test_options={}", "train.epochs=1")
+    result = train(run, tmp_path / "run", log=lines.append)
+    assert lines[:3] == [
+        f"data: {tmp_path / 'data'}: no class folder has a train/ subfolder, so it is read as a flat "
+        "<root>/<class>/ layout",
+        "data: test set: 20% of each class held out of the whole folder, seeded and stratified (test_ratio 0.2, "
+        "split_seed 0): 24 train / 6 test clouds, 2-2 test clouds per class",
+        "data: training subset: at most 6 seeded random clouds per class (limit_per_class 6, split_seed 0): 18 of 24",
+    ]
+    assert any(line.startswith("data: folder, 18 train / 6 test clouds of 64 points; 2 steps/epoch") for line in lines)
+    assert result.final is not None and evaluate_checkpoint(tmp_path / "run")["samples"] == 6
 
 
 def test_hf_backbone_without_model_module(monkeypatch):

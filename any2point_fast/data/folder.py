@@ -41,6 +41,15 @@ class PointFolder(FileDataset):
             self.labels += [label] * len(files)
 
 
+def has_split_folders(root: str | Path, split: str) -> bool:
+    """Whether a class folder of ``root`` holds a ``split`` subfolder (the ``<root>/<class>/<split>/``
+    layout); False for a flat ``<root>/<class>/`` layout and for a missing ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        return False
+    return any((d / split).is_dir() for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _class_files(folder: Path) -> list[Path]:
     """The sorted supported files of one class folder; a DatasetError for anything else."""
     if not folder.is_dir():
