@@ -45,9 +45,10 @@ examples:
 keys: model.backbone ("stand-in" or a Hugging Face id/path), model.preset (language|vision|audio),
 model.layers/heads/backbone_seed (stand-in only), model.backbone_config (Hugging Face backbones only:
 changes to the backbone's own config, e.g. --set model.backbone_config.hidden_dropout_prob=0.0) and any
-Any2PointConfig field (model.num_tokens, model.knn_k, ...); data.dataset, data.root (for the folder
-dataset: <root>/<class>/{{train,test}}/ files, or a flat <root>/<class>/ whose test set is held out),
-data.limit_per_class (train on a subset); train.* (optimiser, precision, devices, checkpoints).
+Any2PointConfig field (model.num_tokens, model.knn_k, ...); data.dataset (synthetic|scanobjectnn|
+modelnet40_h5|modelnet40_resampled|folder), data.root (for the folder dataset: <root>/<class>/{{train,test}}/
+files, or a flat <root>/<class>/ whose test set is held out), data.limit_per_class (train on a subset);
+train.* (optimiser, precision, train.backend auto|torch|triton|reference, devices, checkpoints).
 Each one is documented in any2point_fast/train.py. Every key, with its default (the Any2PointConfig
 fields take theirs from model.preset and, for Hugging Face backbones, the backbone):
 {keys}
