@@ -45,13 +45,15 @@ examples:
       4 GPUs (DistributedDataParallel); --set train.batch_size is per process
 
 keys: model.backbone ("stand-in" or a Hugging Face id/path), model.preset (language|vision|audio),
-model.layers/heads (stand-in size) and any Any2PointConfig field (model.num_tokens, model.knn_k, ...);
-data.dataset (synthetic|scanobjectnn|modelnet40_h5|modelnet40_resampled|folder), data.root,
-data.num_points, data.augment, data.options/train_options/test_options (dataset arguments);
-train.epochs, batch_size, lr, weight_decay, warmup_epochs, min_lr, grad_clip, label_smoothing,
-grad_accum_steps, precision (fp32|bf16|fp16), device, backend (auto|torch|triton|reference),
-num_threads, num_workers, seed, deterministic, eval_every, save_every_steps, keep_checkpoints,
-stop_after_epoch, stop_after_steps. See any2point_fast/train.py for each one.
+model.layers/heads/backbone_seed (stand-in only), model.backbone_config (Hugging Face backbones only:
+changes to the backbone's own config, e.g. --set model.backbone_config.hidden_dropout_prob=0.0) and any
+Any2PointConfig field (model.num_tokens, model.knn_k, ...); data.dataset (synthetic|scanobjectnn|
+modelnet40_h5|modelnet40_resampled|folder), data.root (for the folder dataset: <root>/<class>/{{train,test}}/
+files, or a flat <root>/<class>/ whose test set is held out), data.limit_per_class (train on a subset);
+train.* (optimiser, precision, train.backend auto|torch|triton|reference, devices, checkpoints).
+Each one is documented in any2point_fast/train.py. Every key, with its default (the Any2PointConfig
+fields take theirs from model.preset and, for Hugging Face backbones, the backbone):
+{keys}
 
 output: <output>/config.yaml (the resolved recipe), metrics.jsonl (one JSON line per epoch, then a
 "final" line), checkpoints/, latest and best (links to checkpoint directories). The last line
@@ -67,6 +69,27 @@ examples:
 The model, data and evaluation settings are those stored in the checkpoint; --set changes them.
 The last line printed is the test accuracy, e.g. "test accuracy: 93.4%".
 """
+
+
+class _TrainHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Fills the ``{keys}`` of the train epilog with :func:`recipe_keys_text` when help is printed
+    (so that building the parser imports no torch)."""
+
+    def _format_text(self, text: str) -> str:
+        if "{keys}" in text:
+            text = text.format(keys=recipe_keys_text())
+        return super()._format_text(text)
+
+
+def recipe_keys_text(width: int = 100) -> str:
+    """Every recipe key with its default, a block of wrapped lines per section (from the dataclasses)."""
+    from .train import recipe_keys
+
+    blocks = []
+    for keys in recipe_keys().values():
+        blocks.append(textwrap.fill("  ".join(keys), width, initial_indent="  ", subsequent_indent="  ",
+                                    break_long_words=False, break_on_hyphens=False))
+    return "\n".join(blocks)
 
 
 def recipe_names() -> list[str]:
@@ -114,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model (default: the small CPU recipe on synthetic shapes)",
         description="Train a model from a recipe. Without --config: the small CPU recipe "
                     f"({DEFAULT_RECIPE}) on the built-in synthetic shapes, a few minutes on 2 cores.",
-        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EPILOG, formatter_class=_TrainHelpFormatter,
     )
     train.add_argument("--config", "-c", metavar="RECIPE",
                        help=f"a YAML file or a built-in recipe name (default: {DEFAULT_RECIPE})")

@@ -18,6 +18,9 @@ from any2point_fast.data import (
     ScanObjectNN,
     SyntheticShapes,
     build_dataset,
+    build_train_test,
+    limit_per_class,
+    stratified_holdout,
 )
 
 from .test_data_mesh_io import corrupted
@@ -371,6 +374,92 @@ def test_point_folder_malformed_file_names_the_file(tmp_path):
     path.write_text("OFF\n3 1 0\n0 0 0\n")
     with pytest.raises(DatasetError, match=f"{path}: "):
         PointFolder(tmp_path)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out splits and per-class subsets
+
+LABELS = np.array([0] * 10 + [1] * 5 + [2] * 1 + [3] * 2)[np.random.default_rng(0).permutation(18)]
+
+
+def test_stratified_holdout_counts_per_class_and_is_seeded():
+    kept, held = stratified_holdout(LABELS, 0.2, seed=0)
+    # round(0.2 n), at least 1 and at most n - 1: 10 -> 2, 5 -> 1, 1 -> 0 (kept for training), 2 -> 1.
+    assert np.bincount(LABELS[held], minlength=4).tolist() == [2, 1, 0, 1]
+    assert np.bincount(LABELS[kept], minlength=4).tolist() == [8, 4, 1, 1]
+    assert sorted([*kept, *held]) == list(range(18)) and list(kept) == sorted(kept)
+    again_kept, again_held = stratified_holdout(LABELS, 0.2, seed=0)
+    assert list(again_held) == list(held) and list(again_kept) == list(kept)
+    others = [tuple(stratified_holdout(LABELS, 0.2, seed=s)[1]) for s in range(1, 6)]
+    assert any(o != tuple(held) for o in others)
+    assert np.bincount(LABELS[stratified_holdout(LABELS, 0.5, 0)[1]], minlength=4).tolist() == [5, 2, 0, 1]
+
+
+def test_limit_per_class_caps_each_class_and_nests():
+    three = limit_per_class(LABELS, 3, seed=0)
+    assert np.bincount(LABELS[three], minlength=4).tolist() == [3, 3, 1, 2]
+    two = limit_per_class(LABELS, 2, seed=0)
+    assert np.bincount(LABELS[two], minlength=4).tolist() == [2, 2, 1, 2]
+    assert set(two) <= set(three)  # a smaller subset is part of a larger one
+    assert list(limit_per_class(LABELS, 3, seed=0)) == list(three)
+    assert any(tuple(limit_per_class(LABELS, 3, seed=s)) != tuple(three) for s in range(1, 6))
+    assert list(limit_per_class(LABELS, 100, seed=0)) == list(range(18))
+
+
+def write_flat_folder(root, counts, split=None):
+    """``root/<class>/[<split>/]<i>.npy`` holding a cloud whose every value is ``100 * label + i``."""
+    for label, (name, count) in enumerate(counts.items()):
+        folder = root / name / split if split else root / name
+        folder.mkdir(parents=True)
+        for i in range(count):
+            np.save(folder / f"{i:02d}.npy", np.full((4, 3), 100.0 * label + i, np.float32))
+
+
+def item_codes(dataset):
+    return [(int(dataset[i][1]), float(dataset[i][0][0, 0])) for i in range(len(dataset))]
+
+
+@pytest.mark.parametrize("train_split", ["train", None])
+def test_flat_folder_gets_a_held_out_stratified_split(tmp_path, train_split):
+    write_flat_folder(tmp_path, {"chair": 10, "lamp": 5})
+    sets = build_train_test("folder", tmp_path, train_split, "test", None, test_ratio=0.2, split_seed=3)
+    train, test = item_codes(sets.train), item_codes(sets.test)
+    assert [label for label, _ in test] == [0, 0, 1] and len(train) == 12
+    assert sorted(train + test) == sorted((label, 100.0 * label + i) for label, n in enumerate((10, 5))
+                                          for i in range(n))  # every file once, in one of the two sets
+    assert sets.train.classes == sets.test.classes == ["chair", "lamp"]
+    flat = [f"{tmp_path}: no class folder has a train/ subfolder, so it is read as a flat <root>/<class>/ layout"]
+    assert sets.notes == (flat if train_split else []) + [
+        "test set: 20% of each class held out of the whole folder, seeded and stratified (test_ratio 0.2, "
+        "split_seed 3): 12 train / 3 test clouds, 1-2 test clouds per class"]
+    again = build_train_test("folder", tmp_path, train_split, "test", None, test_ratio=0.2, split_seed=3)
+    assert item_codes(again.test) == test
+    other = build_train_test("folder", tmp_path, train_split, "test", None, test_ratio=0.2, split_seed=4)
+    assert item_codes(other.test) != test
+
+
+def test_split_folders_and_training_subset(tmp_path):
+    write_flat_folder(tmp_path, {"chair": 6, "lamp": 4}, "train")
+    write_flat_folder(tmp_path, {"chair": 2, "lamp": 1}, "test")
+    sets = build_train_test("folder", tmp_path, "train", "test", None, limit_per_class=3, split_seed=0)
+    assert [label for label, _ in item_codes(sets.test)] == [0, 0, 1] and sets.notes[0].startswith(
+        "training subset: at most 3 seeded random clouds per class (limit_per_class 3, split_seed 0): 6 of 10")
+    assert [label for label, _ in item_codes(sets.train)] == [0, 0, 0, 1, 1, 1]
+    held = build_train_test("folder", tmp_path, "train", None, None, test_ratio=0.25, limit_per_class=2)
+    assert len(held.test) == 3 and len(held.train) == 4  # 25%: 2 of 6 chairs, 1 of 4 lamps; then 2 per class
+    assert not set(item_codes(held.test)) & set(item_codes(held.train))
+    (tmp_path / "vase").mkdir()
+    np.save(tmp_path / "vase" / "v.npy", np.zeros((4, 3)))  # a class folder without train/: mixed layouts fail
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'vase' / 'train'}: folder not found"):
+        build_train_test("folder", tmp_path, "train", "test", None)
+
+
+def test_held_out_split_of_a_fixed_split_dataset():
+    sets = build_train_test("synthetic", None, "train", None, 16, train_options={"num_samples": 60}, test_ratio=0.25)
+    assert len(sets.test) == 12 and len(sets.train) == 48  # 12 classes of 5: one held out each
+    assert sorted(int(sets.test[i][1]) for i in range(12)) == list(range(12))
+    with pytest.raises(ValueError, match="a null train split is for the folder dataset"):
+        build_train_test("synthetic", None, None, None, 16)
 
 
 # ---------------------------------------------------------------------------------------------

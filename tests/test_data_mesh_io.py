@@ -1,4 +1,4 @@
-"""Geometry readers (PLY, OFF, OBJ, npy, txt) and area-weighted surface sampling."""
+"""Geometry readers (PLY, OFF, OBJ, PCD, npy, txt) and area-weighted surface sampling."""
 
 import io
 import struct
@@ -256,6 +256,162 @@ def test_corrupt_npy_files_are_errors(tmp_path, content, message):
         read_geometry(path)
 
 
+# ---------------------------------------------------------------------------------------------
+# PCD
+
+# (name, TYPE, SIZE, COUNT): xyz permuted among other fields, mixed types, a 3-value normal, a padding field.
+PCD_FIELDS = [("intensity", "F", 4, 1), ("z", "F", 8, 1), ("normal", "F", 4, 3), ("x", "F", 4, 1),
+              ("rgb", "U", 4, 1), ("_", "U", 1, 2), ("y", "I", 2, 1)]
+
+
+def pcd_columns(count, seed=0):
+    """Values of every PCD_FIELDS field, exactly representable in the field's type."""
+    rng = np.random.default_rng(seed)
+    dtypes = {"F4": np.float32, "F8": np.float64, "U4": np.uint32, "U1": np.uint8, "I2": np.int16}
+    columns = {}
+    for name, kind, size, width in PCD_FIELDS:
+        dtype = dtypes[f"{kind}{size}"]
+        values = rng.normal(size=(count, width)) * 100 if kind == "F" else rng.integers(-300 if kind == "I" else 0,
+                                                                                          250, size=(count, width))
+        columns[name] = values.astype(dtype)
+    return columns
+
+
+def lzf_compress(raw: bytes) -> bytes:
+    """A plain greedy LZF encoder (liblzf's stream format): longest earlier match of >= 3 bytes within 8 KiB."""
+    out, literal, pos = bytearray(), bytearray(), 0
+
+    def flush():
+        for start in range(0, len(literal), 32):
+            chunk = literal[start:start + 32]
+            out.extend([len(chunk) - 1, *chunk])
+        literal.clear()
+
+    while pos < len(raw):
+        best_len, best_dist = 0, 0
+        for dist in range(1, min(pos, 8192) + 1):
+            length = 0
+            while pos + length < len(raw) and length < 264 and raw[pos + length - dist] == raw[pos + length]:
+                length += 1
+            if length > best_len:
+                best_len, best_dist = length, dist
+        if best_len < 3:
+            literal.append(raw[pos])
+            pos += 1
+            continue
+        flush()
+        code, off = best_len - 2, best_dist - 1
+        if code < 7:
+            out.extend([(code << 5) | (off >> 8), off & 255])
+        else:
+            out.extend([(7 << 5) | (off >> 8), code - 7, off & 255])
+        pos += best_len
+    flush()
+    return bytes(out)
+
+
+def pcd_bytes(columns, data="ascii", fields=PCD_FIELDS, points=None, extra_header=""):
+    """A PCD file holding ``columns`` (name -> [n, COUNT] array) in ``fields`` order."""
+    count = len(next(iter(columns.values())))
+    header = [
+        "# .PCD v0.7 - Point Cloud Data file format",
+        "VERSION 0.7",
+        "FIELDS " + " ".join(f[0] for f in fields),
+        "SIZE " + " ".join(str(f[2]) for f in fields),
+        "TYPE " + " ".join(f[1] for f in fields),
+        "COUNT " + " ".join(str(f[3]) for f in fields),
+        f"WIDTH {count}",
+        "HEIGHT 1",
+        "VIEWPOINT 0 0 0 1 0 0 0",
+        f"POINTS {count if points is None else points}",
+        *([extra_header] if extra_header else []),
+        f"DATA {data}",
+    ]
+    head = ("\n".join(header) + "\n").encode()
+    if data == "ascii":
+        rows = [" ".join(repr(v.item()) for f in fields for v in columns[f[0]][i]) for i in range(count)]
+        return head + ("\n".join(rows) + "\n").encode()
+    if data == "binary":
+        record = np.dtype([(f"f{i}", columns[f[0]].dtype.newbyteorder("<"), (f[3],)) for i, f in enumerate(fields)])
+        table = np.zeros(count, dtype=record)
+        for i, f in enumerate(fields):
+            table[f"f{i}"] = columns[f[0]]
+        return head + table.tobytes()
+    raw = b"".join(columns[f[0]].astype(columns[f[0]].dtype.newbyteorder("<")).tobytes() for f in fields)
+    packed = lzf_compress(raw)
+    return head + struct.pack("<II", len(packed), len(raw)) + packed
+
+
+def pcd_xyz(columns):
+    return np.concatenate([columns[a].astype(np.float64) for a in "xyz"], axis=1)
+
+
+@pytest.mark.parametrize("data", ["ascii", "binary", "binary_compressed"])
+def test_pcd_values_with_extra_fields_in_any_order(tmp_path, data):
+    columns = pcd_columns(40)
+    path = tmp_path / "scan.pcd"
+    path.write_bytes(pcd_bytes(columns, data))
+    mesh = read_geometry(path)
+    np.testing.assert_array_equal(mesh.vertices, pcd_xyz(columns))
+    assert mesh.is_point_set and mesh.faces.shape == (0, 3)
+
+
+def test_pcd_minimal_header_and_plain_xyz(tmp_path):
+    """COUNT, HEIGHT, VIEWPOINT and POINTS are optional (POINTS = WIDTH * HEIGHT)."""
+    path = tmp_path / "p.PCD"
+    path.write_text("FIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nWIDTH 2\nDATA ascii\n0.5 -1.25 3\n1e-3 2 7.5\n")
+    np.testing.assert_array_equal(read_geometry(path).vertices, [[0.5, -1.25, 3], [1e-3, 2, 7.5]])
+
+
+def test_lzf_decompress_literals_and_overlapping_references():
+    from any2point_fast.data.pcd import lzf_decompress
+
+    # literal "abc", then 7 bytes from 3 back (overlapping: abcabca), then 10 (long form) from 1 back.
+    stream = bytes([2, *b"abc", (5 << 5) | 0, 2, (7 << 5) | 0, 1, 0])
+    assert lzf_decompress(stream, 20) == b"abc" + b"abcabca" + b"a" * 10
+    raw = bytes(range(50)) * 3 + b"xyz" * 100
+    assert lzf_decompress(lzf_compress(raw), len(raw)) == raw
+    with pytest.raises(ValueError, match="4 bytes back, only 3 bytes decoded"):
+        lzf_decompress(bytes([2, *b"abc", 1 << 5, 3]), 6)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda c: pcd_bytes(c, "binary")[:-5], "expected 720 bytes of binary point data .*found 715"),
+        (lambda c: pcd_bytes(c, "ascii").rsplit(b"\n", 2)[0], "expected 20 point lines"),
+        (lambda c: pcd_bytes(c, "binary_compressed")[:-3], "declares .* compressed bytes"),
+        (lambda c: pcd_bytes(c, "ascii").replace(b"ascii\n", b"ascii\n7 "), "point line 1 has 11 values, expected 10"),
+        (lambda c: pcd_bytes(c, "ascii", fields=PCD_FIELDS[:-1]), "'y' is missing in FIELDS"),
+        (lambda c: pcd_bytes(c, "ascii").replace(b"TYPE F F", b"TYPE F X"), "field 'z' has TYPE X SIZE 8"),
+        (lambda c: pcd_bytes(c, "ascii").replace(b"SIZE 4 8", b"SIZE 4"), "SIZE lists 6 values for 7 FIELDS"),
+        (lambda c: pcd_bytes(c, "ascii").replace(b"DATA ascii", b"DATA text"), "PCD DATA 'text'"),
+        (lambda c: pcd_bytes(c, "ascii").replace(b"DATA ascii", b"DATUM ascii"), "unexpected PCD header line"),
+        (lambda c: pcd_bytes(c, "binary", points=21), "POINTS 21 differs from WIDTH \\* HEIGHT = 20"),
+        (lambda c: pcd_bytes({k: v[:0] for k, v in c.items()}, "binary"), "no vertices or points"),
+        (lambda c: pcd_bytes(c, "ascii").replace(b"\nSIZE", b"\nFIELDS x y z\nSIZE"), "lists FIELDS twice"),
+        (lambda c: b"ply\nformat ascii 1.0\n", "unexpected PCD header line 'ply'"),
+    ],
+    ids=["binary-truncated", "ascii-truncated", "compressed-truncated", "ascii-long-line", "no-y", "bad-type",
+         "size-count", "data-format", "bad-key", "points-mismatch", "zero-points", "repeated-key", "not-pcd"],
+)
+def test_malformed_pcd_files_are_errors(tmp_path, content, message):
+    path = tmp_path / "bad.pcd"
+    path.write_bytes(content(pcd_columns(20)))
+    with pytest.raises(DatasetError, match=f"{path}: cannot read .pcd file: .*{message}"):
+        read_geometry(path)
+
+
+@pytest.mark.parametrize("data", ["ascii", "binary", "binary_compressed"])
+def test_pcd_nan_points_are_refused_like_other_point_files(tmp_path, data):
+    columns = pcd_columns(6)
+    columns["x"][[2, 4], 0] = np.nan  # what organised scans store for "no return"
+    path = tmp_path / "holes.pcd"
+    path.write_bytes(pcd_bytes(columns, data))
+    with pytest.raises(DatasetError, match=f"{path}: .*non-finite .* in 2 of 6 points \\(the first at row 2\\)"):
+        read_geometry(path)
+
+
 CUBE_CORNERS = "\n".join(f"{x} {y} {z}" for x in (0, 1) for y in (0, 1) for z in (0, 1))
 VALID_FILES = {
     "ascii.ply": lambda path: write_ply(path, SQUARE, SQUARE_FAN),
@@ -263,6 +419,9 @@ VALID_FILES = {
     "mesh.off": lambda path: path.write_text(f"OFF\n8 3 0\n{CUBE_CORNERS}\n3 0 1 2\n4 4 5 6 7\n3 0 4 7\n"),
     "mesh.obj": lambda path: path.write_text("v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 1\nf 1 2 3\nf 1/1 2/2/2 3//3 -1\n"),
     "points.npy": lambda path: np.save(path, random_vertices(6)),
+    "ascii.pcd": lambda path: path.write_bytes(pcd_bytes(pcd_columns(6), "ascii")),
+    "binary.pcd": lambda path: path.write_bytes(pcd_bytes(pcd_columns(6), "binary")),
+    "compressed.pcd": lambda path: path.write_bytes(pcd_bytes(pcd_columns(6), "binary_compressed")),
 }
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from any2point_fast import train_state
 from any2point_fast.config import ConfigError
@@ -44,6 +47,14 @@ def quiet(_line: str) -> None:
     pass
 
 
+def save_tiny_backbone(model_type: str, directory: Path) -> Path:
+    """test_backbones' tiny random HF model (skipped without transformers, like the tests there)."""
+    pytest.importorskip("transformers")
+    from .test_backbones import save_tiny_backbone as save
+
+    return save(model_type, directory)
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir).model
 
@@ -60,7 +71,7 @@ def epoch_records(run_dir: Path) -> list[dict]:
 
 
 def strip_times(records: list[dict]) -> list[dict]:
-    timing = {"elapsed_s", "epoch_time_s", "samples_per_s"}
+    timing = {"elapsed_s", "epoch_time_s", "samples_per_s", "eval_time_s", "checkpoint_time_s"}
     return [{k: v for k, v in r.items() if k not in timing} for r in records]
 
 
@@ -363,6 +374,129 @@ def test_overrides_are_typed_and_checked():
         tiny("lr=1")
     assert RunConfig.from_dict(tiny().to_dict()) == tiny()
     assert TrainConfig().lr == 5e-4 and TrainConfig().epochs == 300 and TrainConfig().grad_clip == 10
+
+
+def test_split_settings_are_checked():
+    for assignment, message in [
+        ("data.test_ratio=0", r"data.test_ratio must be in \(0, 1\), got 0.0"),
+        ("data.test_ratio=1", r"data.test_ratio must be in \(0, 1\)"),
+        ("data.limit_per_class=0", "data.limit_per_class must be >= 1 or null"),
+        ("data.train_split=null", "data.train_split: null .* is for the folder dataset; dataset 'synthetic'"),
+        ("data.test_split=null", "data.test_options cannot apply"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            tiny(assignment)
+    run = tiny("data.dataset=folder", "data.train_split=null", "data.limit_per_class=5", "data.test_ratio=0.3")
+    assert (run.data.train_split, run.data.limit_per_class, run.data.test_ratio) == (None, 5, 0.3)
+
+
+def test_flat_folder_run_holds_out_its_test_set_and_says_so(tmp_path):
+    """The first-time user's flat <root>/<class>/ folder: a seeded held-out split and a training subset, logged."""
+    rng = np.random.default_rng(0)
+    for name in ("box", "cone", "rod"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            np.save(tmp_path / "data" / name / f"{i}.npy", rng.normal(size=(80, 3)).astype(np.float32))
+    lines: list[str] = []
+    run = tiny("data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.limit_per_class=6",
+               "data.train_options={}", "data.test_options={}", "train.epochs=1")
+    result = train(run, tmp_path / "run", log=lines.append)
+    assert lines[:3] == [
+        f"data: {tmp_path / 'data'}: no class folder has a train/ subfolder, so it is read as a flat "
+        "<root>/<class>/ layout",
+        "data: test set: 20% of each class held out of the whole folder, seeded and stratified (test_ratio 0.2, "
+        "split_seed 0): 24 train / 6 test clouds, 2-2 test clouds per class",
+        "data: training subset: at most 6 seeded random clouds per class (limit_per_class 6, split_seed 0): 18 of 24",
+    ]
+    assert any(line.startswith("data: folder, 18 train / 6 test clouds of 64 points; 2 steps/epoch") for line in lines)
+    assert result.final is not None and evaluate_checkpoint(tmp_path / "run")["samples"] == 6
+
+
+def test_progress_lines_and_epoch_seconds(tmp_path):
+    """Output redirected (pytest captures stdout): a progress line every 4 steps, and the epoch line's seconds."""
+    lines, losses = [], []
+    run = tiny("train.progress=true", "train.progress_every_steps=4", "train.progress_every_s=0")
+    train(run, tmp_path, log=lines.append, on_step=lambda step, loss: losses.append(loss))
+    progress = [line for line in lines if re.match(r"epoch \d/2 step", line)]
+    expected = []
+    for epoch in (1, 2):
+        for step in (4, 8):  # 12 steps per epoch; the epoch's own line follows step 12
+            mean = sum(losses[12 * (epoch - 1): 12 * (epoch - 1) + step]) / step
+            expected.append(f"epoch {epoch}/2 step {step}/12 loss {mean:.3f}")
+    assert [line.split(" acc ")[0] for line in progress] == expected
+    assert all(re.fullmatch(r".* acc \d+\.\d% \d+\.\d samples/s", line) for line in progress)
+    records = epoch_records(tmp_path)[:2]
+    for record in records:
+        assert record["epoch_time_s"] > 0 and record["eval_time_s"] > 0 and record["checkpoint_time_s"] > 0
+    epoch_lines = [line for line in lines if re.match(r"epoch \d/2  loss", line)]
+    assert [line.rsplit("  ", 1)[1] for line in epoch_lines] == [
+        f"train {r['epoch_time_s']:.1f} s, eval {r['eval_time_s']:.1f} s, checkpoint {r['checkpoint_time_s']:.1f} s"
+        for r in records]
+    time_based = []
+    train(tiny("train.progress=true", "train.progress_every_s=1e-9", "train.epochs=1"), tmp_path / "t",
+          log=time_based.append)
+    assert [line.split(" loss")[0] for line in time_based if " step " in line] == [
+        f"epoch 1/1 step {step}/12" for step in range(1, 12)]  # every step is 1e-9 s after the last line
+
+
+def test_backbone_config_reaches_the_hugging_face_model(tmp_path):
+    directory = save_tiny_backbone("bert", tmp_path / "bert")  # hidden 32, dropout 0.1 everywhere
+    run = tiny(f"model.backbone={directory}", "model.backbone_config.hidden_dropout_prob=0.0",
+               "model.backbone_config.attention_probs_dropout_prob=0.25")
+    model = build_model(run, 3)
+    assert model.backbone.config.hidden_dropout_prob == 0.0
+    assert model.backbone.config.attention_probs_dropout_prob == 0.25
+    dropouts = {name: m.p for name, m in model.backbone.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert {p for name, p in dropouts.items() if name.endswith("output.dropout")} == {0.0}
+    assert {p for name, p in dropouts.items() if "attention.self" in name} == {0.25}
+    default = build_model(tiny(f"model.backbone={directory}"), 3)
+    assert {m.p for m in default.backbone.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    with pytest.raises(ConfigError, match=r"model.backbone_config.hidden_dropout: the backbone's BertConfig has no "
+                                          r"key 'hidden_dropout'; its keys: .*hidden_dropout_prob"):
+        build_model(tiny(f"model.backbone={directory}", "model.backbone_config.hidden_dropout=0.0"), 3)
+    with pytest.raises(ConfigError, match="hidden_dropout_prob: expected a number like the backbone's 0.1, got 'none'"):
+        build_model(tiny(f"model.backbone={directory}", "model.backbone_config.hidden_dropout_prob=none"), 3)
+    with pytest.raises(ConfigError, match="the stand-in has none"):
+        tiny("model.backbone_config.hidden_dropout_prob=0.0")
+
+
+def test_backbone_config_changes_a_sub_config(tmp_path):
+    directory = save_tiny_backbone("clip", tmp_path / "clip")
+    model = build_model(tiny(f"model.backbone={directory}", "model.backbone_config.text_config.attention_dropout=0.3"),
+                        3)
+    assert model.backbone.config.attention_dropout == 0.3
+    with pytest.raises(ConfigError, match="model.backbone_config.text_config: a sub-config, expected a mapping"):
+        build_model(tiny(f"model.backbone={directory}", "model.backbone_config.text_config=0"), 3)
+
+
+def test_saved_config_of_a_hugging_face_run_and_its_resume(tmp_path):
+    """config.yaml lists the keys of the backbone used; the stored run config resumes; the projection is logged."""
+    directory = save_tiny_backbone("bert", tmp_path / "bert")  # 64 positions
+    lines = []
+    run = tiny(f"model.backbone={directory}", "model.backbone_config.hidden_dropout_prob=0.0",
+               "train.stop_after_epoch=1")
+    train(run, tmp_path / "run", log=lines.append)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert not {"layers", "heads", "backbone_seed"} & set(saved["model"])
+    assert saved["model"]["backbone_config"] == {"hidden_dropout_prob": 0.0}
+    assert ("projection: 1D, 6 lines through the cloud, each mapped onto positions 0..63 of a 64-row PE table "
+            "(model.pe_length 64); segments of 2 positions, 32 buckets per line") in lines
+    resumed = train(RunConfig.from_dict(saved).with_overrides(["train.stop_after_epoch=null"]), tmp_path / "run",
+                    resume=tmp_path / "run", log=quiet)
+    assert resumed.epoch == 2 and resumed.model.backbone.config.hidden_dropout_prob == 0.0
+    stand_in = yaml.safe_load(yaml.safe_dump(tiny().to_dict()))
+    assert stand_in["model"]["layers"] == 1 and "backbone_config" not in stand_in["model"]
+    assert RunConfig.from_dict(stand_in) == tiny()
+
+
+def test_projection_line_of_a_2d_model(tmp_path):
+    directory = save_tiny_backbone("vit", tmp_path / "vit")  # 32 px images, patches of 8: a 4x4 grid
+    lines = []
+    run = tiny(f"model.backbone={directory}", "model.preset=vision", "train.epochs=1",
+               "data.train_options.num_samples=16", "data.test_options.num_samples=8")
+    train(run, tmp_path / "run", log=lines.append)
+    assert ("projection: 2D, 6 views onto a 518x518 (HxW) canvas over a 4x4 PE grid (model.pe_grid), camera "
+            "distance 1.6; patches of 26 px, 400 buckets per view") in lines
 
 
 def test_hf_backbone_without_model_module(monkeypatch):

@@ -1,4 +1,4 @@
-"""A user's own shapes, one subfolder per class: ``<root>/<class>/*.{ply,off,obj,npy,txt}``."""
+"""A user's own shapes, one subfolder per class: ``<root>/<class>/*.{ply,off,obj,pcd,npy,txt}``."""
 
 from pathlib import Path
 
@@ -13,7 +13,7 @@ class PointFolder(FileDataset):
     the layout of the Princeton ModelNet OFF release) labelled by its class folder.
 
     Classes are the sorted names of the subfolders of ``root``. Meshes (PLY with faces, OFF,
-    OBJ) are sampled on their surface, point files (PLY without faces, npy, txt) used as they
+    OBJ) are sampled on their surface, point files (PLY without faces, PCD, npy, txt) used as they
     are; see :class:`FileDataset` for ``mesh_points`` and ``seed``. Names starting with "." are
     ignored; anything else that is not a supported file is an error, so nothing is skipped.
     """
@@ -39,6 +39,15 @@ class PointFolder(FileDataset):
             files = _class_files(class_dir / split if split else class_dir)
             self.files += files
             self.labels += [label] * len(files)
+
+
+def has_split_folders(root: str | Path, split: str) -> bool:
+    """Whether a class folder of ``root`` holds a ``split`` subfolder (the ``<root>/<class>/<split>/``
+    layout); False for a flat ``<root>/<class>/`` layout and for a missing ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        return False
+    return any((d / split).is_dir() for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _class_files(folder: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Readers for the geometry files users have on disk: PLY, OFF, OBJ, ``.npy`` and text points.
+"""Readers for the geometry files users have on disk: PLY, OFF, OBJ, PCD, ``.npy`` and text points.
 
 Each ``parse_*`` function takes the raw file bytes and returns a :class:`Mesh` (float64
 vertices ``[V, 3]``, int64 triangles ``[F, 3]``; ``F == 0`` for a point file), raising
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError
+from .pcd import read_pcd_xyz
 from .surface import Mesh
 
 # ---------------------------------------------------------------------------------------------
@@ -34,8 +35,11 @@ def _mesh(vertices: np.ndarray, faces: np.ndarray) -> Mesh:
     vertices = np.asarray(vertices, dtype=np.float64)
     if len(vertices) == 0:
         raise ValueError("no vertices or points")
-    if not np.isfinite(vertices).all():
-        raise ValueError("non-finite (nan or inf) coordinates")
+    finite = np.isfinite(vertices).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"non-finite (nan or inf) coordinates in {len(bad)} of {len(vertices)} points "
+                         f"(the first at row {bad[0]})")
     if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
         raise ValueError(
             f"face index out of range: found {faces.min()}..{faces.max()}, "
@@ -336,8 +340,14 @@ def parse_point_text(data: bytes) -> Mesh:
     return _points_from_table(np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2))
 
 
+def parse_pcd(data: bytes) -> Mesh:
+    """Parse a PCL/Open3D ``.pcd`` file (ascii, binary or binary_compressed) as a point set."""
+    return _mesh(read_pcd_xyz(data), _no_faces())
+
+
 _PARSERS = {
     ".ply": parse_ply,
+    ".pcd": parse_pcd,
     ".off": parse_off,
     ".obj": parse_obj,
     ".npy": parse_npy,
