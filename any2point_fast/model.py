@@ -36,8 +36,9 @@ from .checkpoint import (
 from .config import Any2PointConfig, ConfigError
 from .geometry import Geometry, ProjectionSpec
 from .projection import build_geometry
-from .reference import PointTokenizer, ReferenceModel, ViewAttention
+from .reference import ReferenceModel, ViewAttention
 from .reference.model import ClassificationHead
+from .tokenizer import PointTokenizer
 from .validation import check_points
 
 #: Fields describing the backbone rather than the method: always taken from the backbone; an
@@ -385,6 +386,7 @@ class StandInModel(ReferenceModel):
     :func:`any2point_fast.ops.set_backend`. Same parameters and checkpoints as the reference model."""
 
     adapter_class = Any2PointAdapter
+    tokenizer_class = PointTokenizer
 
     def geometry(self, centers: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
         return build_geometry(centers, self.pe_table, self.spec, self.config.voxel_size)

@@ -208,8 +208,34 @@ def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch
     return _resolve(op, device)(x, base_rows, base_ids, view_rows, view_ids, coef)
 
 
+def _check_points(op: str, name: str, xyz: torch.Tensor) -> None:
+    if xyz.dim() != 3 or xyz.shape[-1] != 3 or not xyz.is_floating_point():
+        raise InputError(f"{op}: {name} must be float [B, P, 3], got {list(xyz.shape)} {xyz.dtype}")
+
+
+def farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """``[B, S]`` int64 indices of ``S`` greedy farthest points of ``[B, P, 3]`` clouds, from point 0;
+    see :func:`reference.farthest_point_sample`."""
+    _check_points("farthest_point_sample", "xyz", xyz)
+    if not 0 < num_samples <= xyz.shape[1]:
+        raise InputError(f"farthest_point_sample: cannot sample {num_samples} of {xyz.shape[1]} points")
+    return _resolve("farthest_point_sample", xyz.device)(xyz, num_samples)
+
+
+def knn(query: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, S, k]`` int64 indices of the ``k`` nearest of ``[B, P, 3]`` points to every one of
+    ``[B, S, 3]`` queries, nearest first; see :func:`reference.knn`."""
+    _check_points("knn", "query", query)
+    _check_points("knn", "points", points)
+    if query.shape[0] != points.shape[0]:
+        raise InputError(f"knn: query and points need one batch, got {query.shape[0]} and {points.shape[0]} clouds")
+    if not 0 < k <= points.shape[1]:
+        raise InputError(f"knn: k = {k} neighbours requested from {points.shape[1]} points")
+    return _resolve("knn", _same_device("knn", query=query, points=points))(query, points, k)
+
+
 __all__ = [
     "BACKENDS", "BackendError", "available_backends", "batch_norm_gelu", "bucket_sort", "ensemble_propagate",
-    "get_backend", "neighborhood_attention_pool", "not_supported_reasons", "project_pe", "segment_pool",
-    "set_backend", "use_backend",
+    "farthest_point_sample", "get_backend", "knn", "neighborhood_attention_pool", "not_supported_reasons",
+    "project_pe", "segment_pool", "set_backend", "use_backend",
 ]

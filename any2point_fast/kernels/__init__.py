@@ -15,7 +15,9 @@ from .ensemble import ensemble_propagate
 from .norm import batch_norm_gelu
 from .pooling import segment_pool
 from .projection import project_pe
+from .sampling import farthest_point_sample
 
 __all__ = [
-    "batch_norm_gelu", "bucket_sort", "ensemble_propagate", "neighborhood_attention_pool", "project_pe", "segment_pool",
+    "batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "neighborhood_attention_pool",
+    "project_pe", "segment_pool",
 ]

@@ -75,6 +75,7 @@ class ReferenceModel(nn.Module):
     """
 
     adapter_class = ReferenceAdapter
+    tokenizer_class = PointTokenizer
 
     def __init__(self, config: Any2PointConfig, num_layers: int = 4, num_heads: int = 4, seed: int = 0):
         super().__init__()
@@ -89,7 +90,7 @@ class ReferenceModel(nn.Module):
         for p in [*self.blocks.parameters(), *self.final_norm.parameters()]:
             p.requires_grad_(False)
         self.spec = ProjectionSpec.from_config(config)
-        self.tokenizer = PointTokenizer(config)
+        self.tokenizer = self.tokenizer_class(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c))
         self.cls_pos = nn.Parameter(torch.randn(1, 1, c) * 0.02)
         self.view_attention = ViewAttention(c, config.num_views, config.attn_dim, config.attn_heads)

@@ -37,6 +37,7 @@ from .ensemble import ensemble_propagate
 from .norm import batch_norm_gelu
 from .pooling import segment_pool
 from .projection import project_pe
+from .sampling import farthest_point_sample, knn
 
-__all__ = ["batch_norm_gelu", "bucket_sort", "ensemble_propagate", "neighborhood_attention_pool", "project_pe",
-           "segment_pool"]
+__all__ = ["batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "knn",
+           "neighborhood_attention_pool", "project_pe", "segment_pool"]

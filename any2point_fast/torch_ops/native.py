@@ -51,7 +51,7 @@ import torch
 ENV_VAR = "ANY2POINT_NATIVE"
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("batch_norm_gelu.cpp", "bucket_attention.cpp", "bucket_pool.cpp", "ensemble.cpp",
-                             "layer_norm.cpp"))
+                             "layer_norm.cpp", "sampling.cpp"))
 #: The ``torch.ops`` namespace of the compiled kernels.
 NAMESPACE = "any2point_native"
 #: Runs ``bucket_pool_backward`` cuts the segments into, each summing its share of ``W_o``'s
