@@ -92,6 +92,10 @@ def _resolve(op: str, device: torch.device):
         candidates = ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference")
     else:
         candidates = (_backend,)
+        module = _load(_backend)
+        if not isinstance(module, str) and not hasattr(module, op):
+            # a backend without this op at all (Triton has no knn) leaves it to the next one
+            candidates += tuple(name for name in ("torch", "reference") if name != _backend)
     refusals = []
     for name in candidates:
         reasons = not_supported_reasons(name, op, device)
