@@ -128,7 +128,9 @@ def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
         raise InputError(f"project_pe: a {spec.kind} projection needs a PE table of rank {rank}, "
                          f"got shape {list(pe_table.shape)}")
     device = _same_device("project_pe", centers=centers, pe_table=pe_table)
-    return _resolve("project_pe", device)(centers, pe_table, spec)
+    # positions decide buckets: never rounded to autocast's half precision
+    with torch.autocast(device.type, enabled=False):
+        return _resolve("project_pe", device)(centers, pe_table, spec)
 
 
 def bucket_sort(bucket_ids: torch.Tensor, num_buckets: int) -> Segments:
@@ -235,7 +237,9 @@ def knn(query: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
         raise InputError(f"knn: query and points need one batch, got {query.shape[0]} and {points.shape[0]} clouds")
     if not 0 < k <= points.shape[1]:
         raise InputError(f"knn: k = {k} neighbours requested from {points.shape[1]} points")
-    return _resolve("knn", _same_device("knn", query=query, points=points))(query, points, k)
+    device = _same_device("knn", query=query, points=points)
+    with torch.autocast(device.type, enabled=False):  # distances in float32 whatever autocast says
+        return _resolve("knn", device)(query, points, k)
 
 
 __all__ = [

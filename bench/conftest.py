@@ -21,12 +21,20 @@ import torch
 from any2point_fast import ops
 from any2point_fast.torch_ops import native
 
+from . import workloads
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", default=False,
                      help="run every benchmark once on tiny shapes (what CI runs, so the suites cannot rot)")
+    parser.addoption("--precision", choices=("fp32", "bf16"), default="fp32",
+                     help="bf16: every forward pass under bfloat16 autocast (backward outside it)")
+
+
+def pytest_configure(config):
+    workloads.AUTOCAST_DTYPE = torch.bfloat16 if config.getoption("--precision", "fp32") == "bf16" else None
 
 
 def pytest_sessionstart(session):
@@ -67,6 +75,14 @@ def release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _under_autocast(fn, dev: torch.device):
+    def run():
+        with workloads.autocast(dev):
+            return fn()
+
+    return run
+
+
 @pytest.fixture
 def measure(benchmark, quick):
     """``measure(fn, rounds=3, warmup=True, memory=True, cost=None, **info)``: time ``fn``
@@ -82,6 +98,8 @@ def measure(benchmark, quick):
     def run(fn, rounds: int = 3, warmup: bool = True, memory: bool = True, cost=None, **info):
         dev = device()
         release_memory()
+        if info.get("mode") == "forward":  # forward+backward callables enter autocast themselves
+            fn = _under_autocast(fn, dev)
 
         def timed():
             out = fn()
@@ -95,7 +113,8 @@ def measure(benchmark, quick):
             result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=int(warmup))
         peak = peak_memory_bytes(fn, dev)[1] if memory else None
         benchmark.extra_info.update(info, peak_bytes=peak, device=str(dev), threads=torch.get_num_threads(),
-                                    quick=quick, cpu_count=os.cpu_count(), compiled_kernels=native.available(dev))
+                                    quick=quick, cpu_count=os.cpu_count(), compiled_kernels=native.available(dev),
+                                    precision="bf16" if workloads.AUTOCAST_DTYPE is not None else "fp32")
         if cost is not None:
             seconds = benchmark.stats.stats.median
             gbps, tflops = cost.bytes / seconds / 1e9, cost.flops / seconds / 1e12

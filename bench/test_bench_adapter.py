@@ -11,9 +11,19 @@ import torch
 
 from any2point_fast import reference
 from any2point_fast.projection import VirtualProjection
+from tests.tolerances import assert_close_to_reference
 
 from .conftest import device
-from .workloads import PAPER, TINY, AdapterCase, adapter_case, adapter_pair, count_operator_calls, forward_backward
+from .workloads import (
+    PAPER,
+    TINY,
+    AdapterCase,
+    adapter_case,
+    adapter_pair,
+    count_operator_calls,
+    forward_backward,
+    tolerance_dtype,
+)
 
 RECIPES = ("language", "vision", "audio")
 
@@ -38,7 +48,7 @@ def test_adapter(measure, backend, case, mode):
     # rounds of one test; the median of fifteen outlasts them better than that of seven
     out = measure(run, rounds=15, group="adapter", case=case.label, backend=backend, mode=mode, op_calls=calls)
     expected = oracle(hidden, ffn, case.geometry)
-    torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-3)
+    assert_close_to_reference(out, expected, tolerance_dtype(), scale=50)
 
 
 def test_geometry(measure, backend, case):
@@ -48,4 +58,4 @@ def test_geometry(measure, backend, case):
     ref_pe, ref_geometry = reference.build_geometry(case.centers, case.pe_table, case.spec, case.config.voxel_size)
     assert torch.equal(geometry.views.segment_ids, ref_geometry.views.segment_ids)
     assert torch.equal(geometry.voxels.segment_ids, ref_geometry.voxels.segment_ids)
-    torch.testing.assert_close(pe, ref_pe)
+    assert_close_to_reference(pe, ref_pe, tolerance_dtype())

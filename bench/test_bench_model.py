@@ -15,6 +15,7 @@ from transformers import ViTConfig, ViTModel
 
 from any2point_fast.model import Any2PointModel
 
+from . import workloads
 from .conftest import device
 
 BACKBONES = {
@@ -47,7 +48,8 @@ def test_training_step(measure, backend, quick, name):
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(points), labels)
+        with workloads.autocast(points.device):
+            loss = torch.nn.functional.cross_entropy(model(points), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()

@@ -17,7 +17,7 @@ from tests.tolerances import assert_close_to_reference
 
 from .conftest import device
 from .costs import op_cost
-from .workloads import PAPER, TINY, AdapterCase, adapter_case, forward_backward
+from .workloads import PAPER, TINY, AdapterCase, adapter_case, forward_backward, tolerance_dtype
 
 RECIPES = ("language", "vision")
 
@@ -73,7 +73,7 @@ def test_differentiable_op(measure, backend, case, op, mode):
     else:
         out = measure(forward_backward(lambda: fn(ops), inputs), **info)
     with torch.no_grad():
-        assert_close_to_reference(out, fn(reference), dtype=torch.float32, scale=10)
+        assert_close_to_reference(out, fn(reference), dtype=tolerance_dtype(), scale=10)
 
 
 def test_project_pe(measure, backend, case):
@@ -82,7 +82,7 @@ def test_project_pe(measure, backend, case):
                           cost=op_cost("project_pe", case, "forward"))
     ref_pe, ref_buckets = reference.project_pe(case.centers, case.pe_table, case.spec)
     assert torch.equal(buckets, ref_buckets)
-    assert_close_to_reference(pe, ref_pe)
+    assert_close_to_reference(pe, ref_pe, tolerance_dtype())
 
 
 def test_bucket_sort(measure, backend, case):

@@ -15,7 +15,7 @@ from any2point_fast import Any2PointConfig, ops, reference, tokenizer
 from tests.tolerances import assert_close_to_reference
 
 from .conftest import device
-from .workloads import forward_backward
+from .workloads import forward_backward, tolerance_dtype
 
 
 def clouds(batch: int, points: int) -> torch.Tensor:
@@ -59,7 +59,7 @@ def test_tokenizer(measure, backend, quick, mode):
         with torch.no_grad():
             tokens, _ = measure(lambda: module(points), **info)
             if module is not oracle:
-                assert_close_to_reference(tokens, oracle(points)[0], torch.float32, scale=10)
+                assert_close_to_reference(tokens, oracle(points)[0], tolerance_dtype(), scale=10)
     else:
         tokens = measure(forward_backward(lambda: module(points)[0], list(module.parameters())), **info)
     assert torch.isfinite(tokens).all() and tokens.shape[:2] == (batch, config.num_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,15 +76,33 @@ def count_operator_calls(fn: Callable[[], object]) -> int:
     return count
 
 
+#: The autocast dtype of the whole run (``pytest bench/ --precision bf16``), or None for float32.
+AUTOCAST_DTYPE: torch.dtype | None = None
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The run's autocast context for forward passes on ``device`` (a no-op in float32)."""
+    if AUTOCAST_DTYPE is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPE)
+
+
+def tolerance_dtype() -> torch.dtype:
+    """The dtype whose tolerances (``tests/tolerances.py``) a benchmark's result is checked at."""
+    return torch.float32 if AUTOCAST_DTYPE is None else AUTOCAST_DTYPE
+
+
 def forward_backward(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """A callable running ``fn()`` and back-propagating a fixed random gradient into ``inputs``
-    (drawn at the first call, from the output's shape: no extra forward)."""
+    """A callable running ``fn()`` (under the run's autocast) and back-propagating a fixed random
+    gradient into ``inputs`` (drawn at the first call, from the output's shape: no extra forward),
+    outside autocast as PyTorch prescribes."""
     grads: list[torch.Tensor] = []
 
     def run() -> torch.Tensor:
         for t in inputs:
             t.grad = None
-        result = fn()
+        with autocast(inputs[0].device):
+            result = fn()
         if not grads:
             grads.append(torch.randn(result.shape, generator=torch.Generator().manual_seed(1)).to(result))
         result.backward(grads[0])
