@@ -15,11 +15,10 @@ from tests.tolerances import assert_close_to_reference
 
 from .conftest import device
 from .workloads import (
-    PAPER,
-    TINY,
     AdapterCase,
     adapter_case,
     adapter_pair,
+    case_sizes,
     count_operator_calls,
     forward_backward,
     tolerance_dtype,
@@ -28,10 +27,14 @@ from .workloads import (
 RECIPES = ("language", "vision", "audio")
 
 
-@pytest.fixture(scope="module", params=RECIPES)
+@pytest.fixture(scope="module", params=[(recipe, index) for recipe in RECIPES for index in range(2)],
+                ids=lambda param: f"{param[0]}-{'paper' if param[1] == 0 else 'long'}")
 def case(request) -> AdapterCase:
-    sizes = TINY if request.config.getoption("--quick") else PAPER
-    return adapter_case(request.param, device=device(), **sizes)
+    recipe, index = request.param
+    sizes = case_sizes(request.config.getoption("--quick"), device())
+    if index >= len(sizes):
+        pytest.skip("N = 1024 is measured on a GPU only")
+    return adapter_case(recipe, device=device(), **sizes[index])
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])

@@ -17,15 +17,19 @@ from tests.tolerances import assert_close_to_reference
 
 from .conftest import device
 from .costs import op_cost
-from .workloads import PAPER, TINY, AdapterCase, adapter_case, forward_backward, tolerance_dtype
+from .workloads import AdapterCase, adapter_case, case_sizes, forward_backward, tolerance_dtype
 
 RECIPES = ("language", "vision")
 
 
-@pytest.fixture(scope="module", params=RECIPES)
+@pytest.fixture(scope="module", params=[(recipe, index) for recipe in RECIPES for index in range(2)],
+                ids=lambda param: f"{param[0]}-{'paper' if param[1] == 0 else 'long'}")
 def case(request) -> AdapterCase:
-    sizes = TINY if request.config.getoption("--quick") else PAPER
-    return adapter_case(request.param, device=device(), **sizes)
+    recipe, index = request.param
+    sizes = case_sizes(request.config.getoption("--quick"), device())
+    if index >= len(sizes):
+        pytest.skip("N = 1024 is measured on a GPU only")
+    return adapter_case(recipe, device=device(), **sizes[index])
 
 
 def op_inputs(case: AdapterCase):

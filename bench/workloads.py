@@ -15,6 +15,16 @@ from any2point_fast.reference import build_geometry
 #: The paper's scale of one block: B = 32 clouds of N = 128 tokens, C = 768, M = 6 views.
 PAPER = dict(batch=32, tokens=128, hidden=768)
 TINY = dict(batch=2, tokens=32, hidden=48)
+#: Eight times the paper's tokens per cloud: where a GPU's memory-bound kernels are measured.
+LONG = dict(batch=32, tokens=1024, hidden=768)
+
+
+def case_sizes(quick: bool, device: torch.device) -> list[dict]:
+    """The sizes of the per-op and adapter suites: tiny under ``--quick``; the paper's, and on a
+    GPU also :data:`LONG`."""
+    if quick:
+        return [TINY]
+    return [PAPER, LONG] if device.type == "cuda" else [PAPER]
 
 
 @dataclass

@@ -221,7 +221,7 @@ def compiled_kernels(rows: list[dict]) -> str:
 
 
 def render(data: dict, rows: list[dict], plots: list[str], source: Path, versions: dict[str, str],
-           note: str = "") -> str:
+           note: str = "", gpu: dict | None = None) -> str:
     device = rows[0]["device"] if rows else "?"
     quick = rows[0].get("quick") if rows else False
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
@@ -263,7 +263,71 @@ def render(data: dict, rows: list[dict], plots: list[str], source: Path, version
     if any(r["group"].startswith("model:") for r in rows):
         out += ["## Whole model", "", *group_table(rows, "model:train-step"), "",
                 *group_table(rows, "model:inference"), "", *throughput(rows), ""]
+    if gpu is not None:
+        out += gpu_section(gpu)
     return "\n".join(out)
+
+
+GPU_RESULTS = ROOT / "bench" / "results" / "gpu.json"
+
+
+def gpu_targets(rows: list[dict], bandwidth: float) -> list[str]:
+    """Issue 19's targets, each with the figure measured on the GPU (or "not measured")."""
+    by_key = {(r["group"], r["case"], r["mode"], r["backend"], r.get("precision")): r for r in rows}
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+
+    def add(target: str, measured: str | None, ok: bool | None) -> None:
+        verdict = "not measured" if measured is None else "met" if ok else "missed"
+        lines.append(f"| {target} | {measured or '–'} | {verdict} |")
+
+    for case in sorted({r["case"] for r in rows if r["group"] == "adapter"}):
+        key = ("adapter", case, "forward+backward")
+        triton, ref, torch_ = (by_key.get((*key, b, "bf16")) for b in ("triton", "reference", "torch"))
+        for other, name, goal in ((ref, "reference", 5), (torch_, "torch", 2)):
+            speed = other["median"] / triton["median"] if triton and other else None
+            add(f"adapter fwd+bwd bf16, {case}: triton ≥ {goal}× {name}",
+                None if speed is None else f"{speed:.1f}×", speed is not None and speed >= goal)
+    for r in sorted(rows, key=lambda r: (r["group"], r["case"])):
+        memory_bound = r["group"].removeprefix("op:") in ("project_pe", "segment_pool", "batch_norm_gelu",
+                                                          "ensemble_propagate")
+        if memory_bound and r["backend"] == "triton" and r.get("gbps") and "N=1024" in r["case"]:
+            share = r["gbps"] * 1e9 / bandwidth
+            add(f"{r['group']} {r['case']} {r['mode']} {r.get('precision')}: ≥ 50 % of measured bandwidth",
+                f"{100 * share:.0f} %", share >= 0.5)
+    step = [r for r in rows if r["group"] == "model:train-step" and r["case"].startswith("vit-b")]
+    found = {r["backend"]: r for r in step}
+    speed = found["reference"]["median"] / found["triton"]["median"] if {"reference", "triton"} <= set(found) else None
+    add("training step (ViT-B stand-in, bf16): triton ≥ 1.5× reference", None if speed is None else f"{speed:.2f}×",
+        speed is not None and speed >= 1.5)
+    return lines
+
+
+def gpu_section(results: dict) -> list[str]:
+    """The GPU section of BENCHMARKS.md from ``scripts/gpu_check.py``'s JSON."""
+    versions_line = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+    bandwidth = results["copy_bandwidth_bytes_per_s"]
+    out = ["## GPU", "",
+           f"Measured by `scripts/gpu_check.sh` on {results['date']}"
+           + (" (a dry run on the CPU: plumbing only, not meaningful)" if results["dry_run"] else "") + ".", "",
+           f"- device: {results['device']}, driver {results.get('driver') or '–'}, CUDA {results.get('cuda') or '–'}",
+           f"- versions: {versions_line}; backbone attention: {results['attention']}",
+           f"- measured copy bandwidth (read + write): {bandwidth / 1e9:,.0f} GB/s", "",
+           "| step | status | seconds |", "|---|---|---|"]
+    for name, step in results["steps"].items():
+        counts = ", ".join(f"{n} {k}" for k, n in step.get("counts", {}).items())
+        out.append(f"| {name} | {step['status']}{f' ({counts})' if counts else ''} | {step['seconds']:.0f} |")
+    accuracy = results.get("main_job_accuracy")
+    out += ["", f"Main job in bf16: test accuracy {'–' if accuracy is None else f'{accuracy:.1f} %'}.", "",
+            "### Targets", "", *gpu_targets(results.get("bench", []), bandwidth), ""]
+    for precision in ("fp32", "bf16"):
+        rows = [r for r in results.get("bench", []) if r.get("precision") == precision]
+        for group in sorted({r["group"] for r in rows}):
+            out += [f"### {group} ({precision})", "", *group_table(rows, group), ""]
+        rates = [{**r, "bandwidth_fraction": r["gbps"] * 1e9 / bandwidth} for r in rows if r.get("gbps")]
+        if rates:
+            out += [f"### Achieved throughput ({precision}; % of the measured copy bandwidth)", "",
+                    *achieved(rates), ""]
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -282,10 +346,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", nargs="?", type=Path, default=ROOT / "bench" / "results" / "full.json")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--note", default="", help="a sentence on how this run was made (load, subset, ...)")
+    parser.add_argument("--gpu", type=Path, default=None,
+                        help=f"scripts/gpu_check.py's JSON: kept as {GPU_RESULTS.relative_to(ROOT)} and shown as "
+                             "the GPU section (the kept one is shown when this is not given)")
     args = parser.parse_args(argv)
     data, rows = load(args.results)
+    if args.gpu is not None:
+        GPU_RESULTS.write_text(args.gpu.read_text())
+    gpu = json.loads(GPU_RESULTS.read_text()) if GPU_RESULTS.is_file() else None
     plots = plot_scaling(rows, args.output.parent / "bench" / "plots")
-    args.output.write_text(render(data, rows, plots, args.results.resolve(), versions(), args.note))
+    args.output.write_text(render(data, rows, plots, args.results.resolve(), versions(), args.note, gpu))
     print(f"wrote {args.output} from {len(rows)} benchmarks ({len(plots)} plots)")
 
 
