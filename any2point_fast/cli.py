@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ============================================================================================= commands
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .train import RunConfig, find_run_dir, format_accuracy, load_run_config, train
+    from .partseg import format_result
+    from .train import RunConfig, find_run_dir, load_run_config, train
     from .train_state import resolve_pointer
 
     resume, output = None, args.output
@@ -199,18 +200,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if result.stopped:
         return 0
-    print(format_accuracy(result.final["acc"]), flush=True)
+    print(format_result(result.final), flush=True)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint, format_accuracy
+    from .partseg import format_result
+    from .train import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, args.overrides)
-    print(f"checkpoint {args.checkpoint}: epoch {metrics['epoch']}, step {metrics['step']}; "
-          f"{int(metrics['samples'])} test clouds; mean-class accuracy {100 * metrics['mean_class_acc']:.1f}%; "
-          f"loss {metrics['loss']:.4f}")
-    print(format_accuracy(metrics["acc"]), flush=True)
+    if "instance_miou" in metrics:
+        print(metrics["table"])
+        print(f"checkpoint {args.checkpoint}: epoch {metrics['epoch']}, step {metrics['step']}; "
+              f"{int(metrics['shapes'])} test shapes; point accuracy {100 * metrics['acc']:.1f}%; "
+              f"loss {metrics['loss']:.4f}")
+    else:
+        print(f"checkpoint {args.checkpoint}: epoch {metrics['epoch']}, step {metrics['step']}; "
+              f"{int(metrics['samples'])} test clouds; mean-class accuracy {100 * metrics['mean_class_acc']:.1f}%; "
+              f"loss {metrics['loss']:.4f}")
+    print(format_result(metrics), flush=True)
     return 0
 
 
