@@ -156,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", metavar="PATH", help="a run directory (its latest checkpoint) or a checkpoint")
     evaluate.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                           help="override stored values, e.g. --set data.root=/data train.device=cpu")
+    evaluate.add_argument("--votes", type=int, default=1, metavar="N",
+                          help="classification: average the logits of N augmented passes (default 1: no voting)")
+    fewshot = commands.add_parser(
+        "fewshot", help="N-way K-shot episodes on a classification dataset (mean ± std over folds)",
+        description="Train a fresh model of a recipe on each of --folds seeded N-way K-shot episodes (K train "
+                    "clouds per class from the train split, --queries test clouds per class from the test split) "
+                    "and report the mean ± std of the test accuracies.",
+        epilog="examples:\n  any2point-fast fewshot --config vision-modelnet40 --set data.root=/data --ways 5 --shots 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fewshot.add_argument("--config", "-c", metavar="RECIPE", help=f"a YAML file or built-in recipe (default: {DEFAULT_RECIPE})")
+    fewshot.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                         help="override recipe values")
+    fewshot.add_argument("--ways", type=int, default=5, help="classes per episode (default 5)")
+    fewshot.add_argument("--shots", type=int, default=10, help="training clouds per class (default 10)")
+    fewshot.add_argument("--queries", type=int, default=20, help="test clouds per class (default 20)")
+    fewshot.add_argument("--folds", type=int, default=10, help="episodes (default 10)")
+    fewshot.add_argument("--seed", type=int, default=0, help="seeds the episodes (default 0)")
+    fewshot.add_argument("--output", "-o", metavar="DIR", default="runs/fewshot", help="a run folder per fold goes here")
 
     bench = commands.add_parser(
         "bench", help="run the benchmark suites (pytest bench/ --quick)",
@@ -205,10 +224,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .partseg import format_result
     from .train import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.overrides)
+    if args.votes < 1:
+        raise ConfigError(f"--votes must be >= 1, got {args.votes}")
+    metrics = evaluate_checkpoint(args.checkpoint, args.overrides, args.votes)
     if "instance_miou" in metrics:
         print(metrics["table"])
         print(f"checkpoint {args.checkpoint}: epoch {metrics['epoch']}, step {metrics['step']}; "
@@ -219,6 +241,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{int(metrics['samples'])} test clouds; mean-class accuracy {100 * metrics['mean_class_acc']:.1f}%; "
               f"loss {metrics['loss']:.4f}")
     print(format_result(metrics), flush=True)
+    return 0
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from .fewshot import run_fewshot, summarize
+    from .train import RunConfig
+
+    run = RunConfig.from_dict(load_recipe(args.config or DEFAULT_RECIPE)).with_overrides(args.overrides)
+    accuracies = run_fewshot(run, args.ways, args.shots, args.queries, args.folds, args.seed, args.output,
+                             log=lambda line: print(line, flush=True))
+    print(summarize(accuracies, args.ways, args.shots), flush=True)
     return 0
 
 
@@ -268,7 +301,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "fewshot": cmd_fewshot, "bench": cmd_bench, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,7 @@ from .train_state import (
     save_checkpoint,
     unflatten_optimizer_state,
 )
+from .voting import vote_logits
 
 STAND_IN = "stand-in"
 METRICS_FILE = "metrics.jsonl"
@@ -790,9 +791,12 @@ def _runtime(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
 # =========================================================================================== evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, items: EpochItems, num_classes: int, batch_size: int, device: torch.device,
-             precision: str = "fp32", info: DistInfo | None = None, num_workers: int = 0) -> dict[str, float]:
+             precision: str = "fp32", info: DistInfo | None = None, num_workers: int = 0,
+             votes: int = 1) -> dict[str, float]:
     """Overall accuracy, mean-class accuracy and loss of ``model`` on ``items`` (sharded over ranks);
-    on :class:`~any2point_fast.partseg.PartItems` the metrics of :func:`~any2point_fast.partseg.evaluate_parts`."""
+    on :class:`~any2point_fast.partseg.PartItems` the metrics of :func:`~any2point_fast.partseg.evaluate_parts`.
+    ``votes > 1``: classification logits averaged over that many augmented passes (:mod:`~any2point_fast.voting`,
+    seeded: the same votes every time)."""
     info = info or DistInfo()
     model = _unwrap(model)
     was_training = model.training
@@ -812,10 +816,11 @@ def evaluate(model: nn.Module, items: EpochItems, num_classes: int, batch_size: 
         metrics = evaluate_parts(model, loader, items, device, lambda: _autocast(device, precision), shares)
         model.train(was_training)
         return metrics
+    vote_generator = torch.Generator().manual_seed(_mix("votes", info.rank))
     for points, labels in loader:
         points, labels = points.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with _autocast(device, precision):
-            logits = model(points)
+            logits = model(points) if votes == 1 else vote_logits(model, points, votes, vote_generator)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         hits = (logits.argmax(dim=1) == labels).double().cpu()
         labels = labels.cpu()
@@ -850,8 +855,9 @@ def load_run_config(path: str | Path) -> RunConfig:
     return RunConfig.from_dict(read_manifest(path)["run_config"])
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
-    """Rebuild the model of a checkpoint, load its weights and evaluate it on its test split."""
+def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, votes: int = 1) -> dict[str, float]:
+    """Rebuild the model of a checkpoint, load its weights and evaluate it on its test split
+    (classification: with ``votes`` augmented passes averaged)."""
     run = load_run_config(path).with_overrides(overrides or [])
     checkpoint = load_checkpoint(path, with_state=False)
     info = DistInfo()
@@ -864,7 +870,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) ->
         load_trainable_state(model, checkpoint.model, str(checkpoint.path))
         model.to(device)
         metrics = evaluate(model, test_set, num_classes, run.train.eval_batch_size or run.train.batch_size, device,
-                           run.train.precision, info, run.train.num_workers)
+                           run.train.precision, info, run.train.num_workers, votes)
     return {**metrics, "epoch": checkpoint.manifest.get("epoch"), "step": checkpoint.manifest.get("step")}
 
 
@@ -923,7 +929,8 @@ def _read_metrics(path: Path, upto_epoch: int) -> list[str]:
 
 
 def train(run: RunConfig, output_dir: str | Path | None = None, resume: str | Path | None = None, *,
-          log: Callable[[str], None] = print, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] = print, on_step: Callable[[int, float], None] | None = None,
+          datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
     """Train ``run``; write ``config.yaml``, ``metrics.jsonl`` and checkpoints under ``output_dir``.
 
     Args:
@@ -933,6 +940,8 @@ def train(run: RunConfig, output_dir: str | Path | None = None, resume: str | Pa
             scheduler, scaler, RNG states, data position and metrics so far are restored.
         log: receives the human-readable lines (rank 0 only).
         on_step: called after every optimizer step with ``(step, loss of that step)`` on every rank.
+        datasets: ``(train, test)`` sets addressed like :class:`EpochItems` to use instead of the
+            ``data`` section's (the few-shot episodes).
 
     Returns:
         A :class:`TrainResult`; ``final`` holds the last evaluation (None when stopped early).
@@ -945,14 +954,15 @@ def train(run: RunConfig, output_dir: str | Path | None = None, resume: str | Pa
         if cfg.precision == "fp16" and device.type != "cuda":
             raise ConfigError("train.precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
         with _runtime(cfg, device):
-            return _train(run, info, device, _resolve_output(output_dir, info), resume, say, on_step)
+            return _train(run, info, device, _resolve_output(output_dir, info), resume, say, on_step, datasets)
     finally:
         if info.owns_group:
             dist.destroy_process_group()
 
 
 def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resume: str | Path | None,
-           say: Callable[[str], None], on_step: Callable[[int, float], None] | None) -> TrainResult:
+           say: Callable[[str], None], on_step: Callable[[int, float], None] | None,
+           datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
     cfg = run.train
     checkpoint = load_checkpoint(resume) if resume is not None else None
 
@@ -960,7 +970,7 @@ def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resu
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    train_set, test_set = build_datasets(run.data, cfg.seed, say, run.model.task)
+    train_set, test_set = datasets or build_datasets(run.data, cfg.seed, say, run.model.task)
     if cfg.num_workers:  # workers are started every epoch: give them a filled cache to copy
         train_set.preload()
         test_set.preload()
