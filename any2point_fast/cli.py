@@ -163,10 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a fresh model of a recipe on each of --folds seeded N-way K-shot episodes (K train "
                     "clouds per class from the train split, --queries test clouds per class from the test split) "
                     "and report the mean ± std of the test accuracies.",
-        epilog="examples:\n  any2point-fast fewshot --config vision-modelnet40 --set data.root=/data --ways 5 --shots 10",
+        epilog="examples:\n  any2point-fast fewshot --config vision-modelnet40 --set data.root=/data "
+               "--ways 5 --shots 10",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fewshot.add_argument("--config", "-c", metavar="RECIPE", help=f"a YAML file or built-in recipe (default: {DEFAULT_RECIPE})")
+    fewshot.add_argument("--config", "-c", metavar="RECIPE",
+                         help=f"a YAML file or built-in recipe (default: {DEFAULT_RECIPE})")
     fewshot.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                          help="override recipe values")
     fewshot.add_argument("--ways", type=int, default=5, help="classes per episode (default 5)")
@@ -174,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--queries", type=int, default=20, help="test clouds per class (default 20)")
     fewshot.add_argument("--folds", type=int, default=10, help="episodes (default 10)")
     fewshot.add_argument("--seed", type=int, default=0, help="seeds the episodes (default 0)")
-    fewshot.add_argument("--output", "-o", metavar="DIR", default="runs/fewshot", help="a run folder per fold goes here")
+    fewshot.add_argument("--output", "-o", metavar="DIR", default="runs/fewshot",
+                         help="a run folder per fold goes here")
 
     bench = commands.add_parser(
         "bench", help="run the benchmark suites (pytest bench/ --quick)",

@@ -19,6 +19,6 @@ from .projection import project_pe
 from .sampling import farthest_point_sample
 
 __all__ = [
-    "batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "interpolate_features", "neighborhood_attention_pool",
-    "project_pe", "segment_pool",
+    "batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "interpolate_features",
+    "neighborhood_attention_pool", "project_pe", "segment_pool",
 ]

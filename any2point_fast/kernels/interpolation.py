@@ -65,9 +65,10 @@ def _interpolate_forward_kernel(points_ptr, centers_ptr, feat_ptr, out_ptr, inde
     for first in range(0, channels, BLOCK_C):
         cols = first + tl.arange(0, BLOCK_C)
         mask = inside[:, None] & (cols < channels)[None, :]
-        acc = w0[:, None] * tl.load(feat + i0[:, None] * sf_n + cols[None, :] * sf_c, mask=mask, other=0.0).to(tl.float32)
-        acc += w1[:, None] * tl.load(feat + i1[:, None] * sf_n + cols[None, :] * sf_c, mask=mask, other=0.0).to(tl.float32)
-        acc += w2[:, None] * tl.load(feat + i2[:, None] * sf_n + cols[None, :] * sf_c, mask=mask, other=0.0).to(tl.float32)
+        column = cols[None, :] * sf_c
+        acc = w0[:, None] * tl.load(feat + i0[:, None] * sf_n + column, mask=mask, other=0.0).to(tl.float32)
+        acc += w1[:, None] * tl.load(feat + i1[:, None] * sf_n + column, mask=mask, other=0.0).to(tl.float32)
+        acc += w2[:, None] * tl.load(feat + i2[:, None] * sf_n + column, mask=mask, other=0.0).to(tl.float32)
         out = out_ptr + (cloud * num_points + rows[:, None]) * channels + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -40,5 +40,5 @@ from .pooling import segment_pool
 from .projection import project_pe
 from .sampling import farthest_point_sample, knn
 
-__all__ = ["batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "interpolate_features", "knn",
-           "neighborhood_attention_pool", "project_pe", "segment_pool"]
+__all__ = ["batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "interpolate_features",
+           "knn", "neighborhood_attention_pool", "project_pe", "segment_pool"]
