@@ -127,7 +127,8 @@ def load_recipe(name_or_path: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="any2point-fast", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=DESCRIPTION.format(recipes=textwrap.fill(", ".join(recipe_names()) or "none found", 100)),
+        description=DESCRIPTION.format(recipes=textwrap.fill(", ".join(recipe_names()) or "none found", 100,
+                                                               break_on_hyphens=False)),
         epilog="run 'any2point-fast COMMAND --help' for the options and examples of a command",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version('any2point-fast')}")
