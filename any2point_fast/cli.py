@@ -127,7 +127,8 @@ def load_recipe(name_or_path: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="any2point-fast", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=DESCRIPTION.format(recipes=textwrap.fill(", ".join(recipe_names()) or "none found", 100)),
+        description=DESCRIPTION.format(recipes=textwrap.fill(", ".join(recipe_names()) or "none found", 100,
+                                                               break_on_hyphens=False)),
         epilog="run 'any2point-fast COMMAND --help' for the options and examples of a command",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version('any2point-fast')}")
@@ -156,6 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", metavar="PATH", help="a run directory (its latest checkpoint) or a checkpoint")
     evaluate.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                           help="override stored values, e.g. --set data.root=/data train.device=cpu")
+    evaluate.add_argument("--votes", type=int, default=1, metavar="N",
+                          help="classification: average the logits of N augmented passes (default 1: no voting)")
+    fewshot = commands.add_parser(
+        "fewshot", help="N-way K-shot episodes on a classification dataset (mean ± std over folds)",
+        description="Train a fresh model of a recipe on each of --folds seeded N-way K-shot episodes (K train "
+                    "clouds per class from the train split, --queries test clouds per class from the test split) "
+                    "and report the mean ± std of the test accuracies.",
+        epilog="examples:\n  any2point-fast fewshot --config vision-modelnet40 --set data.root=/data "
+               "--ways 5 --shots 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fewshot.add_argument("--config", "-c", metavar="RECIPE",
+                         help=f"a YAML file or built-in recipe (default: {DEFAULT_RECIPE})")
+    fewshot.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                         help="override recipe values")
+    fewshot.add_argument("--ways", type=int, default=5, help="classes per episode (default 5)")
+    fewshot.add_argument("--shots", type=int, default=10, help="training clouds per class (default 10)")
+    fewshot.add_argument("--queries", type=int, default=20, help="test clouds per class (default 20)")
+    fewshot.add_argument("--folds", type=int, default=10, help="episodes (default 10)")
+    fewshot.add_argument("--seed", type=int, default=0, help="seeds the episodes (default 0)")
+    fewshot.add_argument("--output", "-o", metavar="DIR", default="runs/fewshot",
+                         help="a run folder per fold goes here")
 
     bench = commands.add_parser(
         "bench", help="run the benchmark suites (pytest bench/ --quick)",
@@ -176,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ============================================================================================= commands
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .train import RunConfig, find_run_dir, format_accuracy, load_run_config, train
+    from .partseg import format_result
+    from .train import RunConfig, find_run_dir, load_run_config, train
     from .train_state import resolve_pointer
 
     resume, output = None, args.output
@@ -199,18 +223,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if result.stopped:
         return 0
-    print(format_accuracy(result.final["acc"]), flush=True)
+    print(format_result(result.final), flush=True)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint, format_accuracy
+    from .config import ConfigError
+    from .partseg import format_result
+    from .train import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.overrides)
-    print(f"checkpoint {args.checkpoint}: epoch {metrics['epoch']}, step {metrics['step']}; "
-          f"{int(metrics['samples'])} test clouds; mean-class accuracy {100 * metrics['mean_class_acc']:.1f}%; "
-          f"loss {metrics['loss']:.4f}")
-    print(format_accuracy(metrics["acc"]), flush=True)
+    if args.votes < 1:
+        raise ConfigError(f"--votes must be >= 1, got {args.votes}")
+    metrics = evaluate_checkpoint(args.checkpoint, args.overrides, args.votes)
+    if "instance_miou" in metrics:
+        print(metrics["table"])
+        print(f"checkpoint {args.checkpoint}: epoch {metrics['epoch']}, step {metrics['step']}; "
+              f"{int(metrics['shapes'])} test shapes; point accuracy {100 * metrics['acc']:.1f}%; "
+              f"loss {metrics['loss']:.4f}")
+    else:
+        print(f"checkpoint {args.checkpoint}: epoch {metrics['epoch']}, step {metrics['step']}; "
+              f"{int(metrics['samples'])} test clouds; mean-class accuracy {100 * metrics['mean_class_acc']:.1f}%; "
+              f"loss {metrics['loss']:.4f}")
+    print(format_result(metrics), flush=True)
+    return 0
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from .fewshot import run_fewshot, summarize
+    from .train import RunConfig
+
+    run = RunConfig.from_dict(load_recipe(args.config or DEFAULT_RECIPE)).with_overrides(args.overrides)
+    accuracies = run_fewshot(run, args.ways, args.shots, args.queries, args.folds, args.seed, args.output,
+                             log=lambda line: print(line, flush=True))
+    print(summarize(accuracies, args.ways, args.shots), flush=True)
     return 0
 
 
@@ -260,7 +305,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "fewshot": cmd_fewshot, "bench": cmd_bench, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

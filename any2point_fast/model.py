@@ -14,6 +14,7 @@ saved by :meth:`Any2PointModel.save_pretrained`.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -232,18 +233,27 @@ class Any2PointModel(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``points``: ``[B, P, 3]`` float → logits ``[B, num_classes]``."""
+        return self.head(self.encode(points)[0], self.num_prefix_tokens)
+
+    def encode(self, points: torch.Tensor, keep: Collection[int] = ()) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                dict[int, torch.Tensor]]:
+        """``points`` ``[B, P, 3]`` → final-normed tokens ``[B, prefix + N, C]`` (prefix tokens first),
+        token centres ``[B, N, 3]``, and the output ``[B, prefix + N, C]`` of every block index in ``keep``."""
         tokens, centers = self.tokenizer(check_points(points, self.config.num_points))
         pe, geometry = self.geometry(centers)
         batch = tokens.shape[0]
         pos = torch.cat((self.cls_pos.expand(batch, -1, -1), pe.to(tokens.dtype)), dim=1)
         x = torch.cat((self.cls_token.expand(batch, -1, -1), tokens), dim=1)
+        kept = {}
         for index, block in enumerate(self.blocks):
             if index == 0:
                 x = self.input_norm(x + pos + self.input_bias.to(x.dtype))
             elif self.config.pe_every_block:
                 x = x + pos
             x = block(x, geometry, self.num_prefix_tokens)
-        return self.head(self.final_norm(x), self.num_prefix_tokens)
+            if index in keep:
+                kept[index] = x
+        return self.final_norm(x), centers, kept
 
     # ------------------------------------------------------------------ parameters
     def _group(self, name: str) -> str:

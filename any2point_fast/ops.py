@@ -242,8 +242,25 @@ def knn(query: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
         return _resolve("knn", device)(query, points, k)
 
 
+def interpolate_features(points: torch.Tensor, centers: torch.Tensor, features: torch.Tensor,
+                         eps: float = 1e-8) -> torch.Tensor:
+    """``[B, P, C]`` features at ``[B, P, 3]`` points: the inverse-distance weighted mean of the ``[B, N, C]``
+    features of the 3 nearest of ``[B, N, 3]`` centres; see :func:`reference.interpolate_features`."""
+    op = "interpolate_features"
+    _check_points(op, "points", points)
+    _check_points(op, "centers", centers)
+    if features.dim() != 3 or features.shape[:2] != centers.shape[:2] or not features.is_floating_point():
+        raise InputError(f"{op}: features must be float [B, N, C] = [{centers.shape[0]}, {centers.shape[1]}, C], "
+                         f"got {list(features.shape)} {features.dtype}")
+    if points.shape[0] != centers.shape[0]:
+        raise InputError(f"{op}: points and centers need one batch, got {points.shape[0]} and "
+                         f"{centers.shape[0]} clouds")
+    device = _same_device(op, points=points, centers=centers, features=features)
+    return _resolve(op, device)(points, centers, features, eps)
+
+
 __all__ = [
     "BACKENDS", "BackendError", "available_backends", "batch_norm_gelu", "bucket_sort", "ensemble_propagate",
-    "farthest_point_sample", "get_backend", "knn", "neighborhood_attention_pool", "not_supported_reasons",
-    "project_pe", "segment_pool", "set_backend", "use_backend",
+    "farthest_point_sample", "get_backend", "interpolate_features", "knn", "neighborhood_attention_pool",
+    "not_supported_reasons", "project_pe", "segment_pool", "set_backend", "use_backend",
 ]

@@ -60,6 +60,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from . import __version__, ops
 from .atomic_io import atomic_write_bytes
 from .config import Any2PointConfig, ConfigError
+from .partseg import (
+    TASKS,
+    PartItems,
+    build_part_items,
+    describe_test,
+    evaluate_parts,
+    format_result,
+    model_outputs,
+    primary_metric,
+)
 from .train_state import (
     CheckpointError,
     capture_rng_state,
@@ -74,9 +84,12 @@ from .train_state import (
     save_checkpoint,
     unflatten_optimizer_state,
 )
+from .voting import vote_logits
 
 STAND_IN = "stand-in"
 METRICS_FILE = "metrics.jsonl"
+#: Evaluation results written to ``metrics.jsonl`` (as ``test_<name>``).
+_RECORDED = ("acc", "mean_class_acc", "loss", "instance_miou", "class_miou")
 CONFIG_FILE = "config.yaml"
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -255,6 +268,8 @@ class ModelSettings:
     mapping changes a sub-config: ``text_config: {dropout: 0.0}``); a key the config does not
     have is an error. ``overrides``: :class:`Any2PointConfig` fields; in a YAML
     file or ``--set`` they are written directly in the section (``model.knn_k=16``).
+    ``task``: the head, ``"classification"`` or ``"partseg"`` (part segmentation, see
+    :mod:`any2point_fast.segmentation`: a part dataset, per-point loss, mIoU evaluation).
     ``num_points`` and ``num_classes`` come from the data section unless given; an override
     set to ``null`` is removed (``--set model.hidden_size=null`` when switching a stand-in recipe
     to a Hugging Face backbone, whose width is its own).
@@ -265,6 +280,7 @@ class ModelSettings:
 
     backbone: str = STAND_IN
     preset: str = "language"
+    task: str = "classification"
     layers: int = 4
     heads: int = 4
     backbone_seed: int = 0
@@ -272,6 +288,8 @@ class ModelSettings:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"model.task must be one of {list(TASKS)}, got {self.task!r}")
         known = {f.name for f in dataclasses.fields(Any2PointConfig)}
         unknown = sorted(set(self.overrides) - known)
         if unknown:
@@ -303,7 +321,7 @@ class ModelSettings:
 
 _STAND_IN_ONLY_KEYS = ("layers", "heads", "backbone_seed")
 _HF_ONLY_KEYS = ("backbone_config",)
-_MODEL_KEYS = {"backbone", "preset", *_STAND_IN_ONLY_KEYS, *_HF_ONLY_KEYS}
+_MODEL_KEYS = {"backbone", "preset", "task", *_STAND_IN_ONLY_KEYS, *_HF_ONLY_KEYS}
 
 # data.augment "auto": the recipe of recipe_transforms() each dataset trains with.
 _AUGMENT_RECIPES = {
@@ -465,8 +483,20 @@ def model_config(run: RunConfig, num_classes: int) -> Any2PointConfig:
 
 
 # ================================================================================================ model
-def build_model(run: RunConfig, num_classes: int) -> nn.Module:
-    """The classifier of ``run`` (points ``[B, P, 3]`` → logits): the one place models are built."""
+def build_model(run: RunConfig, num_classes: int, num_parts: int | None = None) -> nn.Module:
+    """The model of ``run``: the one place models are built. A classifier (points ``[B, P, 3]`` →
+    logits), or with ``model.task: partseg`` a :class:`~any2point_fast.segmentation.PartSegmentationModel`
+    of ``num_classes`` categories and ``num_parts`` parts on the same encoder."""
+    model = _build_classifier(run, num_classes)
+    if run.model.task == "partseg":
+        from .segmentation import PartSegmentationModel
+
+        return PartSegmentationModel(model, num_classes, num_parts, hidden=model.config.head_hidden,
+                                     dropout=model.config.head_dropout)
+    return model
+
+
+def _build_classifier(run: RunConfig, num_classes: int) -> nn.Module:
     spec = run.model
     if spec.backbone == STAND_IN:
         config = model_config(run, num_classes)
@@ -632,12 +662,17 @@ class EpochItems(Dataset):
         return self.transform(points), label
 
 
-def build_datasets(data: DataSettings, seed: int = 0,
-                   log: Callable[[str], None] | None = None) -> tuple[EpochItems, EpochItems]:
-    """The train and test sets of ``data``: ``(points [P, 3], label)`` items with the recipe's transforms.
+def build_datasets(data: DataSettings, seed: int = 0, log: Callable[[str], None] | None = None,
+                   task: str = "classification") -> tuple[EpochItems, EpochItems] | tuple[PartItems, PartItems]:
+    """The train and test sets of ``data``: ``(points [P, 3], label)`` items with the recipe's transforms
+    (``task="partseg"``: ``(points, category, parts [P])`` items, see :class:`~any2point_fast.partseg.PartItems`).
 
     ``log`` receives one line per selection made (a held-out test set, a training subset).
     """
+    if task == "partseg":
+        return build_part_items(data.dataset, data.root, (data.train_split, data.test_split), data.num_points,
+                                ({**data.options, **data.train_options}, {**data.options, **data.test_options}),
+                                seed, _mix, data.cache)
     from .data import build_train_test
     from .data.transforms import Compose, NormalizeUnitSphere, Resample, recipe_transforms
 
@@ -756,8 +791,12 @@ def _runtime(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
 # =========================================================================================== evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, items: EpochItems, num_classes: int, batch_size: int, device: torch.device,
-             precision: str = "fp32", info: DistInfo | None = None, num_workers: int = 0) -> dict[str, float]:
-    """Overall accuracy, mean-class accuracy and loss of ``model`` on ``items`` (sharded over ranks)."""
+             precision: str = "fp32", info: DistInfo | None = None, num_workers: int = 0,
+             votes: int = 1) -> dict[str, float]:
+    """Overall accuracy, mean-class accuracy and loss of ``model`` on ``items`` (sharded over ranks);
+    on :class:`~any2point_fast.partseg.PartItems` the metrics of :func:`~any2point_fast.partseg.evaluate_parts`.
+    ``votes > 1``: classification logits averaged over that many augmented passes (:mod:`~any2point_fast.voting`,
+    seeded: the same votes every time)."""
     info = info or DistInfo()
     model = _unwrap(model)
     was_training = model.training
@@ -767,10 +806,21 @@ def evaluate(model: nn.Module, items: EpochItems, num_classes: int, batch_size: 
     loss_sum = 0.0
     keys = list(range(info.rank, len(items), info.world_size))
     loader = _loader(items, keys, batch_size, num_workers, 0, drop_last=False, pin=device.type == "cuda")
+    if isinstance(items, PartItems):
+        def shares(scores) -> None:
+            if info.distributed:
+                gathered = [None] * info.world_size
+                dist.all_gather_object(gathered, scores.shape_ious)
+                scores.shape_ious = [sum((g[c] for g in gathered), []) for c in range(len(scores.shape_ious))]
+
+        metrics = evaluate_parts(model, loader, items, device, lambda: _autocast(device, precision), shares)
+        model.train(was_training)
+        return metrics
+    vote_generator = torch.Generator().manual_seed(_mix("votes", info.rank))
     for points, labels in loader:
         points, labels = points.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with _autocast(device, precision):
-            logits = model(points)
+            logits = model(points) if votes == 1 else vote_logits(model, points, votes, vote_generator)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         hits = (logits.argmax(dim=1) == labels).double().cpu()
         labels = labels.cpu()
@@ -796,8 +846,8 @@ def _autocast(device: torch.device, precision: str):
 
 
 def format_accuracy(acc: float) -> str:
-    """The final line of a run and of ``eval``: ``test accuracy: 93.4%``."""
-    return f"test accuracy: {100 * acc:.1f}%"
+    """The final line of a classification run and of ``eval``: ``test accuracy: 93.4%``."""
+    return format_result({"acc": acc})
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -805,21 +855,22 @@ def load_run_config(path: str | Path) -> RunConfig:
     return RunConfig.from_dict(read_manifest(path)["run_config"])
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
-    """Rebuild the model of a checkpoint, load its weights and evaluate it on its test split."""
+def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, votes: int = 1) -> dict[str, float]:
+    """Rebuild the model of a checkpoint, load its weights and evaluate it on its test split
+    (classification: with ``votes`` augmented passes averaged)."""
     run = load_run_config(path).with_overrides(overrides or [])
     checkpoint = load_checkpoint(path, with_state=False)
     info = DistInfo()
     device = _device(run.train.device, info)
     with _runtime(run.train, device):
-        _, test_set = build_datasets(run.data, run.train.seed)
+        _, test_set = build_datasets(run.data, run.train.seed, task=run.model.task)
         num_classes = len(test_set.classes)
         torch.manual_seed(run.train.seed)
-        model = build_model(run, num_classes)
+        model = build_model(run, num_classes, getattr(test_set, "num_parts", None))
         load_trainable_state(model, checkpoint.model, str(checkpoint.path))
         model.to(device)
         metrics = evaluate(model, test_set, num_classes, run.train.eval_batch_size or run.train.batch_size, device,
-                           run.train.precision, info, run.train.num_workers)
+                           run.train.precision, info, run.train.num_workers, votes)
     return {**metrics, "epoch": checkpoint.manifest.get("epoch"), "step": checkpoint.manifest.get("step")}
 
 
@@ -849,7 +900,7 @@ class _Progress:
     loss_sum: float = 0.0
     correct: float = 0.0
     seen: float = 0.0
-    best_acc: float = -1.0
+    best_acc: float = -1.0  # of the primary metric: accuracy, or instance mIoU (partseg)
     best_epoch: int = 0
     elapsed_s: float = 0.0
 
@@ -878,7 +929,8 @@ def _read_metrics(path: Path, upto_epoch: int) -> list[str]:
 
 
 def train(run: RunConfig, output_dir: str | Path | None = None, resume: str | Path | None = None, *,
-          log: Callable[[str], None] = print, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] = print, on_step: Callable[[int, float], None] | None = None,
+          datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
     """Train ``run``; write ``config.yaml``, ``metrics.jsonl`` and checkpoints under ``output_dir``.
 
     Args:
@@ -888,6 +940,8 @@ def train(run: RunConfig, output_dir: str | Path | None = None, resume: str | Pa
             scheduler, scaler, RNG states, data position and metrics so far are restored.
         log: receives the human-readable lines (rank 0 only).
         on_step: called after every optimizer step with ``(step, loss of that step)`` on every rank.
+        datasets: ``(train, test)`` sets addressed like :class:`EpochItems` to use instead of the
+            ``data`` section's (the few-shot episodes).
 
     Returns:
         A :class:`TrainResult`; ``final`` holds the last evaluation (None when stopped early).
@@ -900,14 +954,15 @@ def train(run: RunConfig, output_dir: str | Path | None = None, resume: str | Pa
         if cfg.precision == "fp16" and device.type != "cuda":
             raise ConfigError("train.precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
         with _runtime(cfg, device):
-            return _train(run, info, device, _resolve_output(output_dir, info), resume, say, on_step)
+            return _train(run, info, device, _resolve_output(output_dir, info), resume, say, on_step, datasets)
     finally:
         if info.owns_group:
             dist.destroy_process_group()
 
 
 def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resume: str | Path | None,
-           say: Callable[[str], None], on_step: Callable[[int, float], None] | None) -> TrainResult:
+           say: Callable[[str], None], on_step: Callable[[int, float], None] | None,
+           datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
     cfg = run.train
     checkpoint = load_checkpoint(resume) if resume is not None else None
 
@@ -915,7 +970,7 @@ def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resu
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    train_set, test_set = build_datasets(run.data, cfg.seed, say)
+    train_set, test_set = datasets or build_datasets(run.data, cfg.seed, say, run.model.task)
     if cfg.num_workers:  # workers are started every epoch: give them a filled cache to copy
         train_set.preload()
         test_set.preload()
@@ -929,7 +984,7 @@ def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resu
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
 
-    model = build_model(run, num_classes)
+    model = build_model(run, num_classes, getattr(train_set, "num_parts", None))
     if checkpoint is not None:
         load_trainable_state(model, checkpoint.model, str(checkpoint.path))
     sync_bn = info.distributed and info.backend == "nccl" and cfg.sync_batchnorm
@@ -1049,16 +1104,17 @@ def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resu
         bar = _bar(show_bar, micro_per_epoch, progress.batch_in_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
         stop = False
         group_loss = 0.0
-        for points, labels in loader:
+        for points, *targets in loader:
             b = progress.batch_in_epoch
             group_start = b - b % cfg.grad_accum_steps
             group_size = min(cfg.grad_accum_steps, micro_per_epoch - group_start)
             closes_group = b + 1 == group_start + group_size
-            points, labels = points.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            points = points.to(device, non_blocking=True)
+            targets = [t.to(device, non_blocking=True) for t in targets]
             sync = contextlib.nullcontext() if closes_group or not info.distributed else net.no_sync()
             with sync:
                 with _autocast(device, cfg.precision):
-                    logits = net(points)
+                    logits, labels = model_outputs(net, points, targets)  # per cloud, or per point (partseg)
                     loss = criterion(logits.float(), labels)
                 scaler.scale(loss / group_size).backward()
             loss_value = loss.item()
@@ -1067,7 +1123,7 @@ def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resu
             progress.correct += (logits.argmax(dim=1) == labels).sum().item()
             progress.seen += len(labels)
             progress.batch_in_epoch += 1
-            epoch_samples += len(labels) * info.world_size
+            epoch_samples += len(points) * info.world_size
             if closes_group:
                 if cfg.grad_clip:
                     scaler.unscale_(optimizer)
@@ -1123,10 +1179,9 @@ def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resu
             eval_start = time.perf_counter()
             last_eval = evaluate(net, test_set, num_classes, eval_batch, device, cfg.precision, info, cfg.num_workers)
             record["eval_time_s"] = time.perf_counter() - eval_start
-            record.update(test_acc=last_eval["acc"], test_mean_class_acc=last_eval["mean_class_acc"],
-                          test_loss=last_eval["loss"])
-            if last_eval["acc"] > progress.best_acc:
-                progress.best_acc, progress.best_epoch, is_best = last_eval["acc"], progress.epoch, True
+            record.update({f"test_{k}": v for k, v in last_eval.items() if k in _RECORDED})
+            if primary_metric(last_eval) > progress.best_acc:
+                progress.best_acc, progress.best_epoch, is_best = primary_metric(last_eval), progress.epoch, True
             record.update(best_test_acc=progress.best_acc, best_epoch=progress.best_epoch)
         progress.elapsed_s = time.perf_counter() - started
         record["elapsed_s"] = progress.elapsed_s
@@ -1137,9 +1192,8 @@ def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resu
             _append_line(metrics_path, record)
             line = (f"epoch {progress.epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
                     f"train acc {100 * record['train_acc']:.1f}%")
-            if "test_acc" in record:
-                line += (f"  test acc {100 * record['test_acc']:.1f}% "
-                         f"(mean-class {100 * record['test_mean_class_acc']:.1f}%)")
+            if "eval_time_s" in record:
+                line += "  " + describe_test(last_eval)
             say(line + f"  lr {record['lr']:.2e}  {record['samples_per_s']:.0f} samples/s  " + _epoch_seconds(record))
         stop_epoch = cfg.stop_after_epoch is not None and progress.epoch >= cfg.stop_after_epoch
         stop_step = cfg.stop_after_steps is not None and progress.step >= cfg.stop_after_steps
@@ -1151,11 +1205,14 @@ def _train(run: RunConfig, info: DistInfo, device: torch.device, out: Path, resu
         last_eval = evaluate(net, test_set, num_classes, eval_batch, device, cfg.precision, info, cfg.num_workers)
     if info.is_main:
         _append_line(metrics_path, {
-            "type": "final", "epoch": progress.epoch, "step": progress.step, "test_acc": last_eval["acc"],
-            "test_mean_class_acc": last_eval["mean_class_acc"], "best_test_acc": progress.best_acc,
+            "type": "final", "epoch": progress.epoch, "step": progress.step,
+            **{f"test_{k}": v for k, v in last_eval.items() if k in _RECORDED}, "best_test_acc": progress.best_acc,
             "best_epoch": progress.best_epoch, "elapsed_s": progress.elapsed_s,
         })
-        say(f"best test accuracy {100 * progress.best_acc:.1f}% at epoch {progress.best_epoch}; "
+        if "table" in last_eval:
+            say(last_eval["table"])
+        say(f"best test {'instance mIoU' if 'instance_miou' in last_eval else 'accuracy'} "
+            f"{100 * progress.best_acc:.1f}% at epoch {progress.best_epoch}; "
             f"final checkpoint {out / 'latest'}; {progress.elapsed_s:.0f} s")
     return _result(out, model, progress, True, last_eval, stopped=False)
 

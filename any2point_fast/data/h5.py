@@ -14,17 +14,8 @@ def read_h5_clouds(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray
     ``label`` may be stored as ``[n]`` or ``[n, 1]``; every label must lie in
     ``0..num_classes-1``. Raises DatasetError naming ``path`` for anything else.
     """
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    try:
-        with h5py.File(path, "r") as file:
-            keys = sorted(file.keys())
-            data = _dataset(file, "data", path, keys)
-            labels = _dataset(file, "label", path, keys)
-    except DatasetError:
-        raise
-    except Exception as err:  # h5py raises OSError, KeyError, RuntimeError, TypeError, ... on a corrupt file
-        raise DatasetError(f"{path}: cannot read as HDF5 (corrupt or truncated file?): {err}") from err
+    data = read_h5_key(path, "data", "[n, P, 3]")
+    labels = read_h5_key(path, "label", "[n] or [n, 1]")
     if data.ndim != 3 or 0 in data.shape or data.shape[2] != 3 or not np.issubdtype(data.dtype, np.floating):
         raise DatasetError(
             f"{path}: expected key 'data' with shape [n, P, 3] of floats (n, P >= 1), "
@@ -48,9 +39,17 @@ def read_h5_clouds(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray
     return data.astype(np.float32, copy=False), labels.astype(np.int64)
 
 
-def _dataset(file: h5py.File, key: str, path: Path, keys: list[str]) -> np.ndarray:
-    """The whole array stored under ``key``, or a DatasetError listing the keys found."""
-    if key not in file or not isinstance(file[key], h5py.Dataset):
-        shape = "[n, P, 3]" if key == "data" else "[n] or [n, 1]"
-        raise DatasetError(f"{path}: expected key {key!r} with shape {shape}, found keys {keys}")
-    return file[key][()]
+def read_h5_key(path: Path, key: str, shape: str) -> np.ndarray:
+    """The whole array stored under ``key`` in the HDF5 file ``path``; a DatasetError naming ``path``
+    for a missing or unreadable file, or a missing key (listing the keys found and the ``shape`` expected)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as file:
+            if key not in file or not isinstance(file[key], h5py.Dataset):
+                raise DatasetError(f"{path}: expected key {key!r} with shape {shape}, found keys {sorted(file.keys())}")
+            return file[key][()]
+    except DatasetError:
+        raise
+    except Exception as err:  # h5py raises OSError, KeyError, RuntimeError, TypeError, ... on a corrupt file
+        raise DatasetError(f"{path}: cannot read as HDF5 (corrupt or truncated file?): {err}") from err

@@ -12,12 +12,13 @@ Imports nothing from the library except the shared layout types of
 from .attention import neighborhood_attention_pool
 from .buckets import bucket_sort
 from .ensemble import ensemble_propagate
+from .interpolation import interpolate_features
 from .norm import batch_norm_gelu
 from .pooling import segment_pool
 from .projection import project_pe
 from .sampling import farthest_point_sample
 
 __all__ = [
-    "batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "neighborhood_attention_pool",
-    "project_pe", "segment_pool",
+    "batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "interpolate_features",
+    "neighborhood_attention_pool", "project_pe", "segment_pool",
 ]

@@ -15,6 +15,7 @@ from .adapter import (
     segment_pool,
 )
 from .buckets import bucket_sort, build_geometry
+from .interpolation import interpolate_features
 from .model import ReferenceModel
 from .projection import project_pe, voxel_ids
 from .sampling import farthest_point_sample, knn
@@ -31,6 +32,7 @@ __all__ = [
     "ensemble_propagate",
     "ensemble_weights",
     "farthest_point_sample",
+    "interpolate_features",
     "knn",
     "neighborhood_attention_pool",
     "project_pe",

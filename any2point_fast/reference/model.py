@@ -7,6 +7,8 @@ random and frozen, as a real backbone's would be.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,14 +105,23 @@ class ReferenceModel(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``points``: ``[B, P, 3]`` float → logits ``[B, num_classes]``."""
+        return self.head(self.encode(points)[0])
+
+    def encode(self, points: torch.Tensor, keep: Collection[int] = ()) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                dict[int, torch.Tensor]]:
+        """``points`` ``[B, P, 3]`` → final-normed tokens ``[B, 1 + N, C]`` (``[CLS]`` first), token
+        centres ``[B, N, 3]``, and the output ``[B, 1 + N, C]`` of every block index in ``keep``."""
         tokens, centers = self.tokenizer(check_points(points, self.config.num_points))
         pe, geometry = self.geometry(centers)
         batch = tokens.shape[0]
         pos = torch.cat((self.cls_pos.expand(batch, -1, -1), pe.to(tokens.dtype)), dim=1)
         x = torch.cat((self.cls_token.expand(batch, -1, -1), tokens), dim=1)
+        kept = {}
         for index, (block, adapter) in enumerate(zip(self.blocks, self.adapters)):
             if index == 0 or self.config.pe_every_block:
                 x = x + pos
             h = block.attention(x)
             x = adapter(h, block.ffn(h), geometry)
-        return self.head(self.final_norm(x))
+            if index in keep:
+                kept[index] = x
+        return self.final_norm(x), centers, kept

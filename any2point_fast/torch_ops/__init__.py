@@ -34,10 +34,11 @@ float64 (computed in float64, for ``gradcheck``), contiguous or not.
 from .attention import neighborhood_attention_pool
 from .buckets import bucket_sort
 from .ensemble import ensemble_propagate
+from .interpolation import interpolate_features
 from .norm import batch_norm_gelu
 from .pooling import segment_pool
 from .projection import project_pe
 from .sampling import farthest_point_sample, knn
 
-__all__ = ["batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "knn",
-           "neighborhood_attention_pool", "project_pe", "segment_pool"]
+__all__ = ["batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "interpolate_features",
+           "knn", "neighborhood_attention_pool", "project_pe", "segment_pool"]
