@@ -50,15 +50,8 @@ def _farthest_point_sample_kernel(xyz_ptr, nearest_ptr, picked_ptr, num_points, 
 
 
 def farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """Greedy farthest point sampling from point 0 of every cloud (see the reference's).
-
-    Args:
-        xyz: ``[B, P, 3]`` float coordinates (distances in float32).
-        num_samples: ``S <= P`` points to keep.
-
-    Returns:
-        ``[B, S]`` int64 indices into ``P``.
-    """
+    """``[B, P, 3]`` float clouds → ``[B, S]`` int64 indices of their greedy farthest points, one
+    program per cloud (see :func:`any2point_fast.reference.farthest_point_sample`)."""
     batch, num_points, _ = xyz.shape
     if not 0 < num_samples <= num_points:
         raise ValueError(f"cannot sample {num_samples} of {num_points} points")

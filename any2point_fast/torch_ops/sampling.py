@@ -18,15 +18,8 @@ KNN_BLOCK_ELEMENTS = 1 << 22
 
 
 def farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """Greedy farthest point sampling from point 0 of every cloud, ties to the lowest index.
-
-    Args:
-        xyz: ``[B, P, 3]`` float coordinates (any float dtype; distances in float32).
-        num_samples: ``S <= P`` points to keep.
-
-    Returns:
-        ``[B, S]`` int64 indices into ``P``.
-    """
+    """``[B, P, 3]`` float clouds → ``[B, S]`` int64 indices of their greedy farthest points (see
+    :func:`any2point_fast.reference.farthest_point_sample`); distances in float32 whatever the dtype."""
     batch, num_points, _ = xyz.shape
     if not 0 < num_samples <= num_points:
         raise ValueError(f"cannot sample {num_samples} of {num_points} points")
