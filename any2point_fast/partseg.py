@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from .data.folder import PartFolder, has_split_folders
 from .data.parts import PartDataset, SyntheticParts
 from .data.shapenetpart import ShapeNetPart, ShapeNetPartH5
 from .data.transforms import Compose, NormalizeUnitSphere, RandomScale, RandomTranslate, Resample
@@ -29,7 +30,8 @@ from .metrics import PartSegmentationScores, format_segmentation, restricted_arg
 #: The heads a run can train (``model.task``).
 TASKS = ("classification", "partseg")
 #: ``data.dataset`` names of the part datasets (``model.task: partseg``).
-PART_DATASETS = {"synthetic_parts": SyntheticParts, "shapenetpart": ShapeNetPart, "shapenetpart_h5": ShapeNetPartH5}
+PART_DATASETS = {"synthetic_parts": SyntheticParts, "shapenetpart": ShapeNetPart, "shapenetpart_h5": ShapeNetPartH5,
+                 "folder": PartFolder}
 
 
 class PartItems(Dataset):
@@ -77,17 +79,33 @@ class PartItems(Dataset):
 
 def build_part_items(dataset: str, root: str | None, splits: tuple[str | None, str | None], num_points: int,
                      options: tuple[dict, dict], seed: int, mix: Callable[..., int],
-                     cache: bool = False) -> tuple[PartItems, PartItems]:
+                     cache: bool = False, test_ratio: float = 0.2,
+                     split_seed: int = 0) -> tuple[PartItems, PartItems]:
     """The train and test :class:`PartItems` of part dataset ``dataset`` (a key of :data:`PART_DATASETS`).
 
     ``splits``: the train and test split names; ``options``: each split's constructor options
-    (``num_samples``, ``seed`` of the synthetic parts). ``seed`` and ``mix`` seed the augmentation.
+    (``num_samples``, ``seed`` of the synthetic parts; ``parts`` of the folder). ``seed`` and ``mix``
+    seed the augmentation. The folder dataset, like the classification one, holds a seeded stratified
+    ``test_ratio`` of each category out as its test set (seed ``split_seed``) when it has no
+    ``<category>/<train split>/`` subfolders or when the test split is None.
     """
     from .config import ConfigError
 
     if dataset not in PART_DATASETS:
         raise ConfigError(f"model.task partseg needs a part dataset: data.dataset one of {sorted(PART_DATASETS)}, "
                           f"got {dataset!r}")
+    if dataset == "folder":
+        if not root:
+            raise ConfigError("dataset 'folder' needs its folder: --set data.root=/path/to/data")
+        train_split, test_split = splits
+        if train_split is None or not has_split_folders(root, train_split):
+            train_split = test_split = None  # flat <root>/<category>/ layout
+        held = {"test_ratio": test_ratio, "split_seed": split_seed}
+        train_set = PartFolder(root, train_split, "train", **held, **options[0])
+        test_set = (PartFolder(root, train_split, "test", **held, **options[1]) if test_split is None
+                    else PartFolder(root, test_split, **options[1]))
+        return (PartItems(train_set, num_points, True, mix(seed, "train"), mix, cache),
+                PartItems(test_set, num_points, False, mix(seed, "test"), mix, cache))
     if None in splits:
         raise ConfigError("model.task partseg: part datasets need both split names (no held-out test split)")
     if dataset == "synthetic_parts":

@@ -672,7 +672,7 @@ def build_datasets(data: DataSettings, seed: int = 0, log: Callable[[str], None]
     if task == "partseg":
         return build_part_items(data.dataset, data.root, (data.train_split, data.test_split), data.num_points,
                                 ({**data.options, **data.train_options}, {**data.options, **data.test_options}),
-                                seed, _mix, data.cache)
+                                seed, _mix, data.cache, data.test_ratio, data.split_seed)
     from .data import build_train_test
     from .data.transforms import Compose, NormalizeUnitSphere, Resample, recipe_transforms
 

@@ -323,21 +323,69 @@ def parse_obj(data: bytes) -> Mesh:
 # Point files
 
 
-def parse_npy(data: bytes) -> Mesh:
-    """Parse a ``.npy`` array of shape ``[n, >=3]`` (xyz first) as a point set."""
+def _npy_table(data: bytes) -> np.ndarray:
+    """The array of a ``.npy`` file's bytes (never unpickled)."""
     try:
-        table = np.load(io.BytesIO(data), allow_pickle=False)
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as err:  # numpy raises EOFError, tokenize.TokenError, ... besides ValueError on a garbled file
         raise ValueError(f"not a valid .npy file ({type(err).__name__}: {err})") from err
-    return _points_from_table(table)
+
+
+def _text_table(data: bytes) -> np.ndarray:
+    """The float64 ``[n, k]`` table of text rows of numbers separated by whitespace or commas."""
+    text = data.decode("utf-8").replace(",", " ")
+    if not text.strip():
+        raise ValueError("no vertices or points")
+    return np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2)
+
+
+def parse_npy(data: bytes) -> Mesh:
+    """Parse a ``.npy`` array of shape ``[n, >=3]`` (xyz first) as a point set."""
+    return _points_from_table(_npy_table(data))
 
 
 def parse_point_text(data: bytes) -> Mesh:
     """Parse text rows of ``>=3`` numbers separated by whitespace or commas (xyz first)."""
-    text = data.decode("utf-8").replace(",", " ")
-    if not text.strip():
-        raise ValueError("no vertices or points")
-    return _points_from_table(np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2))
+    return _points_from_table(_text_table(data))
+
+
+def labelled_points_from_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points float64 ``[n, 3]`` (the first three columns) and labels int64 ``[n]`` (the last column) of
+    an ``[n, >=4]`` table (``x y z label``, or ``x y z ... label``); ValueError for a label that is not
+    a whole number >= 0."""
+    if table.ndim != 2 or table.shape[1] < 4:
+        raise ValueError(f"expected an array of shape [n, >=4] (x y z ... label), found shape {list(table.shape)}")
+    points = _points_from_table(table).vertices
+    column = table[:, -1]
+    bad = np.flatnonzero(~np.isfinite(column) | (column != np.round(column))) if column.dtype.kind == "f" else []
+    if len(bad):
+        raise ValueError(f"label column (column {table.shape[1] - 1}) holds a non-integer value {column[bad[0]]} "
+                         f"at point {bad[0]} ({len(bad)} such points); expected whole part numbers")
+    negative = np.flatnonzero(column < 0)
+    if len(negative):
+        raise ValueError(f"label column (column {table.shape[1] - 1}) holds a negative label {column[negative[0]]:g} "
+                         f"at point {negative[0]}; expected part numbers 0, 1, ...")
+    return points, column.astype(np.int64)
+
+
+_LABEL_TABLES = {".npy": _npy_table, ".txt": _text_table}
+LABELLED_SUFFIXES = tuple(_LABEL_TABLES)
+
+
+def read_labelled_points(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Points float64 ``[n, 3]`` and per-point labels int64 ``[n]`` of a ``.npy`` or ``.txt`` table whose
+    last column is the label (see :func:`labelled_points_from_table`).
+
+    Raises DatasetError starting with ``path`` when the file is missing, of another type, or malformed.
+    """
+    path = Path(path)
+    reader = _LABEL_TABLES.get(path.suffix.lower())
+    if reader is None:
+        raise DatasetError(f"{path}: per-point labels need a file of type {LABELLED_SUFFIXES}")
+    try:
+        return labelled_points_from_table(reader(path.read_bytes()))
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: cannot read per-point labels from {path.suffix.lower()} file: {err}") from err
 
 
 def parse_pcd(data: bytes) -> Mesh:
