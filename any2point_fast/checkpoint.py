@@ -33,6 +33,12 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 FORMAT = "any2point-adapter"
 FORMAT_VERSION = 1
+#: ``head.type`` of ``adapter_config.json`` -> the loader of such checkpoints. A checkpoint without a
+#: ``head`` (saved before head types were recorded) holds a classification head.
+HEAD_LOADERS = {
+    "classification": "Any2PointModel.from_pretrained",
+    "partseg": "PartSegmentationModel.from_pretrained",
+}
 
 
 class CheckpointError(ValueError):
@@ -102,19 +108,22 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_config: dict[str, Any]) -> None:
     """Write ``adapter_model.safetensors``, then ``adapter_config.json``, atomically into ``directory`` (created).
 
-    The weights' metadata records :func:`tensors_sha256` of the tensors under ``sha256``.
+    The weights' metadata records :func:`tensors_sha256` of the tensors under ``sha256``. The config
+    records the head under ``head`` (``{"type": "classification"}`` unless ``adapter_config`` has one).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in adapter_state_dict(model).items()}
     metadata = {"format": "pt", "producer": FORMAT, "sha256": tensors_sha256(tensors)}
     atomic_write_bytes(directory / ADAPTER_WEIGHTS_NAME, safetensors_save(tensors, metadata=metadata))
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **adapter_config}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "head": {"type": "classification"},
+               **adapter_config}
     atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The checked content of ``adapter_config.json``."""
+def read_adapter_config(directory: str | os.PathLike, head_type: str = "classification") -> dict[str, Any]:
+    """The checked content of ``adapter_config.json``, whose head must be of ``head_type`` (a key of
+    :data:`HEAD_LOADERS`; the error names the loader of the head it holds)."""
     path = Path(directory) / ADAPTER_CONFIG_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -132,6 +141,13 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     malformed = [k for k in ("config", "backbone_fingerprint") if not isinstance(data[k], dict)]
     if malformed:
         raise CheckpointError(f"{path}: {malformed} must be JSON objects")
+    head = data.setdefault("head", {"type": "classification"})
+    if not isinstance(head, dict) or head.get("type") not in HEAD_LOADERS:
+        raise CheckpointError(f"{path}: 'head' must be a JSON object whose 'type' is one of {list(HEAD_LOADERS)}, "
+                              f"found {head!r}")
+    if head["type"] != head_type:
+        raise CheckpointError(f"{path} holds a {head['type']} head, not a {head_type} one: load it with "
+                              f"{HEAD_LOADERS[head['type']]}")
     return data
 
 
@@ -174,6 +190,7 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "BackboneMismatchError",
     "CheckpointError",
+    "HEAD_LOADERS",
     "adapter_state_dict",
     "compare_fingerprints",
     "fingerprint",

@@ -344,8 +344,11 @@ class Any2PointModel(nn.Module):
 
     @classmethod
     def _from_adapter_checkpoint(cls, directory: Path, backbone, num_classes, config, revision, attn_implementation,
-                                 backbone_kwargs, overrides) -> Any2PointModel:
-        saved = read_adapter_config(directory)
+                                 backbone_kwargs, overrides, head_type: str = "classification",
+                                 load_weights: bool = True) -> Any2PointModel:
+        """The model of an adapter checkpoint whose head is ``head_type``; its weights are loaded only with
+        ``load_weights`` (a wrapping model, e.g. a part-segmentation one, loads them itself)."""
+        saved = read_adapter_config(directory, head_type)
         if config is not None:
             raise ConfigError("config= cannot be combined with an adapter checkpoint (its saved config is used); "
                               "pass field overrides as keywords")
@@ -372,7 +375,8 @@ class Any2PointModel(nn.Module):
         explicit = {"hidden_size": saved_config.hidden_size, geometry: getattr(saved_config, geometry), **overrides}
         model = cls(hf_model, saved_config, num_classes=num_classes, attn_implementation=attn_implementation,
                     name_or_path=name or saved["base_model_name_or_path"], revision=revision, **explicit)
-        load_adapter_weights(model, directory)
+        if load_weights:
+            load_adapter_weights(model, directory)
         return model
 
 
