@@ -35,11 +35,7 @@ class PointFolder(FileDataset):
     ):
         super().__init__(num_points, transform, mesh_points, seed)
         root = Path(root)
-        if not root.is_dir():
-            raise DatasetError(f"{root}: folder not found (expected one subfolder per class)")
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not class_dirs:
-            raise DatasetError(f"{root}: no class subfolders found (expected <root>/<class>/)")
+        class_dirs = _class_dirs(root, "class")
         self.classes = [d.name for d in class_dirs]
         for label, class_dir in enumerate(class_dirs):
             files = _class_files(class_dir / split if split else class_dir)
@@ -71,11 +67,7 @@ class PartFolder(PartDataset):
     def __init__(self, root: str | Path, split: str | None = None, subset: str | None = None,
                  parts: dict[str, int | Sequence[str]] | None = None, test_ratio: float = 0.2, split_seed: int = 0):
         root = Path(root)
-        if not root.is_dir():
-            raise DatasetError(f"{root}: folder not found (expected one subfolder per category)")
-        category_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not category_dirs:
-            raise DatasetError(f"{root}: no category subfolders found (expected <root>/<category>/)")
+        category_dirs = _class_dirs(root, "category")
         self.classes = [d.name for d in category_dirs]
         self.files: list[Path] = []
         labels: list[int] = []
@@ -133,6 +125,17 @@ def has_split_folders(root: str | Path, split: str) -> bool:
     if not root.is_dir():
         return False
     return any((d / split).is_dir() for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _class_dirs(root: Path, kind: str) -> list[Path]:
+    """The sorted subfolders of ``root`` (one per ``kind``: class or category), names starting with "."
+    ignored; a DatasetError when ``root`` is missing or has none."""
+    if not root.is_dir():
+        raise DatasetError(f"{root}: folder not found (expected one subfolder per {kind})")
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise DatasetError(f"{root}: no {kind} subfolders found (expected <root>/<{kind}>/)")
+    return dirs
 
 
 def _class_files(folder: Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[Path]:
