@@ -224,7 +224,8 @@ class PointMLP(torch.nn.Module):
 
 
 def test_generic_model_with_bf16_autocast_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setattr("any2point_fast.train.build_model", lambda run, num_classes: PointMLP(num_classes))
+    monkeypatch.setattr("any2point_fast.train.build_model",
+                        lambda run, num_classes, num_parts=None: PointMLP(num_classes))
     result = train(tiny("train.epochs=2", "train.precision=bf16"), tmp_path, log=quiet)
     assert result.model.dtypes == {torch.bfloat16}  # training and evaluation ran under bf16 autocast
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # fp32 master weights
