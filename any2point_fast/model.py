@@ -55,13 +55,25 @@ class Any2PointBlock(nn.Module):
     ``forward(x) = O(adapter(h, F(h)))`` with ``h = A(x)``: the attention, FFN and output parts of
     the layer as its :class:`~any2point_fast.backbones.BackboneSpec` describes them (pre-LN:
     ``O`` is the identity; post-LN: ``O`` is the layer's output LayerNorm).
+
+    Unless ``backbone_dropout`` is set, ``base_layer`` stays in eval mode under ``train()`` (its
+    dropout, attention dropout and drop-path off: the frozen layer is deterministic); the adapter
+    follows ``train()``.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter: nn.Module, spec: BackboneSpec):
+    def __init__(self, base_layer: nn.Module, adapter: nn.Module, spec: BackboneSpec,
+                 backbone_dropout: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
         self.spec = spec
+        self.backbone_dropout = backbone_dropout
+
+    def train(self, mode: bool = True) -> Any2PointBlock:
+        super().train(mode)
+        if not self.backbone_dropout:
+            self.base_layer.train(False)
+        return self
 
     def forward(self, x: torch.Tensor, geometry: Geometry, num_prefix_tokens: int = 1) -> torch.Tensor:
         h = self.spec.attention_part(self.base_layer, x)
@@ -126,9 +138,11 @@ class Any2PointModel(nn.Module):
 
     The wrapped model is modified in place: its embedding layer (and pooler) is removed, every
     weight frozen, and each encoder layer replaced by an :class:`Any2PointBlock` holding it.
-    Like any module it starts in training mode, in which the frozen layers run their own dropout
-    (0.1 in BERT-family configs, 0 in CLIP/ViT/DINOv2/AST); load with
-    ``backbone_kwargs=dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)`` to turn it off.
+    Like any module it starts in training mode, but the frozen layers do not follow it: they stay
+    in eval mode (their own dropout, attention dropout and drop-path off, so a frozen layer is the
+    same function in training and evaluation). ``backbone_dropout=True`` (a config field; CLI
+    ``--set model.backbone_dropout=true``) keeps the backbone's own regularisation in training
+    (0.1 in BERT-family configs, 0 in CLIP/ViT/DINOv2/AST).
     For mixed precision keep the float32 weights and use ``torch.autocast`` (the attention then
     takes the xformers path on CUDA).
 
@@ -203,7 +217,8 @@ class Any2PointModel(nn.Module):
         self.backbone = root
         layers = spec.layer_list(root)
         for index, layer in enumerate(layers):
-            layers[index] = Any2PointBlock(layer, Any2PointAdapter(cfg, self.view_attention), spec)
+            layers[index] = Any2PointBlock(layer, Any2PointAdapter(cfg, self.view_attention), spec,
+                                           backbone_dropout=cfg.backbone_dropout)
         self.head = ClassificationHead(cfg)
         self.projection = ProjectionSpec.from_config(cfg)
         self.train()

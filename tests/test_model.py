@@ -124,6 +124,38 @@ def test_neutral_adapter_leaves_the_block_unchanged(tiny_dirs, model_type):
             assert not torch.allclose(block(x, geometry, model.num_prefix_tokens), expected)
 
 
+@pytest.mark.parametrize("backbone_dropout", [False, True])
+def test_frozen_layers_are_deterministic_in_training_unless_opted_in(tmp_path, backbone_dropout):
+    """Frozen means frozen: a frozen BERT layer with dropout 0.5 (hidden and attention) gives the
+    same output under ``model.train()`` as under ``model.eval()``; ``backbone_dropout=True`` keeps
+    the backbone's own dropout in training. The head's dropout follows ``train()`` either way."""
+    directory = save_tiny_backbone("bert", tmp_path / "bert", hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    model = build(directory, head_dropout=0.5, backbone_dropout=backbone_dropout)
+    assert model.config.backbone_dropout is backbone_dropout
+    tokens, centers = model.tokenizer(clouds())
+    _, geometry = model.geometry(centers)
+    x = torch.randn(2, model.num_prefix_tokens + 32, 32)
+    block = model.blocks[0]
+    with torch.no_grad():
+        model.eval()
+        assert not block.base_layer.training and not model.head.training
+        reference = block.spec.run_layer(block.base_layer, x)
+        model.train()
+        assert model.training and block.adapter.training and model.head.training
+        assert block.base_layer.training is backbone_dropout
+        assert all(m.training is backbone_dropout for m in block.base_layer.modules())
+        trained = [block.spec.run_layer(block.base_layer, x) for _ in range(2)]
+    if backbone_dropout:
+        assert not torch.allclose(trained[0], reference) and not torch.allclose(trained[0], trained[1])
+    else:
+        torch.testing.assert_close(trained[0], reference, rtol=0, atol=0)
+        torch.testing.assert_close(trained[1], reference, rtol=0, atol=0)
+    # the head's dropout is still on in training
+    feats = torch.randn(4, model.num_prefix_tokens + 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(model.head(feats), model.head(feats))
+
+
 def test_geometry_is_computed_once_per_forward(tiny_dirs):
     model = build(tiny_dirs["dinov2"])
     with mock.patch.object(ops, "bucket_sort", wraps=ops.bucket_sort) as sort, \
