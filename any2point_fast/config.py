@@ -68,6 +68,11 @@ class Any2PointConfig:
     pos_alpha: float = 1000.0
     pos_beta: float = 100.0
 
+    #: Hugging Face backbones: LayerNorm the point tokens to the typical norm of the backbone's own
+    #: input embeddings (word rows, or patch-conv outputs), so the frozen PE and first block see
+    #: inputs of the scale they were trained on (affine, trainable; the stand-in ignores it).
+    token_norm: bool = True
+
     # 3D-to-any virtual projection
     num_views: int = 6
     pe_kind: Literal["1d", "2d"] = "1d"
@@ -195,6 +200,7 @@ class Any2PointConfig:
         need(self.camera_distance > 1,
              f"camera_distance must be > 1 (the cloud fills the unit sphere), got {self.camera_distance}")
         need(0 <= self.head_dropout < 1, f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        need(isinstance(self.token_norm, bool), f"token_norm must be a bool, got {self.token_norm!r}")
         need(isinstance(self.backbone_dropout, bool), f"backbone_dropout must be a bool, got {self.backbone_dropout!r}")
         need(len(self.pe_grid) == 2 and all(isinstance(g, int) and g > 0 for g in self.pe_grid),
              f"pe_grid must be two positive ints (rows, cols), got {self.pe_grid!r}")

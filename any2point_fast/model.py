@@ -204,6 +204,12 @@ class Any2PointModel(nn.Module):
         if spec.input_bias is not None:
             bias = get_path(root, spec.input_bias).weight[0].detach().float().clone()
         self.register_buffer("input_bias", bias, persistent=False)
+        # point tokens at the norm of the backbone's own input tokens (LN output norm = weight · sqrt(C))
+        self.input_scale = spec.input_scale(root) if cfg.token_norm else None
+        self.token_norm = nn.LayerNorm(c) if self.input_scale else nn.Identity()
+        if self.input_scale:
+            nn.init.constant_(self.token_norm.weight, self.input_scale / c ** 0.5)
+            nn.init.zeros_(self.token_norm.bias)
         self.input_norm = get_path(root, spec.input_norm) if spec.input_norm else nn.Identity()
         self.input_norm.requires_grad_(False)
 
@@ -247,6 +253,7 @@ class Any2PointModel(nn.Module):
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``points``: ``[B, P, 3]`` float → logits ``[B, num_classes]``."""
         tokens, centers = self.tokenizer(check_points(points, self.config.num_points))
+        tokens = self.token_norm(tokens)
         pe, geometry = self.geometry(centers)
         batch = tokens.shape[0]
         pos = torch.cat((self.cls_pos.expand(batch, -1, -1), pe.to(tokens.dtype)), dim=1)
@@ -261,7 +268,7 @@ class Any2PointModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def _group(self, name: str) -> str:
-        if name.startswith("tokenizer."):
+        if name.startswith(("tokenizer.", "token_norm.")):
             return "tokenizer"
         if name.startswith("head."):
             return "head"

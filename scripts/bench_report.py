@@ -266,6 +266,23 @@ def render(data: dict, rows: list[dict], plots: list[str], source: Path, version
     return "\n".join(out)
 
 
+#: Sections written by other scripts (``scripts/transfer_benchmark.py``), kept when the file is regenerated.
+KEPT_SECTIONS = ("## Transfer",)
+
+
+def kept_sections(path: Path) -> str:
+    """The :data:`KEPT_SECTIONS` of the existing ``path`` (each up to the next ``## `` heading), or ``""``."""
+    if not path.exists():
+        return ""
+    old, kept = path.read_text(), []
+    for title in KEPT_SECTIONS:
+        start = old.find(title + "\n")
+        if start >= 0:
+            end = old.find("\n## ", start + len(title))
+            kept.append(old[start:end + 1 if end >= 0 else len(old)].rstrip("\n") + "\n")
+    return "\n".join(kept)
+
+
 def versions() -> dict[str, str]:
     found = {}
     for name in ("torch", "triton", "transformers", "any2point_fast"):
@@ -285,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data, rows = load(args.results)
     plots = plot_scaling(rows, args.output.parent / "bench" / "plots")
-    args.output.write_text(render(data, rows, plots, args.results.resolve(), versions(), args.note))
+    text = render(data, rows, plots, args.results.resolve(), versions(), args.note)
+    args.output.write_text(text.rstrip("\n") + "\n\n" + kept_sections(args.output) if kept_sections(args.output) else text)
     print(f"wrote {args.output} from {len(rows)} benchmarks ({len(plots)} plots)")
 
 

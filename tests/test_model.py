@@ -173,6 +173,29 @@ def test_bert_input_gets_its_embedding_norm_and_token_type(tiny_dirs):
     assert isinstance(build(tiny_dirs["vit"]).input_norm, torch.nn.Identity)
 
 
+@pytest.mark.parametrize("model_type", ["bert", "clip_text_model", "vit", "dinov2", "audio-spectrogram-transformer"])
+def test_point_tokens_get_the_scale_of_the_backbones_own_input_tokens(tiny_dirs, model_type):
+    """The tokenizer output is LayerNormed to the typical norm of the tokens the backbone embeds
+    itself: word-embedding rows (language) or patch-conv outputs for unit-variance pixels (2D)."""
+    hf = load_hf(tiny_dirs[model_type])
+    if model_type in ("bert", "clip_text_model"):
+        table = (hf.embeddings.word_embeddings if model_type == "bert" else hf.embeddings.token_embedding).weight
+        expected = table.norm(dim=1).mean()
+    else:
+        conv = hf.embeddings.patch_embeddings.projection
+        pixels = torch.randn(256, conv.in_channels, *conv.kernel_size, generator=torch.Generator().manual_seed(0))
+        expected = conv(pixels).flatten(1).norm(dim=1).pow(2).mean().sqrt()  # Monte Carlo of sqrt(E‖y‖²)
+    model = build(tiny_dirs[model_type])
+    torch.testing.assert_close(torch.tensor(model.input_scale), expected.detach(), rtol=0.05, atol=0)
+    with torch.no_grad():
+        tokens, _ = model.tokenizer(clouds())
+        norms = model.token_norm(tokens).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, model.input_scale), rtol=1e-3, atol=0)
+    assert model.token_norm.weight.requires_grad and model.trainable_parameter_groups()["tokenizer"] > 0
+    off = build(tiny_dirs[model_type], token_norm=False)
+    assert isinstance(off.token_norm, torch.nn.Identity) and off.input_scale is None
+
+
 def test_wraps_an_already_loaded_task_model(tiny_dirs):
     task = transformers.ViTForImageClassification.from_pretrained(tiny_dirs["vit"], num_labels=4)
     model = Any2PointModel(task, num_classes=5, **SMALL_CONFIG)
