@@ -43,14 +43,15 @@ class Recipe:
     """The transfer recipe: data split, model size and optimisation (shared by every run)."""
 
     train_per_class: int = 40
-    val_per_class: int = 30
+    val_per_class: int = 25
     split_seed: int = 0
     num_points: int = 256
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 32
     lr: float = 1e-3
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
+    precise_bn_batches: int = 4
     model: dict = field(default_factory=lambda: dict(num_tokens=32, knn_k=16, tokenizer_dim=24))
 
 
@@ -120,6 +121,9 @@ def run_one(backbone: str, weights: str, seed: int, recipe: Recipe) -> dict:
     aug = torch.Generator()
     train_transform = Compose([Resample(recipe.num_points, generator=aug), NormalizeUnitSphere(),
                                RandomScale(0.9, 1.1, generator=aug), RandomTranslate(0.2, generator=aug)])
+    # precise-BN batches: a fixed random subset of the training shapes, without augmentation
+    picks = torch.randperm(len(train_idx), generator=fixed)[:recipe.precise_bn_batches * recipe.batch_size]
+    bn_x = torch.stack([val_transform(points[train_idx[int(i)]]) for i in picks])
     model = build(backbone, weights, seed, recipe, int(labels.max()) + 1)
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr)
     steps = len(train_idx) // recipe.batch_size
@@ -143,6 +147,9 @@ def run_one(backbone: str, weights: str, seed: int, recipe: Recipe) -> dict:
             optimizer.step()
             step, seen = step + 1, seen + len(batch)
         train_s += time.perf_counter() - start
+        if recipe.precise_bn_batches:  # the running statistics lag the drifting features: recompute them
+            recompute_batchnorm_stats(model, [bn_x[i:i + recipe.batch_size]
+                                              for i in range(0, len(bn_x), recipe.batch_size)])
         model.eval()
         with torch.no_grad():
             correct = sum(int((model(val_x[i:i + 100]).argmax(1) == val_y[i:i + 100]).sum())
@@ -150,6 +157,33 @@ def run_one(backbone: str, weights: str, seed: int, recipe: Recipe) -> dict:
         curve.append(100 * correct / len(val_idx))
     return dict(backbone=backbone, weights=weights, seed=seed, curve=curve, final=curve[-1], best=max(curve),
                 samples_per_s=seen / train_s, train_shapes=len(train_idx), val_shapes=len(val_idx))
+
+
+def recompute_batchnorm_stats(model, batches) -> None:
+    """Precise BatchNorm statistics for evaluation: every BatchNorm's running mean/variance becomes
+    the average of its batch statistics over ``batches`` (``[B, P, 3]`` clouds), computed with
+    everything else in evaluation mode (head dropout off, frozen backbone deterministic). The
+    adapters follow their ``training`` flag to use batch statistics, and have no dropout."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from any2point_fast.adapter import Any2PointAdapter
+
+    model.eval()
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for module in model.modules():
+        if isinstance(module, (_BatchNorm, Any2PointAdapter)):
+            module.train()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
 
 
 def summarise(runs: list[dict], seeds: list[int]) -> dict:
@@ -204,7 +238,8 @@ def section(result: dict, plot_name: str | None) -> str:
         f"Real ModelNet10 training shapes ({result['data']}), seeded stratified split "
         f"(seed {recipe['split_seed']}): {recipe['train_per_class']} training and {recipe['val_per_class']} "
         f"validation shapes per class (validation never trained on); {recipe['num_points']} points, "
-        f"{recipe['epochs']} epochs, batch {recipe['batch_size']}, lr {recipe['lr']}, model {recipe['model']}. "
+        f"{recipe['epochs']} epochs, batch {recipe['batch_size']}, lr {recipe['lr']}, model {recipe['model']}, "
+        f"BatchNorm statistics recomputed on {recipe['precise_bn_batches']} training batches before each evaluation. "
         "`random` = the same architecture config freshly initialised (seeded), frozen the same way; "
         "same seeds, data order and initial trainable weights as `pretrained`.", "",
         "| backbone | weights | final acc (mean) | best acc (mean) | per seed final | samples/s |",
@@ -255,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"transfer benchmark: {DATA} not found")
     recipe = Recipe()
     if args.tiny:
-        recipe = Recipe(train_per_class=4, val_per_class=2, epochs=1, batch_size=8, num_points=128,
+        recipe = Recipe(train_per_class=4, val_per_class=2, epochs=1, batch_size=8, num_points=128, precise_bn_batches=1,
                         model=dict(num_tokens=16, knn_k=8, tokenizer_dim=8))
         args.seeds = args.seeds[:1]
     jobs = [(b, w, s) for s in args.seeds for b in args.backbones for w in ("pretrained", "random")]
