@@ -293,17 +293,24 @@ def main(argv: list[str] | None = None) -> dict:
         recipe = Recipe(train_per_class=4, val_per_class=2, epochs=1, batch_size=8, num_points=128, precise_bn_batches=1,
                         model=dict(num_tokens=16, knn_k=8, tokenizer_dim=8))
         args.seeds = args.seeds[:1]
-    jobs = [(b, w, s) for s in args.seeds for b in args.backbones for w in ("pretrained", "random")]
+    jobs = [(b, w, s) for s in args.seeds for b in sorted(args.backbones) for w in ("pretrained", "random")]
     start = time.perf_counter()
+
+    cache = args.output / "bench" / "results" / "transfer-runs"
+    cache.mkdir(parents=True, exist_ok=True)
 
     def launch(job):
         b, w, s = job
         spec = f"{b},{w},{s},{json.dumps(asdict(recipe))}"
+        saved = cache / f"{b}-{w}-{s}.json"  # finished runs of the same recipe are reused (a killed benchmark resumes)
+        if saved.exists() and json.loads(saved.read_text()).get("recipe") == asdict(recipe):
+            return json.loads(saved.read_text())["run"]
         done = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         if done.returncode != 0:
             raise RuntimeError(f"run {job} failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
+        saved.write_text(json.dumps({"recipe": asdict(recipe), "run": result}))
         print(f"{b} {w} seed {s}: final {result['final']:.1f} % best {result['best']:.1f} % "
               f"({result['samples_per_s']:.1f} samples/s)", flush=True)
         return result
