@@ -261,11 +261,13 @@ class BackboneSpec:
 
     def input_scale(self, root: nn.Module) -> float | None:
         """The typical L2 norm of one input token as the model embeds it (``None``: no
-        ``input_embedding``): an ``nn.Embedding``'s mean row norm; for a patch ``nn.Conv2d``, the
+        ``input_embedding``; NaN on the meta device): an ``nn.Embedding``'s mean row norm; for a patch ``nn.Conv2d``, the
         output norm for inputs of unit variance per pixel, ``sqrt(Σ_c ‖w_c‖² + b_c²)``."""
         module = get_path(root, self.input_embedding) if self.input_embedding else None
         if module is None:
             return None
+        if _tensor(module).is_meta:  # structure only (built on the meta device): no values to read
+            return float("nan")
         with torch.no_grad():
             if isinstance(module, nn.Embedding):
                 return float(module.weight.float().norm(dim=1).mean())
