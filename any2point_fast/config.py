@@ -46,6 +46,12 @@ class Any2PointConfig:
     - ``pe_kind="2d"``: a grid ``[pe_grid[0], pe_grid[1], C]`` (rows × cols) laid over a canvas
       of ``canvas_size = (H, W)`` pixels; tokens are projected onto ``num_views`` perspective
       views and grouped by ``patch_size``-pixel patches of the canvas.
+
+    Frozen means frozen: by default (``backbone_dropout=False``) the frozen backbone layers stay in
+    eval mode whatever ``model.train()`` says, so their own dropout, attention dropout and
+    drop-path are off and a frozen layer computes the same function in training and evaluation.
+    ``backbone_dropout=True`` keeps the backbone's own regularisation in training (its config's
+    rates). The tokenizer's, adapters' and head's dropout/BatchNorm follow ``train()`` as usual.
     """
 
     modality: Modality = "language"
@@ -61,6 +67,11 @@ class Any2PointConfig:
     knn_k: int = 81
     pos_alpha: float = 1000.0
     pos_beta: float = 100.0
+
+    #: Hugging Face backbones: LayerNorm the point tokens to the typical norm of the backbone's own
+    #: input embeddings (word rows, or patch-conv outputs), so the frozen PE and first block see
+    #: inputs of the scale they were trained on (affine, trainable; the stand-in ignores it).
+    token_norm: bool = True
 
     # 3D-to-any virtual projection
     num_views: int = 6
@@ -85,6 +96,9 @@ class Any2PointConfig:
     # classification head
     head_hidden: int = 256
     head_dropout: float = 0.5
+
+    # frozen backbone
+    backbone_dropout: bool = False
 
     def __post_init__(self) -> None:
         self.pe_grid = tuple(self.pe_grid)
@@ -186,6 +200,8 @@ class Any2PointConfig:
         need(self.camera_distance > 1,
              f"camera_distance must be > 1 (the cloud fills the unit sphere), got {self.camera_distance}")
         need(0 <= self.head_dropout < 1, f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        need(isinstance(self.token_norm, bool), f"token_norm must be a bool, got {self.token_norm!r}")
+        need(isinstance(self.backbone_dropout, bool), f"backbone_dropout must be a bool, got {self.backbone_dropout!r}")
         need(len(self.pe_grid) == 2 and all(isinstance(g, int) and g > 0 for g in self.pe_grid),
              f"pe_grid must be two positive ints (rows, cols), got {self.pe_grid!r}")
         need(len(self.canvas_size) == 2 and all(isinstance(g, int) and g > 1 for g in self.canvas_size),

@@ -57,13 +57,25 @@ class Any2PointBlock(nn.Module):
     ``forward(x) = O(adapter(h, F(h)))`` with ``h = A(x)``: the attention, FFN and output parts of
     the layer as its :class:`~any2point_fast.backbones.BackboneSpec` describes them (pre-LN:
     ``O`` is the identity; post-LN: ``O`` is the layer's output LayerNorm).
+
+    Unless ``backbone_dropout`` is set, ``base_layer`` stays in eval mode under ``train()`` (its
+    dropout, attention dropout and drop-path off: the frozen layer is deterministic); the adapter
+    follows ``train()``.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter: nn.Module, spec: BackboneSpec):
+    def __init__(self, base_layer: nn.Module, adapter: nn.Module, spec: BackboneSpec,
+                 backbone_dropout: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
         self.spec = spec
+        self.backbone_dropout = backbone_dropout
+
+    def train(self, mode: bool = True) -> Any2PointBlock:
+        super().train(mode)
+        if not self.backbone_dropout:
+            self.base_layer.train(False)
+        return self
 
     def forward(self, x: torch.Tensor, geometry: Geometry, num_prefix_tokens: int = 1) -> torch.Tensor:
         h = self.spec.attention_part(self.base_layer, x)
@@ -128,9 +140,11 @@ class Any2PointModel(nn.Module):
 
     The wrapped model is modified in place: its embedding layer (and pooler) is removed, every
     weight frozen, and each encoder layer replaced by an :class:`Any2PointBlock` holding it.
-    Like any module it starts in training mode, in which the frozen layers run their own dropout
-    (0.1 in BERT-family configs, 0 in CLIP/ViT/DINOv2/AST); load with
-    ``backbone_kwargs=dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)`` to turn it off.
+    Like any module it starts in training mode, but the frozen layers do not follow it: they stay
+    in eval mode (their own dropout, attention dropout and drop-path off, so a frozen layer is the
+    same function in training and evaluation). ``backbone_dropout=True`` (a config field; CLI
+    ``--set model.backbone_dropout=true``) keeps the backbone's own regularisation in training
+    (0.1 in BERT-family configs, 0 in CLIP/ViT/DINOv2/AST).
     For mixed precision keep the float32 weights and use ``torch.autocast`` (the attention then
     takes the xformers path on CUDA).
 
@@ -192,6 +206,12 @@ class Any2PointModel(nn.Module):
         if spec.input_bias is not None:
             bias = get_path(root, spec.input_bias).weight[0].detach().float().clone()
         self.register_buffer("input_bias", bias, persistent=False)
+        # point tokens at the norm of the backbone's own input tokens (LN output norm = weight · sqrt(C))
+        self.input_scale = spec.input_scale(root) if cfg.token_norm else None
+        self.token_norm = nn.LayerNorm(c) if self.input_scale else nn.Identity()
+        if self.input_scale:
+            nn.init.constant_(self.token_norm.weight, self.input_scale / c ** 0.5)
+            nn.init.zeros_(self.token_norm.bias)
         self.input_norm = get_path(root, spec.input_norm) if spec.input_norm else nn.Identity()
         self.input_norm.requires_grad_(False)
 
@@ -205,7 +225,8 @@ class Any2PointModel(nn.Module):
         self.backbone = root
         layers = spec.layer_list(root)
         for index, layer in enumerate(layers):
-            layers[index] = Any2PointBlock(layer, Any2PointAdapter(cfg, self.view_attention), spec)
+            layers[index] = Any2PointBlock(layer, Any2PointAdapter(cfg, self.view_attention), spec,
+                                           backbone_dropout=cfg.backbone_dropout)
         self.head = ClassificationHead(cfg)
         self.projection = ProjectionSpec.from_config(cfg)
         self.train()
@@ -240,6 +261,7 @@ class Any2PointModel(nn.Module):
         """``points`` ``[B, P, 3]`` → final-normed tokens ``[B, prefix + N, C]`` (prefix tokens first),
         token centres ``[B, N, 3]``, and the output ``[B, prefix + N, C]`` of every block index in ``keep``."""
         tokens, centers = self.tokenizer(check_points(points, self.config.num_points))
+        tokens = self.token_norm(tokens)
         pe, geometry = self.geometry(centers)
         batch = tokens.shape[0]
         pos = torch.cat((self.cls_pos.expand(batch, -1, -1), pe.to(tokens.dtype)), dim=1)
@@ -257,7 +279,7 @@ class Any2PointModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def _group(self, name: str) -> str:
-        if name.startswith("tokenizer."):
+        if name.startswith(("tokenizer.", "token_norm.")):
             return "tokenizer"
         if name.startswith("head."):
             return "head"

@@ -330,6 +330,24 @@ def gpu_section(results: dict) -> list[str]:
     return out
 
 
+#: Sections written elsewhere (``scripts/transfer_benchmark.py``; the part segmentation step by hand), kept
+#: when the file is regenerated.
+KEPT_SECTIONS = ("## Part segmentation", "## Transfer")
+
+
+def kept_sections(path: Path) -> str:
+    """The :data:`KEPT_SECTIONS` of the existing ``path`` (each up to the next ``## `` heading), or ``""``."""
+    if not path.exists():
+        return ""
+    old, kept = path.read_text(), []
+    for title in KEPT_SECTIONS:
+        start = old.find(title + "\n")
+        if start >= 0:
+            end = old.find("\n## ", start + len(title))
+            kept.append(old[start:end + 1 if end >= 0 else len(old)].rstrip("\n") + "\n")
+    return "\n".join(kept)
+
+
 def versions() -> dict[str, str]:
     found = {}
     for name in ("torch", "triton", "transformers", "any2point_fast"):
@@ -355,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
         GPU_RESULTS.write_text(args.gpu.read_text())
     gpu = json.loads(GPU_RESULTS.read_text()) if GPU_RESULTS.is_file() else None
     plots = plot_scaling(rows, args.output.parent / "bench" / "plots")
-    args.output.write_text(render(data, rows, plots, args.results.resolve(), versions(), args.note, gpu))
+    text = render(data, rows, plots, args.results.resolve(), versions(), args.note, gpu)
+    kept = kept_sections(args.output)
+    args.output.write_text(text.rstrip("\n") + "\n\n" + kept if kept else text)
     print(f"wrote {args.output} from {len(rows)} benchmarks ({len(plots)} plots)")
 
 

@@ -124,6 +124,38 @@ def test_neutral_adapter_leaves_the_block_unchanged(tiny_dirs, model_type):
             assert not torch.allclose(block(x, geometry, model.num_prefix_tokens), expected)
 
 
+@pytest.mark.parametrize("backbone_dropout", [False, True])
+def test_frozen_layers_are_deterministic_in_training_unless_opted_in(tmp_path, backbone_dropout):
+    """Frozen means frozen: a frozen BERT layer with dropout 0.5 (hidden and attention) gives the
+    same output under ``model.train()`` as under ``model.eval()``; ``backbone_dropout=True`` keeps
+    the backbone's own dropout in training. The head's dropout follows ``train()`` either way."""
+    directory = save_tiny_backbone("bert", tmp_path / "bert", hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    model = build(directory, head_dropout=0.5, backbone_dropout=backbone_dropout)
+    assert model.config.backbone_dropout is backbone_dropout
+    tokens, centers = model.tokenizer(clouds())
+    _, geometry = model.geometry(centers)
+    x = torch.randn(2, model.num_prefix_tokens + 32, 32)
+    block = model.blocks[0]
+    with torch.no_grad():
+        model.eval()
+        assert not block.base_layer.training and not model.head.training
+        reference = block.spec.run_layer(block.base_layer, x)
+        model.train()
+        assert model.training and block.adapter.training and model.head.training
+        assert block.base_layer.training is backbone_dropout
+        assert all(m.training is backbone_dropout for m in block.base_layer.modules())
+        trained = [block.spec.run_layer(block.base_layer, x) for _ in range(2)]
+    if backbone_dropout:
+        assert not torch.allclose(trained[0], reference) and not torch.allclose(trained[0], trained[1])
+    else:
+        torch.testing.assert_close(trained[0], reference, rtol=0, atol=0)
+        torch.testing.assert_close(trained[1], reference, rtol=0, atol=0)
+    # the head's dropout is still on in training
+    feats = torch.randn(4, model.num_prefix_tokens + 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(model.head(feats), model.head(feats))
+
+
 def test_geometry_is_computed_once_per_forward(tiny_dirs):
     model = build(tiny_dirs["dinov2"])
     with mock.patch.object(ops, "bucket_sort", wraps=ops.bucket_sort) as sort, \
@@ -139,6 +171,29 @@ def test_bert_input_gets_its_embedding_norm_and_token_type(tiny_dirs):
     torch.testing.assert_close(model.input_norm.weight, hf.embeddings.LayerNorm.weight, rtol=0, atol=0)
     assert not model.input_norm.weight.requires_grad
     assert isinstance(build(tiny_dirs["vit"]).input_norm, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "clip_text_model", "vit", "dinov2", "audio-spectrogram-transformer"])
+def test_point_tokens_get_the_scale_of_the_backbones_own_input_tokens(tiny_dirs, model_type):
+    """The tokenizer output is LayerNormed to the typical norm of the tokens the backbone embeds
+    itself: word-embedding rows (language) or patch-conv outputs for unit-variance pixels (2D)."""
+    hf = load_hf(tiny_dirs[model_type])
+    if model_type in ("bert", "clip_text_model"):
+        table = (hf.embeddings.word_embeddings if model_type == "bert" else hf.embeddings.token_embedding).weight
+        expected = table.norm(dim=1).mean()
+    else:
+        conv = hf.embeddings.patch_embeddings.projection
+        pixels = torch.randn(256, conv.in_channels, *conv.kernel_size, generator=torch.Generator().manual_seed(0))
+        expected = conv(pixels).flatten(1).norm(dim=1).pow(2).mean().sqrt()  # Monte Carlo of sqrt(E‖y‖²)
+    model = build(tiny_dirs[model_type])
+    torch.testing.assert_close(torch.tensor(model.input_scale), expected.detach(), rtol=0.05, atol=0)
+    with torch.no_grad():
+        tokens, _ = model.tokenizer(clouds())
+        norms = model.token_norm(tokens).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, model.input_scale), rtol=1e-3, atol=0)
+    assert model.token_norm.weight.requires_grad and model.trainable_parameter_groups()["tokenizer"] > 0
+    off = build(tiny_dirs[model_type], token_norm=False)
+    assert isinstance(off.token_norm, torch.nn.Identity) and off.input_scale is None
 
 
 def test_wraps_an_already_loaded_task_model(tiny_dirs):
@@ -201,7 +256,7 @@ def test_published_recipe_size_at_vit_b_width():
     per_adapter = (c * rank + rank) + (rank * c + c) + 2 * c * (views + 1)  # down, up, 6 view BNs + voxel BN
     view_attention = views * (2 * c + 3 * d * c + 3 * d + c * d + c)
     assert groups["adapters"] == layers * per_adapter + view_attention == 668_568
-    assert groups["tokenizer"] == 197_040
+    assert groups["tokenizer"] == 197_040 + 2 * c  # + the token LayerNorm to the backbone's input scale
     assert 800_000 <= groups["tokenizer"] + groups["adapters"] <= 900_000
 
 

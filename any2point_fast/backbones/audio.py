@@ -31,6 +31,7 @@ AST = BackboneSpec(
     ffn_post=("dropout",),
     final_norm="layernorm",
     pe=PESpec("embeddings.position_embeddings", "2d", offset=2, grid=_grid),
+    input_embedding="embeddings.patch_embeddings.projection",
     num_prefix_tokens=2,
 )
 

@@ -26,6 +26,7 @@ CLIP_TEXT = BackboneSpec(
     ffn=("mlp",),
     final_norm="final_layer_norm",
     pe=PESpec("embeddings.position_embedding", "1d"),
+    input_embedding="embeddings.token_embedding",
 )
 
 #: A full CLIP checkpoint: its text tower (the vision tower is not kept).
@@ -43,6 +44,7 @@ BERT = BackboneSpec(
     pe=PESpec("embeddings.position_embeddings", "1d"),
     input_norm="embeddings.LayerNorm",
     input_bias="embeddings.token_type_embeddings",
+    input_embedding="embeddings.word_embeddings",
     drop=("pooler",),
 )
 

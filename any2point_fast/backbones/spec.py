@@ -201,6 +201,9 @@ class BackboneSpec:
             ``embeddings.LayerNorm``); kept, frozen, and applied to the first block's input.
         input_bias: *root* path of an embedding whose row 0 the model adds to every input token
             (BERT's token-type-0 embedding); kept as a frozen buffer.
+        input_embedding: *root* path of the module that embeds the model's own input tokens (an
+            ``nn.Embedding`` of words or a patch ``nn.Conv2d``); only its typical output norm is
+            read (:meth:`input_scale`), to give the point tokens the scale the first block expects.
         drop: *root* paths of other modules Any2Point never uses (poolers); removed.
         num_prefix_tokens: learnable prefix tokens prepended to the point tokens: 1 (``[CLS]``),
             2 for DeiT/AST (``[CLS]`` + distillation). The head reads the first one.
@@ -224,6 +227,7 @@ class BackboneSpec:
     final_norm: str | None = None
     input_norm: str | None = None
     input_bias: str | None = None
+    input_embedding: str | None = None
     drop: tuple[str, ...] = ()
     num_prefix_tokens: int = 1
 
@@ -254,6 +258,23 @@ class BackboneSpec:
 
     def layer_list(self, root: nn.Module) -> nn.ModuleList:
         return get_path(root, self.layers)
+
+    def input_scale(self, root: nn.Module) -> float | None:
+        """The typical L2 norm of one input token as the model embeds it (``None``: no
+        ``input_embedding``; NaN on the meta device): an ``nn.Embedding``'s mean row norm; for a patch
+        ``nn.Conv2d``, the output norm for inputs of unit variance per pixel, ``sqrt(Σ_c ‖w_c‖² + b_c²)``."""
+        module = get_path(root, self.input_embedding) if self.input_embedding else None
+        if module is None:
+            return None
+        if _tensor(module).is_meta:  # structure only (built on the meta device): no values to read
+            return float("nan")
+        with torch.no_grad():
+            if isinstance(module, nn.Embedding):
+                return float(module.weight.float().norm(dim=1).mean())
+            weight = _tensor(module).float()
+            bias = getattr(module, "bias", None)
+            total = weight.pow(2).sum() + (bias.float().pow(2).sum() if bias is not None else 0.0)
+            return float(total.sqrt())
 
     # ------------------------------------------------------------------ one block
     def attention_part(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ VIT = BackboneSpec(
     final_norm="layernorm",
     pe=PESpec("embeddings.position_embeddings", "2d", offset=1, grid=_grid, patch=_patch,
               interpolate="embeddings.interpolate_pos_encoding"),
+    input_embedding="embeddings.patch_embeddings.projection",
     drop=("pooler",),
 )
 
@@ -65,6 +66,7 @@ DINOV2 = BackboneSpec(
     final_norm="layernorm",
     pe=PESpec("embeddings.position_embeddings", "2d", offset=1, grid=_grid, patch=_patch,
               interpolate="embeddings.interpolate_pos_encoding"),
+    input_embedding="embeddings.patch_embeddings.projection",
 )
 
 SPECS = (VIT, DEIT, DINOV2)
