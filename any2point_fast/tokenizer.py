@@ -35,14 +35,15 @@ class PositionCode(nn.Module):
 
     def __init__(self, dim: int, alpha: float, beta: float):
         super().__init__()
-        self.dim = dim
-        freqs = math.ceil(dim / 6)
-        scales = beta / alpha ** (torch.arange(freqs, dtype=torch.float64) / freqs)
-        self.register_buffer("scales", scales.float(), persistent=False)
+        self.dim, self.alpha, self.beta = dim, alpha, beta
+        self.freqs = math.ceil(dim / 6)
 
     def forward(self, rel_xyz: torch.Tensor) -> torch.Tensor:
         """``[..., 3]`` float → ``[..., dim]`` of ``rel_xyz``'s dtype."""
-        angle = rel_xyz.float().unsqueeze(-1) * self.scales  # [..., 3, f]
+        # float32 throughout (whatever the module's dtype), as (beta·x) / alpha^(i/f): the angles are
+        # the reference's to the bit, so that near-ties in the max over neighbours fall the same way
+        exponents = torch.arange(self.freqs, device=rel_xyz.device, dtype=torch.float32) / self.freqs
+        angle = self.beta * rel_xyz.float().unsqueeze(-1) / self.alpha**exponents  # [..., 3, f]
         code = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-3)
         return code[..., : self.dim].to(rel_xyz.dtype)
 
