@@ -336,12 +336,13 @@ KEPT_SECTIONS = ("## Part segmentation", "## Transfer")
 
 
 def kept_sections(path: Path) -> str:
-    """The :data:`KEPT_SECTIONS` of the existing ``path`` (each up to the next ``## `` heading), or ``""``."""
+    """The :data:`KEPT_SECTIONS` of the existing ``path`` (each from the heading line starting with its
+    title up to the next ``## `` heading), or ``""``."""
     if not path.exists():
         return ""
     old, kept = path.read_text(), []
     for title in KEPT_SECTIONS:
-        start = old.find(title + "\n")
+        start = ("\n" + old).find("\n" + title)  # a heading at the start of a line
         if start >= 0:
             end = old.find("\n## ", start + len(title))
             kept.append(old[start:end + 1 if end >= 0 else len(old)].rstrip("\n") + "\n")
