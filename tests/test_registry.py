@@ -57,6 +57,17 @@ def test_an_explicit_backend_without_the_op_falls_back_to_auto_for_that_op():
         assert ops.knn(query, points, 4).tolist() == R.knn(query, points, 4).tolist()
 
 
+def test_set_backend_triton_runs_the_kernels():
+    """Under ``set_backend("triton")`` the op runs the Triton kernel itself: the same bits."""
+    from any2point_fast import kernels
+
+    values, ids = torch.randn(10, 8, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 3
+    with ops.use_backend("triton"):
+        assert ops.chosen("segment_pool", CPU, values.dtype).name == "triton"
+        pooled = ops.segment_pool(values, ids, 3, "max+mean")
+    assert torch.equal(pooled, kernels.segment_pool(values, ids, 3, "max+mean"))
+
+
 def test_a_backend_lacking_one_op_is_still_available():
     assert ops.not_supported_reasons("triton", "knn", CPU) == ["triton has no knn"]
     assert ops.available_backends(CPU)["triton"] == []  # TRITON_INTERPRET=1 (tests/conftest.py)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from any2point_fast import reference as R
 from any2point_fast.geometry import Segments
-from tests.ops.cases import layouts, property_settings
+from tests.ops.cases import bucket_ids, layouts, property_settings
 from tests.ops.implementations import names, runnable, triton_device
 
 OP = "bucket_sort"
@@ -54,6 +54,17 @@ def test_one_token_clouds_and_rows_longer_than_a_block(name):
     assert_same_segments(impl.fn(ids, 4), R.bucket_sort(ids, 4))
     ids = torch.randint(0, 5, (1, 2, 300), generator=torch.Generator().manual_seed(1)).to(impl.device)
     assert_same_segments(impl.fn(ids, 5), R.bucket_sort(ids, 5))
+
+
+@pytest.mark.parametrize("name", names(OP))
+@pytest.mark.parametrize(("pattern", "expected"), [("one", 6), ("singletons", 6 * 37), ("sparse", None)])
+def test_segment_counts_of_the_layouts(name, pattern, expected):
+    """One bucket per view and cloud gives V·B segments, singletons V·B·N."""
+    impl = runnable(OP)[name]
+    ids, num = bucket_ids(pattern, 3, 2, 37, torch.Generator().manual_seed(7))
+    segments = impl.fn(ids.to(impl.device), num)
+    assert_same_segments(segments, R.bucket_sort(ids, num))
+    assert expected is None or segments.num_segments == expected
 
 
 @pytest.mark.parametrize(("rows", "keys"), [(1, 1), (100, 7), (3000, 37), (2500, 2500)])
