@@ -31,10 +31,11 @@ VARIANTS = [(name, maximum) for name in names(OP)
 
 #: The property test's: the tiled route (several times slower than flash on the CPU) once.
 PROPERTY_VARIANTS = [v for v in VARIANTS if v != ("torch-tiled", "saved argmax")]
-#: The ties test's: interpreted Triton on the smallest case of each bucket count only.
+#: The ties test's: interpreted Triton and the tiled route (its maxima take the flash route's code) on
+#: the smallest case of each bucket count only.
 TIES = [(dtype, name, maximum, buckets, channels) for dtype in (torch.float32, torch.float16)
         for name, maximum in VARIANTS for buckets in (4, 1) for channels in (8, 100)
-        if maximum is not None or (dtype, channels) == (torch.float32, 8)]
+        if name not in ("triton", "torch-tiled") or (dtype, channels) == (torch.float32, 8)]
 
 
 def variant(name: str, maximum: str | None, small_tiles: bool = True):
@@ -78,6 +79,7 @@ def test_matches_the_reference(name, maximum):
            st.sampled_from(heads_and_widths(impl)), st.sampled_from(["mean", "max+mean"]),
            st.sampled_from(budget(impl).dtypes), st.booleans())
     def run(layout, channels, heads_width, pooling, dtype, noncontiguous):
+        assume(not triton or layout.ids.numel() <= 160)  # the interpreter: at most 160 items
         num_heads, width = heads_width
         gen = torch.Generator().manual_seed(layout.seed)
         x = torch.randn(layout.batch, layout.tokens, channels, generator=gen)
