@@ -276,7 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import __version__, ops
+    from . import __version__, ops, registry
     from .torch_ops import native
 
     print(f"any2point-fast {__version__}")
@@ -302,6 +302,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         for name, reasons in ops.available_backends(device).items():
             state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
             print(f"ops backend on {device}: {name}: {state}")
+        print(f"op implementations on {device} (yes, or why not; the one auto picks marked):")
+        print(textwrap.indent(registry.format_support_table(device), "  "))
     return 0
 
 

@@ -1,32 +1,29 @@
-"""The fused ops, one function each, dispatched to ``triton | torch | reference``.
+"""The fused ops, one function each, dispatched through the op registry.
 
-Every backend module exposes the same functions with the same signatures (those of
-:mod:`any2point_fast.reference`). The backend is chosen by :func:`set_backend`, the
-``ANY2POINT_BACKEND`` environment variable, or ``auto``: Triton for CUDA tensors when it
-imports, the fused PyTorch path otherwise. A backend that cannot run an input is refused with
-the reasons of every backend tried.
+Every implementation takes the signature of its oracle in :mod:`any2point_fast.reference`. The
+backend is chosen by :func:`set_backend`, the ``ANY2POINT_BACKEND`` environment variable, or
+``auto``; :mod:`any2point_fast.registry` then picks, per op and per call, the implementation of
+highest priority that the backend allows and that supports the inputs' device and dtype (``auto``:
+Triton for CUDA tensors when it imports, then the torch path's compiled CPU kernels, plain
+PyTorch, the reference). A backend with no implementation of an op falls back, for that op, to
+``auto``'s choice; one whose implementations all refuse the inputs raises :class:`BackendError`
+with the reasons of every implementation tried. Inputs are validated here, before any choice.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 from collections.abc import Iterator
-from types import ModuleType
 
 import torch
 
+from . import registry
 from .geometry import ProjectionSpec, Segments
+from .registry import BackendError
 from .validation import InputError, check_segments
 
-BACKENDS = ("auto", "triton", "torch", "reference")
-_MODULES = {"reference": "any2point_fast.reference", "torch": "any2point_fast.torch_ops",
-            "triton": "any2point_fast.kernels"}
-
-
-class BackendError(RuntimeError):
-    """No backend can run the requested op on these inputs."""
+BACKENDS = ("auto", *registry.BACKENDS)
 
 
 def _checked(name: str) -> str:
@@ -60,49 +57,36 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def _load(name: str) -> ModuleType | str:
-    """The backend's module, or why it cannot be imported."""
-    try:
-        return importlib.import_module(_MODULES[name])
-    except ImportError as error:
-        return f"cannot import {_MODULES[name]}: {error}"
+def _unavailable(own: list[registry.Implementation], device: torch.device) -> list[str]:
+    """``[]`` if one of ``own`` runs on ``device``, else every reason they give (each once)."""
+    reasons = [impl.supports(device) for impl in own]
+    return [] if not all(reasons) else list(dict.fromkeys(reason for some in reasons for reason in some))
 
 
 def not_supported_reasons(name: str, op: str, device: torch.device) -> list[str]:
-    """Why backend ``name`` cannot run ``op`` on ``device`` (empty when it can)."""
-    module = _load(name)
-    if isinstance(module, str):
-        return [module]
-    if not hasattr(module, op):
-        return [f"{name} has no {op}"]
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return [f"tensors on {device.type}; triton runs on CUDA, or on CPU under TRITON_INTERPRET=1"]
-    return []
+    """Why backend ``name`` cannot run ``op`` on ``device`` with an implementation of its own
+    (empty when one of them can)."""
+    own = [impl for impl in registry.implementations(op) if impl.backend == name]
+    return _unavailable(own, torch.device(device)) if own else [f"{name} has no {op}"]
 
 
 def available_backends(device: torch.device | str = "cpu") -> dict[str, list[str]]:
-    """Every concrete backend and why it is unavailable for ``device`` (``[]`` = available)."""
+    """Every concrete backend and why it is unavailable for ``device`` (``[]`` = available: some
+    implementation of it runs there; an op it lacks falls back to ``auto``'s choice). The table
+    op × implementation is :func:`any2point_fast.registry.support_table`."""
     device = torch.device(device)
-    return {name: not_supported_reasons(name, "bucket_sort", device) for name in BACKENDS[1:]}
+    return {name: _unavailable([impl for op in registry.OPS for impl in registry.implementations(op)
+                                if impl.backend == name], device) for name in registry.BACKENDS}
 
 
-def _resolve(op: str, device: torch.device):
-    """The implementation of ``op`` chosen by the current backend for tensors on ``device``."""
-    if _backend == "auto":
-        candidates = ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference")
-    else:
-        candidates = (_backend,)
-        module = _load(_backend)
-        if not isinstance(module, str) and not hasattr(module, op):
-            # a backend without this op at all (Triton has no knn) leaves it to the next one
-            candidates += tuple(name for name in ("torch", "reference") if name != _backend)
-    refusals = []
-    for name in candidates:
-        reasons = not_supported_reasons(name, op, device)
-        if not reasons:
-            return getattr(_load(name), op)
-        refusals.append(f"  {name}: " + "; ".join(reasons))
-    raise BackendError(f"no backend can run {op} on {device} (backend {_backend!r}):\n" + "\n".join(refusals))
+def chosen(op: str, device: torch.device | str, dtype: torch.dtype | None = None) -> registry.Implementation:
+    """The implementation the current backend runs ``op`` with for inputs on ``device`` of ``dtype``."""
+    return registry.choose(op, _backend, torch.device(device), dtype)
+
+
+def _resolve(op: str, main: torch.Tensor, device: torch.device | None = None):
+    """The function of the implementation chosen for ``op``, whose main input is ``main``."""
+    return chosen(op, device or main.device, main.dtype).function()
 
 
 def _same_device(op: str, **tensors: torch.Tensor) -> torch.device:
@@ -130,7 +114,7 @@ def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
     device = _same_device("project_pe", centers=centers, pe_table=pe_table)
     # positions decide buckets: never rounded to autocast's half precision
     with torch.autocast(device.type, enabled=False):
-        return _resolve("project_pe", device)(centers, pe_table, spec)
+        return _resolve("project_pe", pe_table, device)(centers, pe_table, spec)
 
 
 def bucket_sort(bucket_ids: torch.Tensor, num_buckets: int) -> Segments:
@@ -138,7 +122,7 @@ def bucket_sort(bucket_ids: torch.Tensor, num_buckets: int) -> Segments:
     if bucket_ids.dim() != 3 or bucket_ids.dtype != torch.int64:
         raise InputError(f"bucket_sort: bucket ids must be int64 [V, B, N], got {list(bucket_ids.shape)} "
                          f"{bucket_ids.dtype}")
-    return _resolve("bucket_sort", bucket_ids.device)(bucket_ids, num_buckets)
+    return _resolve("bucket_sort", bucket_ids)(bucket_ids, num_buckets)
 
 
 def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:
@@ -147,7 +131,7 @@ def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: 
         raise InputError(f"segment_pool: values must be [T, C] with segment ids [T], got {list(values.shape)} "
                          f"and {list(segment_ids.shape)}")
     device = _same_device("segment_pool", values=values, segment_ids=segment_ids)
-    return _resolve("segment_pool", device)(values, segment_ids, num_segments, pooling)
+    return _resolve("segment_pool", values, device)(values, segment_ids, num_segments, pooling)
 
 
 def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
@@ -169,7 +153,7 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
     if width % num_heads:
         raise InputError(f"{op}: attention width {width} is not divisible by num_heads={num_heads}")
     device = _same_device(op, x=x, segment_ids=segments.segment_ids, qkv_weight=qkv_weight)
-    return _resolve(op, device)(
+    return _resolve(op, x, device)(
         x, segments, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads, pooling, eps
     )
 
@@ -194,7 +178,7 @@ def batch_norm_gelu(rows: torch.Tensor, offsets: tuple[int, ...], weight: torch.
     if small:
         raise InputError(f"{op}: groups {small} have fewer than 2 rows and cannot use their own statistics")
     device = _same_device(op, rows=rows, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    return _resolve(op, device)(rows, offsets, weight, bias, running_mean, running_var, batch, eps)
+    return _resolve(op, rows, device)(rows, offsets, weight, bias, running_mean, running_var, batch, eps)
 
 
 def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch.Tensor, view_rows: torch.Tensor,
@@ -211,7 +195,7 @@ def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch
         if rows.dim() != 2 or rows.shape[1] != x.shape[2]:
             raise InputError(f"{op}: {name} must be [S, {x.shape[2]}], got {list(rows.shape)}")
     device = _same_device(op, x=x, base_rows=base_rows, base_ids=base_ids, view_rows=view_rows, view_ids=view_ids)
-    return _resolve(op, device)(x, base_rows, base_ids, view_rows, view_ids, coef)
+    return _resolve(op, x, device)(x, base_rows, base_ids, view_rows, view_ids, coef)
 
 
 def _check_points(op: str, name: str, xyz: torch.Tensor) -> None:
@@ -225,7 +209,7 @@ def farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
     _check_points("farthest_point_sample", "xyz", xyz)
     if not 0 < num_samples <= xyz.shape[1]:
         raise InputError(f"farthest_point_sample: cannot sample {num_samples} of {xyz.shape[1]} points")
-    return _resolve("farthest_point_sample", xyz.device)(xyz, num_samples)
+    return _resolve("farthest_point_sample", xyz)(xyz, num_samples)
 
 
 def knn(query: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
@@ -239,7 +223,7 @@ def knn(query: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
         raise InputError(f"knn: k = {k} neighbours requested from {points.shape[1]} points")
     device = _same_device("knn", query=query, points=points)
     with torch.autocast(device.type, enabled=False):  # distances in float32 whatever autocast says
-        return _resolve("knn", device)(query, points, k)
+        return _resolve("knn", query, device)(query, points, k)
 
 
 def interpolate_features(points: torch.Tensor, centers: torch.Tensor, features: torch.Tensor,
@@ -256,11 +240,11 @@ def interpolate_features(points: torch.Tensor, centers: torch.Tensor, features: 
         raise InputError(f"{op}: points and centers need one batch, got {points.shape[0]} and "
                          f"{centers.shape[0]} clouds")
     device = _same_device(op, points=points, centers=centers, features=features)
-    return _resolve(op, device)(points, centers, features, eps)
+    return _resolve(op, features, device)(points, centers, features, eps)
 
 
 __all__ = [
-    "BACKENDS", "BackendError", "available_backends", "batch_norm_gelu", "bucket_sort", "ensemble_propagate",
+    "BACKENDS", "BackendError", "available_backends", "batch_norm_gelu", "bucket_sort", "chosen", "ensemble_propagate",
     "farthest_point_sample", "get_backend", "interpolate_features", "knn", "neighborhood_attention_pool",
     "not_supported_reasons", "project_pe", "segment_pool", "set_backend", "use_backend",
 ]

@@ -44,6 +44,10 @@ def test_info(capsys):
     assert f"CUDA available: {'yes' if torch.cuda.is_available() else 'no'}" in out
     assert "ops backend on cpu: reference: available" in out
     assert re.search(r"ops backend on cpu: triton: (available|unavailable: .+)", out)
+    # the table op × implementation, with the one auto picks on the CPU
+    assert re.search(r"^  knn +torch +yes \(auto\)$", out, re.M)
+    assert re.search(r"^  neighborhood_attention_pool +torch-tiled +yes$", out, re.M)
+    assert re.search(r"^  bucket_sort +reference +yes$", out, re.M)
 
 
 def test_help_explains_commands_and_overrides(capsys):

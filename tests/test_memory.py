@@ -11,6 +11,8 @@ catch the reference, which materialises both.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -18,8 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from any2point_fast import Any2PointConfig, reference, torch_ops
 from any2point_fast.geometry import ProjectionSpec, Segments, voxel_grid_size
 from any2point_fast.torch_ops import attention as torch_attention
-from any2point_fast.torch_ops import native
-from tests.routes import use_route
+from tests.ops.implementations import runnable
 
 TOKENS, CHANNELS, VIEWS, HEADS, WIDTH = 4096, 96, 6, 6, 12
 FLOAT = 4  # bytes
@@ -62,6 +63,15 @@ def layout(kind: str, tokens: int, views: int = VIEWS, seed: int = 0) -> tuple[S
     return views, voxels
 
 
+def torch_route(attention: str) -> SimpleNamespace:
+    """The three ops of the guided branch on one torch route: ``torch-compiled`` for all three, or
+    ``torch-flash`` / ``torch-tiled`` attention with plain PyTorch pooling and ensemble."""
+    pooling = "torch-compiled" if attention == "torch-compiled" else "torch"
+    return SimpleNamespace(neighborhood_attention_pool=runnable("neighborhood_attention_pool")[attention].fn,
+                           segment_pool=runnable("segment_pool")[pooling].fn,
+                           ensemble_propagate=runnable("ensemble_propagate")[pooling].fn)
+
+
 def guided_branch(ops, views: Segments, voxels: Segments, tokens: int, pooling: str):
     """Forward and backward of the three fused ops of one adapter, on random inputs."""
     gen = torch.Generator().manual_seed(1)
@@ -84,30 +94,27 @@ def guided_branch(ops, views: Segments, voxels: Segments, tokens: int, pooling: 
     return run
 
 
-@pytest.mark.parametrize("route", ["compiled", "flash"])
+@pytest.mark.parametrize("route", ["torch-compiled", "torch-flash"])
 @pytest.mark.parametrize("pooling", ["mean", "max+mean"])
 @pytest.mark.parametrize("kind", ["language preset", "one bucket"])
-def test_torch_path_allocates_no_quadratic_or_per_view_tensor(kind, pooling, route, monkeypatch):
-    use_route(monkeypatch, route)
+def test_torch_path_allocates_no_quadratic_or_per_view_tensor(kind, pooling, route):
     views, voxels = layout(kind, TOKENS)
     if kind == "one bucket":
         assert views.max_len == TOKENS
     else:
         assert 100 < views.max_len < TOKENS // 2
-    no_quadratic_or_per_view_tensor(guided_branch(torch_ops, views, voxels, TOKENS, pooling), TOKENS, VIEWS,
+    no_quadratic_or_per_view_tensor(guided_branch(torch_route(route), views, voxels, TOKENS, pooling), TOKENS, VIEWS,
                                     CHANNELS)
 
 
-def test_explicit_attention_path_allocates_no_quadratic_tensor(monkeypatch):
+def test_explicit_attention_path_allocates_no_quadratic_tensor():
     """Off the CPU flash kernel (other devices), one bucket of N tokens is attended tile by tile
     (N = 2048 and two views: the explicit softmax is several times slower than the flash kernel)."""
-    monkeypatch.setattr(native, "available", lambda device: False)
-    monkeypatch.setattr(torch_attention, "FLASH_ON_CPU", False)
     tokens, views = 2048, 2
     assert torch_attention.TILE_ELEMENTS < tokens * tokens // 8
     view_segments, voxels = layout("one bucket", tokens, views)
-    no_quadratic_or_per_view_tensor(guided_branch(torch_ops, view_segments, voxels, tokens, "mean"), tokens, views,
-                                    CHANNELS)
+    no_quadratic_or_per_view_tensor(guided_branch(torch_route("torch-tiled"), view_segments, voxels, tokens, "mean"),
+                                    tokens, views, CHANNELS)
 
 
 def test_the_checks_catch_the_reference():

@@ -17,7 +17,7 @@ from torch.utils import cpp_extension
 from any2point_fast import reference, torch_ops
 from any2point_fast.torch_ops import attention as torch_attention
 from any2point_fast.torch_ops import native
-from tests.routes import require_compiled
+from tests.ops.implementations import require_compiled
 from tests.tolerances import assert_close_to_reference
 
 
@@ -40,10 +40,14 @@ def long_buckets() -> tuple:
     return torch.randn(1, ids.shape[-1], 16, generator=gen), segments, weights
 
 
+def default_route() -> torch_attention.Route:
+    return torch_attention.Route.default(torch.device("cpu"))
+
+
 def test_the_kernels_build_and_attend_the_long_buckets(fresh_build):
     require_compiled()
     x, segments, weights = long_buckets()
-    plan = torch_attention._plan(segments, x.shape[1])
+    plan = torch_attention._plan(segments, x.shape[1], default_route())
     assert plan.native is not None and plan.native[1].tolist() == [40, 25, 11] and not plan.batches
     assert_close_to_reference(torch_ops.neighborhood_attention_pool(x, segments, *weights, 6, "max+mean"),
                               reference.neighborhood_attention_pool(x, segments, *weights, 6, "max+mean"),
@@ -58,7 +62,7 @@ def test_a_failed_build_warns_once_and_the_torch_path_stays_plain_pytorch(fresh_
     x, segments, weights = long_buckets()
     with pytest.warns(RuntimeWarning, match=r"could not build .*c\+\+: not found.*ANY2POINT_NATIVE=0"):
         out = torch_ops.neighborhood_attention_pool(x, segments, *weights, 6, "max+mean")
-    assert torch_attention._plan(segments, x.shape[1]).native is None
+    assert torch_attention._plan(segments, x.shape[1], default_route()).native is None
     assert_close_to_reference(out, reference.neighborhood_attention_pool(x, segments, *weights, 6, "max+mean"),
                               torch.float32)
     with warnings.catch_warnings():

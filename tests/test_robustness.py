@@ -83,7 +83,7 @@ def check_backend_agrees(net: StandInModel, points: torch.Tensor, backend: str) 
     only for clouds float32 resolves (extent above 1e-4 of their distance from the origin) whose
     token centres are distinct: elsewhere tokens tie for bucket maxima, and which of them attains
     a maximum then depends on the last bit of a GEMM (the values agree, the max-pool subgradient
-    does not; exact ties are tested op by op in ``test_ops_torch.py``).
+    does not; exact ties are tested op by op in ``tests/ops/``).
     """
     expected_logits, expected_grads = forward_backward(net.eval(), points, "reference")
     logits, grads = forward_backward(net, points, backend)

@@ -45,6 +45,10 @@ cloud, so that a cloud's token rows stay in cache across its views. A view where
 attained twice recomputes its maxima on the PyTorch route above, for backward. Another kernel
 there gives ``x̂`` in one pass over the tokens, and one more adds their gradient through it.
 
+The route (compiled kernels, flash, or tiles; the tile size; when argmaxes are saved) is the
+explicit argument ``route`` (:class:`Route`); :mod:`any2point_fast.registry` offers each route as
+an implementation of the op, and the tests run every one of them.
+
 The integer bookkeeping (the plan of step 2, the compiled kernels' segment views and cloud
 order, the sparse pooling matrices) depends on the segments only: it is derived once per
 :class:`Segments` object (:meth:`Segments.derived`) and reused by every block of the model that
@@ -102,6 +106,38 @@ ARGMAX_CLASSES = 4
 FLASH_ON_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+@dataclass(frozen=True)
+class Route:
+    """How the op attends and pools the buckets: the explicit arguments of its routes.
+
+    Attributes:
+        compiled: every bucket of two or more tokens (and ``max + mean`` pooling, LayerNorm) by the
+            compiled CPU kernels of :mod:`.native`; otherwise PyTorch ops, buckets batched by length.
+        flash: without ``compiled``, buckets longer than ``EXPLICIT_MAX_LEN`` go to PyTorch's CPU
+            flash kernel (CPU tensors, :data:`FLASH_ON_CPU`); otherwise an explicit softmax over tiles.
+        tile_elements: logits per tile of that explicit softmax (and of the short buckets' chunks).
+        argmax_min_length: views whose buckets average this many items save the item of every
+            maximum for backward (otherwise backward recomputes and compares the features).
+    """
+
+    compiled: bool
+    flash: bool
+    tile_elements: int = TILE_ELEMENTS
+    argmax_min_length: int = ARGMAX_MIN_LENGTH
+
+    @classmethod
+    def default(cls, device: torch.device) -> Route:
+        """The fastest route on ``device``: compiled where the kernels run, else flash on the CPU, else tiles."""
+        compiled = native.available(device)
+        return cls(compiled=compiled, flash=not compiled and FLASH_ON_CPU and device.type == "cpu")
+
+    def check(self, device: torch.device) -> None:
+        """Refuse a route that cannot run tensors on ``device``."""
+        native.resolve(self.compiled, device)
+        if self.flash and not (FLASH_ON_CPU and device.type == "cpu"):
+            raise RuntimeError(f"PyTorch's CPU flash attention does not run tensors on {device}")
+
+
 @dataclass
 class _Batch:
     """Buckets of one length class, attended together as ``[S_c, H, L, d]``.
@@ -142,8 +178,9 @@ class _Plan:
         counts: ``[S]`` items per segment; ``starts``: ``[S]`` first sorted position.
         batches: the length classes.
         native: ``(starts, lengths)`` ``[S_n]`` of the buckets of two or more tokens, which the
-            compiled kernel attends (:mod:`.native`); ``None`` where it does not run, and those
+            compiled kernel attends (:mod:`.native`); ``None`` off the compiled route, and those
             buckets are in ``batches``.
+        route: the route the plan was made for.
     """
 
     tokens: torch.Tensor
@@ -153,6 +190,7 @@ class _Plan:
     starts: torch.Tensor
     batches: list[_Batch]
     native: tuple[torch.Tensor, torch.Tensor] | None
+    route: Route
 
 
 def _padded_lengths(counts: torch.Tensor, exact_max: int = EXACT_MAX_LEN,
@@ -165,7 +203,7 @@ def _padded_lengths(counts: torch.Tensor, exact_max: int = EXACT_MAX_LEN,
     return torch.where(counts > exact_max, padded, counts)
 
 
-def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
+def _plan(segments: Segments, tokens_per_view: int, route: Route) -> _Plan:
     perm, offsets = segments.perm, segments.offsets
     views = segments.num_views
     counts = offsets[1:] - offsets[:-1]
@@ -174,7 +212,7 @@ def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
     rows = tokens * views + torch.div(perm, tokens_per_view, rounding_mode="floor")
     segment_of_position = torch.repeat_interleave(torch.arange(len(counts), device=perm.device), counts)
     batched, native_buckets = counts, None
-    if native.available(perm.device):
+    if route.compiled:
         long = counts > 1
         native_buckets = starts[long], counts[long]
         batched = counts.masked_fill(long, 0)  # length 0: in no batch
@@ -195,20 +233,18 @@ def _plan(segments: Segments, tokens_per_view: int) -> _Plan:
         valid = steps < count
         positions = (starts[chosen][:, None] + torch.where(valid, steps, 0)).flatten()
         batches.append(_Batch(length, positions, valid.flatten().nonzero().squeeze(1), valid))
-    return _Plan(tokens, rows, segment_of_position, counts, starts, batches, native_buckets)
+    return _Plan(tokens, rows, segment_of_position, counts, starts, batches, native_buckets, route)
 
 
-def _derived(segments: Segments, name: str, tokens_per_view: int, build):
+def _derived(segments: Segments, name: str, tokens_per_view: int, route: Route, build):
     """``build()`` once per ``segments`` (every block of a model shares them), keyed by what the
-    plan depends on: the grouping of the buckets and whether the compiled kernels run."""
-    key = (name, tokens_per_view, native.available(segments.perm.device), EXPLICIT_MAX_LEN, EXACT_MAX_LEN,
-           CLASSES_PER_OCTAVE)
-    return segments.derived(key, build)
+    plan depends on: the grouping of the buckets and the route."""
+    return segments.derived((name, tokens_per_view, route), build)
 
 
-def _short_chunks(n: int, length: int, width: int):
-    """Slices of ``n`` buckets whose ``[L, L, d, H, n]`` products stay under ``TILE_ELEMENTS``."""
-    step = max(1, TILE_ELEMENTS // (length * length * width))
+def _short_chunks(n: int, length: int, width: int, tile_elements: int):
+    """Slices of ``n`` buckets whose ``[L, L, d, H, n]`` products stay under ``tile_elements``."""
+    step = max(1, tile_elements // (length * length * width))
     return [slice(first, first + step) for first in range(0, n, step)]
 
 
@@ -236,20 +272,21 @@ def _short_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor
     return s.div_(s.sum(dim=1, keepdim=True))
 
 
-def _short_attention(block: torch.Tensor, scale: float) -> torch.Tensor:
+def _short_attention(block: torch.Tensor, scale: float, tile_elements: int) -> torch.Tensor:
     """Outputs ``[n, L, H, d]`` of short buckets from their ``[n, L, 3, H, d]`` qkv."""
     out = block.new_empty(block[:, :, 0].shape)
-    for chunk in _short_chunks(block.shape[0], block.shape[1], block[0, 0, 0].numel()):
+    for chunk in _short_chunks(block.shape[0], block.shape[1], block[0, 0, 0].numel(), tile_elements):
         q, k, v = _buckets_last(block[chunk])
         p = _short_probs(q, k, scale)
         out[chunk] = (p[:, :, None] * v[None]).sum(dim=1).permute(3, 0, 2, 1)
     return out
 
 
-def _short_attention_backward(do: torch.Tensor, block: torch.Tensor, scale: float) -> torch.Tensor:
+def _short_attention_backward(do: torch.Tensor, block: torch.Tensor, scale: float,
+                              tile_elements: int) -> torch.Tensor:
     """Gradient ``[n, L, 3, H, d]`` of the qkv of short buckets from that of their outputs ``[n, L, H, d]``."""
     grad = torch.empty_like(block)
-    for chunk in _short_chunks(block.shape[0], block.shape[1], block[0, 0, 0].numel()):
+    for chunk in _short_chunks(block.shape[0], block.shape[1], block[0, 0, 0].numel(), tile_elements):
         q, k, v = _buckets_last(block[chunk])  # [L, d, H, n] each
         d_out = do[chunk].permute(1, 3, 2, 0).contiguous()
         p = _short_probs(q, k, scale)  # [L_q, L_k, H, n]
@@ -262,16 +299,12 @@ def _short_attention_backward(do: torch.Tensor, block: torch.Tensor, scale: floa
     return grad
 
 
-def _uses_flash(q: torch.Tensor) -> bool:
-    return FLASH_ON_CPU and q.device.type == "cpu"
-
-
-def _tiles(q: torch.Tensor):
-    """``(buckets, queries)`` slices covering ``[n, H, L, d]`` with logits tiles of ≤ ``TILE_ELEMENTS``."""
+def _tiles(q: torch.Tensor, tile_elements: int):
+    """``(buckets, queries)`` slices covering ``[n, H, L, d]`` with logits tiles of ≤ ``tile_elements``."""
     n, heads, length, _ = q.shape
     row = heads * length  # one query of one bucket against all its keys
-    buckets = max(1, min(n, TILE_ELEMENTS // (row * length)))
-    queries = length if buckets > 1 else max(1, min(length, TILE_ELEMENTS // row))
+    buckets = max(1, min(n, tile_elements // (row * length)))
+    queries = length if buckets > 1 else max(1, min(length, tile_elements // row))
     for first in range(0, n, buckets):
         for start in range(0, length, queries):
             yield slice(first, first + buckets), slice(start, start + queries)
@@ -283,12 +316,12 @@ def _logits(q, k, mask, scale, tile):
     return s if mask is None else s.add_(mask[b])
 
 
-def _attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(q, k, v, mask, scale, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention ``[n, H, L, d]`` with an additive key mask: outputs and log-sum-exps."""
-    if _uses_flash(q):
+    if route.flash:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
     out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:-1])
-    for tile in _tiles(q):
+    for tile in _tiles(q, route.tile_elements):
         s = _logits(q, k, mask, scale, tile)
         tile_lse = torch.logsumexp(s, dim=-1, keepdim=True)
         out[tile[0], :, tile[1]] = torch.matmul(s.sub_(tile_lse).exp_(), v[tile[0]])
@@ -296,14 +329,15 @@ def _attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def _attend_backward(do, q, k, v, out, lse, mask, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attend_backward(do, q, k, v, out, lse, mask, scale,
+                     route: Route) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``q, k, v`` of :func:`_attend`, the probabilities recomputed tile by tile."""
-    if _uses_flash(q):
+    if route.flash:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = (do * out).sum(dim=-1, keepdim=True)
-    for b, r in _tiles(q):
+    for b, r in _tiles(q, route.tile_elements):
         p = _logits(q, k, mask, scale, (b, r)).sub_(lse[b, :, r, None]).exp_()
         dv[b] += torch.matmul(p.transpose(-1, -2), do[b, :, r])
         ds = torch.matmul(do[b, :, r], v[b].transpose(-1, -2)).sub_(delta[b, :, r]).mul_(p).mul_(scale)
@@ -326,10 +360,11 @@ def _attention_forward(qkv_rows: torch.Tensor, plan: _Plan, num_heads: int) -> t
         if length == 1:
             outputs = block[:, 2 * width:]
         elif length <= EXPLICIT_MAX_LEN:
-            outputs = _short_attention(block.view(n, length, 3, num_heads, head_dim), scale).view(n * length, width)
+            outputs = _short_attention(block.view(n, length, 3, num_heads, head_dim), scale,
+                                       plan.route.tile_elements).view(n * length, width)
         else:
             q, k, v = block.view(n, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-            o, lse[-1] = _attend(q, k, v, batch.key_mask(q.dtype), scale)
+            o, lse[-1] = _attend(q, k, v, batch.key_mask(q.dtype), scale, plan.route)
             outputs = o.transpose(1, 2).reshape(n * length, width)
         if batch.keep is None:
             out.index_copy_(0, batch.positions, outputs)
@@ -358,14 +393,16 @@ def _attention_backward(grad_out: torch.Tensor, qkv_rows: torch.Tensor, out: tor
         elif length <= EXPLICIT_MAX_LEN:
             block = qkv_rows.index_select(0, rows).view(n, length, 3, num_heads, head_dim)
             do = g_out.view(n, length, num_heads, head_dim)
-            grad_block = _short_attention_backward(do, block, scale).view(n * length, 3 * width)
+            grad_block = _short_attention_backward(do, block, scale, plan.route.tile_elements).view(n * length,
+                                                                                                    3 * width)
         else:
             if batch.valid is not None:
                 g_out = g_out.mul_(batch.valid.view(-1, 1))
             q, k, v = qkv_rows.index_select(0, rows).view(n, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
             do = g_out.view(n, length, num_heads, head_dim).transpose(1, 2)
             o = out.index_select(0, batch.positions).view(n, length, num_heads, head_dim).transpose(1, 2)
-            dq, dk, dv = _attend_backward(do.contiguous(), q, k, v, o, batch_lse, batch.key_mask(q.dtype), scale)
+            dq, dk, dv = _attend_backward(do.contiguous(), q, k, v, o, batch_lse, batch.key_mask(q.dtype), scale,
+                                          plan.route)
             grad_block = torch.stack((dq, dk, dv), dim=2).permute(0, 3, 2, 1, 4).reshape(n * length, 3 * width)
         if batch.keep is None:
             grad_rows.index_copy_(0, rows, grad_block)
@@ -377,17 +414,17 @@ def _attention_backward(grad_out: torch.Tensor, qkv_rows: torch.Tensor, out: tor
     return grad_rows
 
 
-def _normalized(xf: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _normalized(xf: torch.Tensor, eps: float, compiled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm without its affine part: ``x̂`` ``[R, C]``, and the mean and rstd ``[R, 1]`` of every row."""
-    if native.available(xf.device):
+    if compiled:
         return native.ops().layer_norm_rows(xf, eps)
     return torch.native_layer_norm(xf, [xf.shape[1]], None, None, eps)
 
 
 def _normalized_backward(grad_xhat: torch.Tensor, xf: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                         grad_x: torch.Tensor) -> None:
+                         grad_x: torch.Tensor, compiled: bool) -> None:
     """Add the gradient of ``x`` through :func:`_normalized`'s ``x̂`` to ``grad_x`` ``[R, C]``."""
-    if native.available(xf.device):
+    if compiled:
         native.ops().layer_norm_rows_backward(grad_xhat, xf, mean, rstd, grad_x)
     else:
         grad_x += torch.ops.aten.native_layer_norm_backward(grad_xhat, xf, [xf.shape[1]], mean, rstd, None, None,
@@ -414,7 +451,7 @@ class _MaxItems:
         segments: ``[S_j]`` global segment of every such bucket.
         classes: ``(length, buckets)`` of every class, in order.
         padding: ``[P]`` rows of ``positions`` that are padding, ``None`` without padding.
-        saves_argmax: the view's buckets are long (:data:`ARGMAX_MIN_LENGTH`).
+        saves_argmax: the view's buckets are long (:attr:`Route.argmax_min_length`).
     """
 
     positions: torch.Tensor
@@ -432,7 +469,7 @@ def _max_items(plan: _Plan, segments: Segments) -> list[_MaxItems]:
         chosen = (counts > 1).nonzero().squeeze(1)
         lengths = counts.index_select(0, chosen)
         # (item ranks are found in t's float dtype: exact below 2^24, padding of under 1/4 included)
-        saves_argmax = ARGMAX_MIN_LENGTH * max(1, len(chosen)) <= int(lengths.sum()) < 2**23
+        saves_argmax = plan.route.argmax_min_length * max(1, len(chosen)) <= int(lengths.sum()) < 2**23
         if saves_argmax:
             lengths = _padded_lengths(lengths, ARGMAX_CLASSES, ARGMAX_CLASSES)
         order = torch.argsort(lengths, stable=True)
@@ -503,12 +540,12 @@ def _compiled_pool(xf: torch.Tensor, out: torch.Tensor, wo: torch.Tensor, bo: to
                    segments: Segments, tokens_per_cloud: int, bias_factor: float) -> tuple[torch.Tensor, _CompiledMax]:
     """Every pooled row ``[S, C]`` under ``max + mean`` by the compiled kernel, and the item holding
     every maximum of the buckets of two or more tokens."""
-    views = _derived(segments, "segment views", len(xf), lambda: _segment_views(segments))
-    visit, _ = _derived(segments, f"cloud order {tokens_per_cloud}", len(xf),
+    views = _derived(segments, "segment views", len(xf), plan.route, lambda: _segment_views(segments))
+    visit, _ = _derived(segments, f"cloud order {tokens_per_cloud}", len(xf), plan.route,
                         lambda: _cloud_order(plan, tokens_per_cloud))
     pooled, argmax, tied = native.ops().bucket_pool(xf, out, wo.transpose(1, 2).contiguous(), bo.contiguous(),
                                                     plan.tokens, plan.starts, plan.counts, views, bias_factor, visit)
-    max_views = _derived(segments, "max views", len(xf), lambda: _max_views(plan, segments))
+    max_views = _derived(segments, "max views", len(xf), plan.route, lambda: _max_views(plan, segments))
     return pooled, _CompiledMax(argmax, set(max_views[tied].tolist()))
 
 
@@ -566,12 +603,12 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def forward(ctx, x, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, segments, num_heads,
-                pooling, eps):
+                pooling, eps, route):
         dtype = compute_dtype(x, ln_weight, qkv_weight, out_weight)
         batch, tokens, channels = x.shape
         xf = x.reshape(batch * tokens, channels).to(dtype).contiguous()
-        plan = _derived(segments, "plan", batch * tokens, lambda: _plan(segments, batch * tokens))
-        xhat, mean, rstd = _normalized(xf, eps)
+        plan = _derived(segments, "plan", batch * tokens, route, lambda: _plan(segments, batch * tokens, route))
+        xhat, mean, rstd = _normalized(xf, eps, route.compiled)
         folded_weight, folded_bias = _folded_projection(ln_weight, ln_bias, qkv_weight, qkv_bias, dtype)
         qkv = torch.addmm(folded_bias, xhat, folded_weight.T)  # [B·N, M·3D], row-major = [B·N·M, 3D]
         out, lse = _attention_forward(qkv.view(-1, qkv_weight.shape[1]), plan, num_heads)
@@ -581,13 +618,13 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         weights = linear_pool_weights(plan.counts, pooling, dtype)
         linear_out = torch.segment_reduce(out, "sum", lengths=plan.counts, axis=0, unsafe=True).mul_(weights[:, None])
         bias_factor = 2.0 if pooling == "max+mean" else 1.0  # b_o's, twice under max + mean
-        fused, compiled = native.available(xf.device), None
+        fused, compiled = route.compiled, None
         if pooling == "max+mean" and fused:  # every pooled row in one pass over its items
             pooled, compiled = _compiled_pool(xf, out, wo, bo, plan, segments, tokens, bias_factor)
         # b_o as one more column: [S, D + 1] (backward's [W_o | b_o] gradient from the same rows)
         linear_out = torch.cat((linear_out, linear_out.new_full((len(linear_out), 1), bias_factor)), dim=1)
         if compiled is None:
-            pool_matrix = _derived(segments, f"pool {pooling} {dtype} {xf.device}", len(xf), lambda: csr(
+            pool_matrix = _derived(segments, f"pool {pooling} {dtype} {xf.device}", len(xf), plan.route, lambda: csr(
                 plan.counts, plan.tokens, weights.index_select(0, plan.segment_of_position), len(xf)))
             pooled = csr_mm(pool_matrix, xf)
             out_weight_bias = torch.cat((wo, bo[:, :, None]), dim=2)  # [M, C, D + 1]
@@ -638,9 +675,9 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         if ctx.fused:  # the compiled kernel: each row of g read once, for every gradient, cloud by cloud
             g = g.contiguous()
             tokens_per_cloud = ctx.x_shape[1]
-            visit, runs = _derived(segments, f"cloud order {tokens_per_cloud}", len(xf),
+            visit, runs = _derived(segments, f"cloud order {tokens_per_cloud}", len(xf), plan.route,
                                    lambda: _cloud_order(plan, tokens_per_cloud))
-            segment_views = _derived(segments, "segment views", len(xf), lambda: _segment_views(segments))
+            segment_views = _derived(segments, "segment views", len(xf), plan.route, lambda: _segment_views(segments))
             compiled = ctx.compiled
             has_max = torch.tensor([compiled is not None and view not in compiled.tied for view in range(views)])
             argmax = compiled.argmax if compiled is not None else g.new_empty(0, channels)
@@ -657,7 +694,7 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
                 g_view = g[first:last]
                 torch.mm(g_view.T, linear_out[first:last], out=grad_out_weight_bias[view])
                 torch.mm(g_view, wo[view], out=grad_linear_out[first:last])
-            grad_x = csr_mm(_derived(segments, f"spread {pooling} {dtype} {g.device}", len(xf),
+            grad_x = csr_mm(_derived(segments, f"spread {pooling} {dtype} {g.device}", len(xf), plan.route,
                                      lambda: _spread_matrix(segments, weights, len(xf))), g)
             grad_out = grad_linear_out.mul_(weights[:, None]).index_select(0, plan.segment_of_position)
         grad_out_weight, grad_out_bias = grad_out_weight_bias[..., :width], grad_out_weight_bias[..., width]
@@ -694,19 +731,19 @@ class _NeighborhoodAttentionPool(torch.autograd.Function):
         grad_ln_weight = (grad_folded_weight * w).sum(dim=1)
         grad_ln_bias = torch.matmul(grad_folded_bias[:, None, :], w).squeeze(1)
         grad_xhat = torch.mm(grad_qkv, folded_weight)
-        _normalized_backward(grad_xhat, xf, mean, rstd, grad_x)
+        _normalized_backward(grad_xhat, xf, mean, rstd, grad_x, plan.route.compiled)
         needs = ctx.needs_input_grad
         return (grad_x.view(*ctx.x_shape).to(ctx.x_dtype) if needs[0] else None,
                 grad_as(grad_ln_weight, ln_weight, needs[1]), grad_as(grad_ln_bias, ln_bias, needs[2]),
                 grad_as(grad_qkv_weight, qkv_weight, needs[3]), grad_as(grad_folded_bias, qkv_bias, needs[4]),
                 grad_as(grad_out_weight, out_weight, needs[5]), grad_as(grad_out_bias, out_bias, needs[6]),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: torch.Tensor,
                                 ln_bias: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
                                 out_weight: torch.Tensor, out_bias: torch.Tensor, num_heads: int,
-                                pooling: str, eps: float = 1e-5) -> torch.Tensor:
+                                pooling: str, eps: float = 1e-5, *, route: Route | None = None) -> torch.Tensor:
     """1D/2D-guided local aggregation: per view, bucket-local attention then bucket pooling.
 
     ``t_j = x + Attn_j(LN_j(x))`` among the tokens of each bucket of view ``j``, pooled per
@@ -721,6 +758,7 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
         ln_weight, ln_bias: ``[M, C]``; qkv_weight ``[M, 3D, C]``; qkv_bias ``[M, 3D]``;
         out_weight ``[M, C, D]``; out_bias ``[M, C]``; ``D = num_heads · head_dim``.
         pooling: ``"mean"`` or ``"max+mean"``.
+        route: how the buckets are attended and pooled (:class:`Route`); ``None``: :meth:`Route.default`.
 
     Returns:
         ``[S, C]`` pooled rows of every segment, of ``x``'s dtype.
@@ -729,9 +767,13 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
         raise ValueError(f"pooling must be 'mean' or 'max+mean', got {pooling!r}")
     if qkv_weight.shape[1] % (3 * num_heads):
         raise ValueError(f"qkv_weight rows {qkv_weight.shape[1]} are not 3 × num_heads ({num_heads}) × head_dim")
+    if route is None:
+        route = Route.default(x.device)
+    else:
+        route.check(x.device)
     return _NeighborhoodAttentionPool.apply(x, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias,
-                                            segments, num_heads, pooling, eps)
+                                            segments, num_heads, pooling, eps, route)
 
 
-__all__ = ["ARGMAX_MIN_LENGTH", "CLASSES_PER_OCTAVE", "EXACT_MAX_LEN", "EXPLICIT_MAX_LEN", "FLASH_ON_CPU",
+__all__ = ["ARGMAX_MIN_LENGTH", "CLASSES_PER_OCTAVE", "EXACT_MAX_LEN", "EXPLICIT_MAX_LEN", "FLASH_ON_CPU", "Route",
            "TILE_ELEMENTS", "neighborhood_attention_pool"]

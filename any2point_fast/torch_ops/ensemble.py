@@ -115,14 +115,13 @@ def _index_plan(view_ids: torch.Tensor, base_ids: torch.Tensor, num_view_rows: i
 class _EnsemblePropagate(torch.autograd.Function):
     @staticmethod
     @without_autocast
-    def forward(ctx, x, base_rows, base_ids, view_rows, view_ids, coef):
+    def forward(ctx, x, base_rows, base_ids, view_rows, view_ids, coef, compiled):
         dtype = compute_dtype(x, base_rows, view_rows)
         batch, tokens, channels = x.shape
         rows_f, rows_b = view_rows.to(dtype).contiguous(), base_rows.to(dtype).contiguous()
         plan = derived_from(view_ids, ("ensemble", len(rows_f), len(rows_b), tokens), lambda: _index_plan(
             view_ids, base_ids, len(rows_f), len(rows_b), tokens), base_ids)
         vid, bid = plan.vid, plan.bid
-        compiled = native.available(x.device)
         norms_f, norms_b = rows_f.norm(dim=1), rows_b.norm(dim=1)
         x_rows = x.reshape(batch * tokens, channels).to(dtype)
         if compiled:  # token by token: dots, weights and weighted sum over the same rows, read once
@@ -145,7 +144,7 @@ class _EnsemblePropagate(torch.autograd.Function):
         vid, bid = plan.vid, plan.bid
         needs = ctx.needs_input_grad
         if not (needs[1] or needs[3]):
-            return grad if needs[0] else None, None, None, None, None, None
+            return grad if needs[0] else None, None, None, None, None, None, None
         coef, dtype, compiled = ctx.coef, dots.dtype, ctx.compiled
         rows_f, rows_b = view_rows.to(dtype).contiguous(), base_rows.to(dtype).contiguous()
         base_norm, view_norm = norms_b.index_select(0, bid), norms_f[vid]
@@ -184,11 +183,11 @@ class _EnsemblePropagate(torch.autograd.Function):
                 grad_b = csr_mm(csr(counts, plan.base_items, on_rows, rows_f.shape[0]), rows_f)
                 grad_b.addcmul_(scale[:, None], rows_b)
         return (grad if needs[0] else None, grad_as(grad_b, base_rows, needs[1]), None,
-                grad_as(grad_f, view_rows, needs[3]), None, None)
+                grad_as(grad_f, view_rows, needs[3]), None, None, None)
 
 
 def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch.Tensor, view_rows: torch.Tensor,
-                       view_ids: torch.Tensor, coef: float) -> torch.Tensor:
+                       view_ids: torch.Tensor, coef: float, *, compiled: bool | None = None) -> torch.Tensor:
     """Adaptive any-to-3D ensemble and residual: ``x + c · Σ_j w_ij F_ij``.
 
     ``w_ij = (cos(B_i, F_ij) + 1)/2`` normalised over ``j`` (Eq. 3), as
@@ -200,8 +199,11 @@ def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch
         base_rows: ``[Sv, C]`` pooled 3D baseline rows; ``base_ids``: ``[B, N]`` row of each token.
         view_rows: ``[S, C]`` pooled view rows; ``view_ids``: ``[M, B, N]`` row of each token per view.
         coef: ``c``.
+        compiled: the row products by the compiled CPU kernels (:mod:`.native`), or (``False``) by
+            PyTorch's sparse products; ``None``: compiled wherever the kernels run.
 
     Returns:
         ``[B, N, C]`` of ``x``'s dtype.
     """
-    return _EnsemblePropagate.apply(x, base_rows, base_ids, view_rows, view_ids, coef)
+    return _EnsemblePropagate.apply(x, base_rows, base_ids, view_rows, view_ids, coef,
+                                    native.resolve(compiled, x.device))

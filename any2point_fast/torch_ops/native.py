@@ -131,9 +131,20 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and _build()
 
 
+def resolve(compiled: bool | None, device: torch.device) -> bool:
+    """The route a torch op takes on ``device``: ``compiled`` as asked (``True`` refused where the
+    kernels do not run), or, for ``None``, compiled wherever :func:`available` says they run."""
+    if compiled is None:
+        return available(device)
+    if compiled and not available(device):
+        raise RuntimeError(f"the compiled CPU kernels do not run tensors on {device} (they run on the CPU where "
+                           f"they build, and {ENV_VAR} is not 0)")
+    return bool(compiled)
+
+
 def ops():
     """The compiled kernels' ``torch.ops`` namespace (call :func:`available` first)."""
     return getattr(torch.ops, NAMESPACE)
 
 
-__all__ = ["ENV_VAR", "NAMESPACE", "POOL_BACKWARD_RUNS", "available", "build_name", "ops"]
+__all__ = ["ENV_VAR", "NAMESPACE", "POOL_BACKWARD_RUNS", "available", "build_name", "ops", "resolve"]

@@ -62,13 +62,13 @@ def _backward(grad, x, offsets, weight, bias, mean, rstd, batch):
 class _BatchNormGelu(torch.autograd.Function):
     @staticmethod
     @without_autocast
-    def forward(ctx, rows, offsets, weight, bias, running_mean, running_var, batch, eps):
+    def forward(ctx, rows, offsets, weight, bias, running_mean, running_var, batch, eps, compiled):
         dtype = compute_dtype(rows, weight, bias)
         x = rows.to(dtype).contiguous()
         w, b = weight.to(dtype).contiguous(), bias.to(dtype).contiguous()
         mean, var = running_mean.to(dtype), running_var.to(dtype)
         # the compiled kernel's view of the groups, built once for forward and backward
-        layout = (torch.tensor(offsets), torch.tensor(batch, dtype=torch.bool)) if native.available(x.device) else None
+        layout = (torch.tensor(offsets), torch.tensor(batch, dtype=torch.bool)) if compiled else None
         if layout is not None:
             # GELU'(z) kept for backward when there is one: backward then evaluates no erf
             y, mean, var, rstd, slope = native.ops().batch_norm_gelu(x, layout[0], w, b, mean, var, layout[1], eps,
@@ -95,12 +95,13 @@ class _BatchNormGelu(torch.autograd.Function):
         needs, (rows_dtype, weight_dtype, bias_dtype) = ctx.needs_input_grad, ctx.dtypes
         return (grads[0].to(rows_dtype) if needs[0] else None, None,
                 grads[1].to(weight_dtype) if needs[2] else None, grads[2].to(bias_dtype) if needs[3] else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def batch_norm_gelu(rows: torch.Tensor, offsets: tuple[int, ...], weight: torch.Tensor, bias: torch.Tensor,
                     running_mean: torch.Tensor, running_var: torch.Tensor, batch: tuple[bool, ...],
-                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    eps: float = 1e-5, *,
+                    compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``GELU(BN_g(rows))`` for every group ``g`` of consecutive rows; the values of
     :func:`any2point_fast.reference.batch_norm_gelu`, in two passes forward and two backward.
 
@@ -108,11 +109,14 @@ def batch_norm_gelu(rows: torch.Tensor, offsets: tuple[int, ...], weight: torch.
         rows: ``[S, C]``; group ``g`` is rows ``offsets[g] … offsets[g + 1] − 1``.
         weight, bias: ``[G, C]``; running_mean, running_var: ``[G, C]``, used where ``batch[g]`` is false.
         batch: ``G`` bools: group ``g`` normalises with its own (biased) statistics.
+        compiled: run the compiled CPU kernel (:mod:`.native`), or (``False``) PyTorch ops group by
+            group; ``None``: compiled wherever the kernels run.
 
     Returns:
         ``[S, C]`` of ``rows``' dtype; the float32 ``[G, C]`` mean and biased variance used.
     """
-    return _BatchNormGelu.apply(rows, tuple(offsets), weight, bias, running_mean, running_var, tuple(batch), eps)
+    return _BatchNormGelu.apply(rows, tuple(offsets), weight, bias, running_mean, running_var, tuple(batch), eps,
+                                native.resolve(compiled, rows.device))
 
 
 __all__ = ["batch_norm_gelu"]

@@ -35,14 +35,15 @@ from ._common import (
 class _SegmentPool(torch.autograd.Function):
     @staticmethod
     @without_autocast
-    def forward(ctx, values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:
+    def forward(ctx, values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str,
+                compiled: bool) -> torch.Tensor:
         dtype = compute_dtype(values)
         v = values.to(dtype)
         ids, order, counts, shared = derived_from(segment_ids, ("segment pool", num_segments),
                                                   lambda: _sort(segment_ids, num_segments))
         with_max = pooling == "max+mean"
         rows = maxima = argmax = None
-        compiled = with_max and native.available(v.device)
+        compiled = with_max and compiled
         if compiled:  # every pooled row in one pass over its rows
             pooled, argmax = _compiled_pool(v.contiguous(), order, counts)
         else:
@@ -65,7 +66,7 @@ class _SegmentPool(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         values, ids, order, counts, shared, rows, maxima, argmax = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         dtype = compute_dtype(values)
         g = grad.to(dtype)
         weights = linear_pool_weights(counts, ctx.pooling, dtype)
@@ -86,7 +87,7 @@ class _SegmentPool(torch.autograd.Function):
             local = (torch.cumsum(counts > 1, 0) - 1).index_select(0, ids.index_select(0, rows))
             at_max = maxima.index_select(0, local).eq_(values.to(dtype).index_select(0, rows))
             grad_values.index_add_(0, rows, max_gradient_shares(g.index_select(0, shared), at_max, local))
-        return grad_values.to(values.dtype), None, None, None
+        return grad_values.to(values.dtype), None, None, None, None
 
 
 def _sort(segment_ids: torch.Tensor, num_segments: int):
@@ -111,7 +112,8 @@ def _compiled_pool(v: torch.Tensor, order: torch.Tensor,
     return pooled, None if bool(tied.any()) else argmax
 
 
-def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:
+def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str, *,
+                 compiled: bool | None = None) -> torch.Tensor:
     """Pool rows into segments: ``mean`` or ``max + mean`` (the two summed).
 
     Args:
@@ -119,6 +121,8 @@ def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: 
         segment_ids: ``[T]`` int64 in ``[0, num_segments)``.
         num_segments: ``S``; an empty segment pools to zeros.
         pooling: ``"mean"`` or ``"max+mean"``.
+        compiled: ``max + mean`` by the compiled CPU kernel (:mod:`.native`), or (``False``) by
+            PyTorch's segment reductions; ``None``: compiled wherever the kernels run.
 
     Returns:
         ``[S, C]`` of ``values``' dtype, computed in float32 (float64 for float64 input).
@@ -126,4 +130,4 @@ def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: 
     """
     if pooling not in ("mean", "max+mean"):
         raise ValueError(f"pooling must be 'mean' or 'max+mean', got {pooling!r}")
-    return _SegmentPool.apply(values, segment_ids, num_segments, pooling)
+    return _SegmentPool.apply(values, segment_ids, num_segments, pooling, native.resolve(compiled, values.device))

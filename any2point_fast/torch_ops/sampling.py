@@ -17,21 +17,17 @@ from . import native
 KNN_BLOCK_ELEMENTS = 1 << 22
 
 
-def farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
+def farthest_point_sample(xyz: torch.Tensor, num_samples: int, *, compiled: bool | None = None) -> torch.Tensor:
     """``[B, P, 3]`` float clouds → ``[B, S]`` int64 indices of their greedy farthest points (see
-    :func:`any2point_fast.reference.farthest_point_sample`); distances in float32 whatever the dtype."""
+    :func:`any2point_fast.reference.farthest_point_sample`); distances in float32 whatever the dtype.
+    ``compiled``: the whole loop in one compiled CPU call (:mod:`.native`), or (``False``) a few
+    batched PyTorch ops per sample; ``None``: compiled wherever the kernels run."""
     batch, num_points, _ = xyz.shape
     if not 0 < num_samples <= num_points:
         raise ValueError(f"cannot sample {num_samples} of {num_points} points")
     xyz = xyz.detach().float().contiguous()
-    if native.available(xyz.device):
+    if native.resolve(compiled, xyz.device):
         return native.ops().farthest_point_sample(xyz, num_samples)
-    return _farthest_point_sample_stepwise(xyz, num_samples)
-
-
-def _farthest_point_sample_stepwise(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """:func:`farthest_point_sample` as batched PyTorch ops, one step per sample (no compiled kernels)."""
-    batch, num_points, _ = xyz.shape
     picked = xyz.new_zeros(batch, num_samples, dtype=torch.long)
     nearest = xyz.new_full((batch, num_points), float("inf"))
     for s in range(1, num_samples):

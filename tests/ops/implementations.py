@@ -1,17 +1,33 @@
-"""The implementations of the tokenizer's sampling ops that can run here, for the per-op tests.
+"""The registered implementations of an op that can run here, for the per-op tests.
 
-Triton runs under ``TRITON_INTERPRET=1`` on the CPU (``tests/conftest.py`` sets it before
-anything imports triton) or compiled on a GPU.
+Every implementation of :mod:`any2point_fast.registry` but the reference (the oracle the others
+are compared with) that supports this machine's test device: the torch path's routes on the CPU
+(where the compiled kernels build, the compiled one too), and Triton under ``TRITON_INTERPRET=1``
+on the CPU (``tests/conftest.py`` sets it before anything imports triton) or compiled on a GPU.
+Tests reach each route through its registered options, never by patching module globals.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
 import pytest
 import torch
 
-from any2point_fast import torch_ops
+from any2point_fast import registry
 from any2point_fast.torch_ops import native
-from any2point_fast.torch_ops import sampling as torch_sampling
+
+
+class Runnable(NamedTuple):
+    """An implementation with its bound function and the device its test inputs go to."""
+
+    name: str
+    fn: Callable
+    device: torch.device
+    implementation: registry.Implementation
 
 
 def triton_device() -> torch.device:
@@ -24,9 +40,41 @@ def triton_device() -> torch.device:
     return torch.device("cpu")
 
 
-def farthest_point_sample_implementations() -> dict:
-    """``name -> (function, device)`` of every farthest point sampling that can run here."""
-    found = {"torch, stepwise": (torch_sampling._farthest_point_sample_stepwise, torch.device("cpu"))}
-    if native.available(torch.device("cpu")):
-        found["torch, compiled"] = (torch_ops.farthest_point_sample, torch.device("cpu"))
+def _device(impl: registry.Implementation) -> torch.device:
+    if impl.backend == "triton":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cpu")
+
+
+def runnable(op: str) -> dict[str, Runnable]:
+    """``name -> Runnable`` of every implementation of ``op`` but the reference that runs here.
+
+    Where the compiled CPU kernels fail to build (``ANY2POINT_NATIVE`` not ``0``), that is an
+    error, not a skip: :func:`require_compiled` says so in its own test.
+    """
+    found = {}
+    for impl in registry.implementations(op):
+        device = _device(impl)
+        if impl.backend != "reference" and not impl.supports(device):
+            found[impl.name] = Runnable(impl.name, impl.function(), device, impl)
     return found
+
+
+def names(op: str) -> list[str]:
+    """The names of :func:`runnable`, for ``pytest.mark.parametrize``."""
+    return list(runnable(op))
+
+
+def with_route(name: str, **changes) -> Callable:
+    """``neighborhood_attention_pool`` of the torch route ``name`` with some of its
+    :class:`~any2point_fast.torch_ops.attention.Route` fields changed (its tile size, when it saves argmaxes)."""
+    impl = runnable("neighborhood_attention_pool")[name].implementation
+    route = dataclasses.replace(impl.options["route"], **changes)
+    return dataclasses.replace(impl, options={"route": route}).function()
+
+
+def require_compiled() -> None:
+    """Skip where the user turned the compiled kernels off; anywhere else they must build."""
+    if os.environ.get(native.ENV_VAR, "").strip() == "0":
+        pytest.skip(f"{native.ENV_VAR}=0: compiled kernels turned off")
+    assert native.available(torch.device("cpu")), "the compiled CPU kernels did not build (see the warning)"

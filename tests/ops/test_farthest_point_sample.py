@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from any2point_fast import ops
 from any2point_fast import reference as R
 from any2point_fast.validation import InputError
-from tests.ops.implementations import farthest_point_sample_implementations, triton_device
+from tests.ops.cases import budget, property_settings
+from tests.ops.implementations import names, runnable, triton_device
 
-PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+OP = "farthest_point_sample"
 LAYOUTS = ("normal", "grid ties", "all equal", "duplicated", "tiny", "huge", "far away")
 
 
@@ -36,36 +37,26 @@ def cloud(seed: int, batch: int, points: int, layout: str, dtype: torch.dtype) -
     return xyz.to(dtype).contiguous()
 
 
-def implementations() -> dict:
-    return farthest_point_sample_implementations()
+@pytest.mark.parametrize("name", names(OP))
+def test_every_implementation_picks_the_reference_points(name):
+    impl = runnable(OP)[name]
+    bound = budget(impl)
+    triton = impl.implementation.backend == "triton"
+    dtypes = (torch.float32,) if triton else (torch.float32, torch.float16, torch.float64)
 
+    @property_settings(impl)
+    @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, bound.max_batch + (not triton)),
+           points=st.integers(1, 40 if triton else 300), fraction=st.floats(0.0, 1.0),
+           layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(dtypes))
+    def check(seed, batch, points, fraction, layout, dtype):
+        assume(dtype != torch.float16 or layout not in ("huge", "far away"))  # beyond float16's range
+        # (interpreted Triton: a sample loop of at most 12 steps)
+        samples = max(1, round(fraction * (min(points, 12) if triton else points)))
+        xyz = cloud(seed, batch, points, layout, dtype)
+        picked = impl.fn(xyz.to(impl.device), samples)
+        assert picked.dtype == torch.int64 and picked.tolist() == R.farthest_point_sample(xyz, samples).tolist()
 
-@pytest.mark.parametrize("name", list(implementations()))
-@PROPERTY
-@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), points=st.integers(1, 300),
-       fraction=st.floats(0.0, 1.0), layout=st.sampled_from(LAYOUTS),
-       dtype=st.sampled_from((torch.float32, torch.float16, torch.float64)))
-def test_the_torch_path_picks_the_reference_points(name, seed, batch, points, fraction, layout, dtype):
-    assume(dtype != torch.float16 or layout not in ("huge", "far away"))  # beyond float16's range
-    fn, device = implementations()[name]
-    samples = max(1, round(fraction * points))
-    xyz = cloud(seed, batch, points, layout, dtype)
-    expected = R.farthest_point_sample(xyz, samples)
-    picked = fn(xyz.to(device) if name.endswith("compiled") else xyz.float().contiguous(), samples)
-    assert picked.dtype == torch.int64 and picked.tolist() == expected.tolist()
-
-
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), points=st.integers(1, 40),
-       fraction=st.floats(0.0, 1.0), layout=st.sampled_from(LAYOUTS))
-def test_triton_picks_the_reference_points(seed, batch, points, fraction, layout):
-    from any2point_fast import kernels
-
-    device = triton_device()
-    samples = max(1, round(fraction * min(points, 12)))
-    xyz = cloud(seed, batch, points, layout, torch.float32)
-    assert kernels.farthest_point_sample(xyz.to(device), samples).tolist() == \
-        R.farthest_point_sample(xyz, samples).tolist()
+    check()
 
 
 def test_triton_walks_clouds_wider_than_one_block():
