@@ -198,9 +198,9 @@ def _checked_head(path: Path, head: dict[str, Any]) -> dict[str, Any]:
 def _stand_in_encoder(directory: Path, saved: dict[str, Any], backbone: nn.Module | None) -> nn.Module:
     """The stand-in encoder given as ``backbone`` for a stand-in checkpoint, checked against it."""
     from .config import Any2PointConfig, ConfigError
-    from .reference import ReferenceModel
+    from .model import StandInModel
 
-    if not isinstance(backbone, ReferenceModel):
+    if not isinstance(backbone, StandInModel):
         raise CheckpointError(f"{directory} was trained on a stand-in backbone, which is not stored: pass "
                               "backbone=StandInModel(config, num_layers, num_heads, seed) built as for training")
     problems = compare_fingerprints(saved["backbone_fingerprint"], _stand_in_fingerprint(backbone))
