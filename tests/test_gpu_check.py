@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_report  # noqa: E402
+import gpu_check  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +65,9 @@ def test_targets_are_judged_from_the_measured_figures():
     assert "| adapter fwd+bwd bf16, language B=32 N=128: triton ≥ 2× torch | 1.5× | missed |" in lines
     assert "| op:segment_pool vision B=32 N=1024 forward bf16: ≥ 50 % of measured bandwidth | 50 % | met |" in lines
     assert "| training step (ViT-B stand-in, bf16): triton ≥ 1.5× reference | 1.20× | missed |" in lines
+
+
+def test_the_gpu_run_names_only_files_that_exist():
+    """The dry run selects other tests, so a moved test file would only fail on the GPU."""
+    for path in [*gpu_check.GPU_TESTS, *gpu_check.BENCH_FILES]:
+        assert (ROOT / path).exists(), path
