@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
+from .data.cached import CachedItems
 from .data.folder import PartFolder, has_split_folders
 from .data.parts import PartDataset, SyntheticParts
 from .data.shapenetpart import ShapeNetPart, ShapeNetPartH5
@@ -34,14 +34,15 @@ PART_DATASETS = {"synthetic_parts": SyntheticParts, "shapenetpart": ShapeNetPart
                  "folder": PartFolder}
 
 
-class PartItems(Dataset):
+class PartItems(CachedItems):
     """A part dataset addressed by ``(epoch, index)``, like :class:`~any2point_fast.train.EpochItems`:
     the resampling and augmentation of an item are drawn from ``generator`` reseeded from ``(seed, epoch,
     index)`` by ``mix``. Items: ``(points float32 [P, 3], category int64, parts int64 [P])``."""
 
     def __init__(self, base: PartDataset, num_points: int, train: bool, seed: int, mix: Callable[..., int],
                  cache: bool = False):
-        self.base, self.seed, self.mix = base, seed, mix
+        super().__init__(base, cache)
+        self.seed, self.mix = seed, mix
         self.classes, self.category_parts = list(base.classes), base.category_parts
         self.num_parts = len(base.part_names)
         self.generator = torch.Generator()
@@ -50,23 +51,6 @@ class PartItems(Dataset):
         if train:
             steps += [RandomScale(0.9, 1.1, generator=self.generator), RandomTranslate(0.2, generator=self.generator)]
         self.transform = Compose(steps)
-        self._cache: dict[int, tuple] | None = {} if cache else None
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def preload(self) -> None:
-        """Read every raw item into the cache now (before DataLoader workers copy it)."""
-        if self._cache is not None:
-            for index in range(len(self)):
-                self._raw(index)
-
-    def _raw(self, index: int) -> tuple:
-        if self._cache is None:
-            return self.base[index]
-        if index not in self._cache:
-            self._cache[index] = self.base[index]
-        return self._cache[index]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)

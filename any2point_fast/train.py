@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from . import __version__, ops
 from .atomic_io import atomic_write_bytes
 from .config import Any2PointConfig, ConfigError
+from .data.cached import CachedItems
 from .partseg import (
     TASKS,
     PartItems,
@@ -625,7 +626,7 @@ def _mix(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-class EpochItems(Dataset):
+class EpochItems(CachedItems):
     """A dataset addressed by ``(epoch, index)``: the augmentation of an item depends on nothing else.
 
     The raw clouds come from ``base`` (built without transform); ``transform`` draws from one
@@ -635,25 +636,9 @@ class EpochItems(Dataset):
 
     def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator,
                  seed: int, cache: bool = False):
-        self.base, self.transform, self.generator, self.seed = base, transform, generator, seed
+        super().__init__(base, cache)
+        self.transform, self.generator, self.seed = transform, generator, seed
         self.classes = list(base.classes)
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def preload(self) -> None:
-        """Read every raw cloud into the cache now (before DataLoader workers start and copy it)."""
-        if self._cache is not None:
-            for index in range(len(self)):
-                self._raw(index)
-
-    def _raw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None:
-            return self.base[index]
-        if index not in self._cache:
-            self._cache[index] = self.base[index]
-        return self._cache[index]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
