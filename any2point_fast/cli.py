@@ -87,8 +87,10 @@ def recipe_keys_text(width: int = 100) -> str:
 
     blocks = []
     for keys in recipe_keys().values():
-        blocks.append(textwrap.fill("  ".join(keys), width, initial_indent="  ", subsequent_indent="  ",
-                                    break_long_words=False, break_on_hyphens=False))
+        # a key's own spaces ("train.precision=fp32 {fp32|bf16|fp16}") are no-break spaces while wrapping
+        text = textwrap.fill("  ".join(key.replace(" ", "\u00a0") for key in keys), width, initial_indent="  ",
+                             subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+        blocks.append(text.replace("\u00a0", " "))
     return "\n".join(blocks)
 
 

@@ -52,6 +52,22 @@ BACKBONE_FIELDS = ("hidden_size", "pe_kind", "pe_length", "pe_grid")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "trust_remote_code", "subfolder")
 
 
+def parameter_part(name: str) -> str:
+    """The trainable part a parameter belongs to, by its qualified name in an :class:`Any2PointModel`,
+    a :class:`StandInModel` or a model holding one: ``"tokenizer"``, ``"adapters"`` (with the shared
+    view attention), ``"prefix tokens"``, ``"head"`` or ``"other"``."""
+    parts = name.split(".")
+    if {"view_attention", "adapters", "adapter"} & set(parts):
+        return "adapters"
+    if parts[-1] in ("cls_token", "cls_pos"):
+        return "prefix tokens"
+    if {"tokenizer", "token_norm"} & set(parts):
+        return "tokenizer"
+    if "head" in parts:
+        return "head"
+    return "other"
+
+
 class Any2PointBlock(nn.Module):
     """One frozen backbone layer (``base_layer``, untouched) with the guided adapter after its FFN.
 
@@ -279,16 +295,6 @@ class Any2PointModel(nn.Module):
         return self.final_norm(x), centers, kept
 
     # ------------------------------------------------------------------ parameters
-    def _group(self, name: str) -> str:
-        if name.startswith(("tokenizer.", "token_norm.")):
-            return "tokenizer"
-        if name.startswith("head."):
-            return "head"
-        if name in ("cls_token", "cls_pos"):
-            return "prefix tokens"
-        if name.startswith("view_attention.") or ".adapter." in name:
-            return "adapters"
-        return "other"
 
     def trainable_parameter_groups(self) -> dict[str, int]:
         """Trainable parameter counts by part: tokenizer, adapters (incl. the shared view attention),
@@ -296,7 +302,7 @@ class Any2PointModel(nn.Module):
         groups = dict.fromkeys(("tokenizer", "adapters", "prefix tokens", "head"), 0)
         for name, param in self.named_parameters():
             if param.requires_grad:
-                group = self._group(name)
+                group = parameter_part(name)
                 groups[group] = groups.get(group, 0) + param.numel()
         return groups
 
@@ -486,4 +492,4 @@ class StandInModel(nn.Module):
         return self.final_norm(x), centers, kept
 
 
-__all__ = ["Any2PointBlock", "Any2PointModel", "StandInModel", "BACKBONE_FIELDS", "load_backbone", "resolve_config"]
+__all__ = ["Any2PointBlock", "Any2PointModel", "StandInModel", "BACKBONE_FIELDS", "parameter_part", "load_backbone", "resolve_config"]

@@ -49,6 +49,7 @@ class Recipe:
     epochs: int = 8
     batch_size: int = 32
     lr: float = 1e-3
+    adapter_lr_scale: float = 0.1
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     precise_bn_batches: int = 4
@@ -125,7 +126,7 @@ def run_one(backbone: str, weights: str, seed: int, recipe: Recipe) -> dict:
     picks = torch.randperm(len(train_idx), generator=fixed)[:recipe.precise_bn_batches * recipe.batch_size]
     bn_x = torch.stack([val_transform(points[train_idx[int(i)]]) for i in picks])
     model = build(backbone, weights, seed, recipe, int(labels.max()) + 1)
-    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay, recipe.adapter_lr_scale), lr=recipe.lr)
     steps = len(train_idx) // recipe.batch_size
     total, warmup = steps * recipe.epochs, int(recipe.warmup_epochs * steps)
     order = torch.Generator().manual_seed(seed)
@@ -139,7 +140,7 @@ def run_one(backbone: str, weights: str, seed: int, recipe: Recipe) -> dict:
             batch = perm[s * recipe.batch_size:(s + 1) * recipe.batch_size]
             x = torch.stack([train_transform(points[i]) for i in batch])
             for group in optimizer.param_groups:
-                group["lr"] = recipe.lr * lr_factor(step, warmup, total, 0.01)
+                group["lr"] = recipe.lr * group["lr_scale"] * lr_factor(step, warmup, total, 0.01)
             loss = F.cross_entropy(model(x), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -240,7 +241,7 @@ def section(result: dict, plot_name: str | None) -> str:
         f"Real ModelNet10 training shapes ({result['data']}), seeded stratified split "
         f"(seed {recipe['split_seed']}): {recipe['train_per_class']} training and {recipe['val_per_class']} "
         f"validation shapes per class (validation never trained on); {recipe['num_points']} points, "
-        f"{recipe['epochs']} epochs, batch {recipe['batch_size']}, lr {recipe['lr']}, model {recipe['model']}, "
+        f"{recipe['epochs']} epochs, batch {recipe['batch_size']}, lr {recipe['lr']} (adapters and prefix tokens × {recipe.get('adapter_lr_scale', 1.0)}), model {recipe['model']}, "
         f"BatchNorm statistics recomputed on {recipe['precise_bn_batches']} training batches before each evaluation. "
         "`random` = the same architecture config freshly initialised (seeded), frozen the same way; "
         "same seeds, data order and initial trainable weights as `pretrained`.", "",

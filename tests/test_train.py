@@ -21,7 +21,7 @@ from any2point_fast.training.datasets import EpochItems, build_datasets
 from any2point_fast.training.engine import train
 from any2point_fast.training.evaluation import evaluate_checkpoint
 from any2point_fast.training.model_factory import build_model
-from any2point_fast.training.optimization import lr_factor, parameter_groups
+from any2point_fast.training.optimization import build_optimizer, lr_factor, parameter_groups
 from any2point_fast.training.run_config import RunConfig, TrainConfig
 
 TINY = {
@@ -337,10 +337,33 @@ def test_no_weight_decay_on_norms_biases_and_cls_tokens():
     decayed = {names[id(p)] for p in decay["params"]}
     undecayed = {names[id(p)] for p in plain["params"]}
     assert (decay["weight_decay"], plain["weight_decay"]) == (0.05, 0.0)
+    assert decay["lr_scale"] == plain["lr_scale"] == 1.0
     assert {"cls_token", "cls_pos", "view_attention.ln_weight", "view_attention.ln_bias"} <= undecayed
     assert all(".bias" not in n and "norm" not in n for n in decayed)
     assert "view_attention.qkv_weight" in decayed and "head.mlp.0.weight" in decayed
     assert decayed | undecayed == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_adapter_lr_scale_applies_to_adapters_view_attention_and_prefix_tokens_only():
+    run = tiny()
+    run.train.adapter_lr_scale = 0.1
+    model = build_model(run, 12)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = parameter_groups(model, 0.05, 0.1)
+    assert groups[0]["lr_scale"] == 1.0
+    scaled = {names[id(p)] for g in groups if g["lr_scale"] == 0.1 for p in g["params"]}
+    assert {"cls_token", "cls_pos", "view_attention.qkv_weight", "adapters.0.up.weight",
+            "adapters.0.view_norms.0.weight"} <= scaled
+    assert not any(n.startswith(("tokenizer.", "head.")) for n in scaled)
+    optimizer, scheduler, _ = build_optimizer(model, run.train, warmup_steps=2, total_steps=10,
+                                              device=torch.device("cpu"))
+    rates = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert rates["cls_token"] == pytest.approx(0.1 * rates["tokenizer.proj.weight"])
+    scheduler.step()
+    rates = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert rates["adapters.0.up.weight"] == pytest.approx(0.1 * rates["head.mlp.0.weight"])
+    with pytest.raises(ConfigError, match="adapter_lr_scale"):
+        TrainConfig(adapter_lr_scale=0.0)
 
 
 def test_items_depend_on_seed_epoch_and_index_only():

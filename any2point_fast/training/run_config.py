@@ -36,6 +36,11 @@ class TrainConfig:
 
     Optimisation: ``epochs``, ``batch_size`` (per process), AdamW ``lr``/``weight_decay``/``betas``,
     ``warmup_epochs`` of linear warm-up then a per-step cosine decay to ``min_lr``,
+    ``adapter_lr_scale`` (the learning rate of the adapters, their shared view attention and the
+    prefix tokens is ``lr × adapter_lr_scale``: these sit inside the frozen backbone, whose
+    pretrained layers pass them gradients ~20× larger than random layers do, and AdamW's steps do
+    not shrink with that gain, so at the tokenizer's learning rate they move the pretrained model's
+    function much further per step; the Hugging Face recipes set 0.1, see BENCHMARKS.md "Transfer"),
     ``grad_clip`` (max global grad norm; 0 disables), ``label_smoothing``, ``grad_accum_steps``
     (micro-batches per optimizer step).
 
@@ -65,6 +70,7 @@ class TrainConfig:
     epochs: int = 300
     batch_size: int = 32
     lr: float = 5e-4
+    adapter_lr_scale: float = 1.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 10.0
@@ -103,6 +109,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
         if self.backend not in ops.BACKENDS:
             raise ConfigError(f"train.backend must be one of {list(ops.BACKENDS)}, got {self.backend!r}")
+        if not self.adapter_lr_scale > 0:
+            raise ConfigError(f"train.adapter_lr_scale must be > 0, got {self.adapter_lr_scale}")
         if self.lr <= 0 or self.weight_decay < 0 or self.min_lr < 0 or self.warmup_epochs < 0:
             raise ConfigError("train.lr must be > 0 and weight_decay, min_lr, warmup_epochs >= 0")
         if not 0 <= self.label_smoothing < 1:
