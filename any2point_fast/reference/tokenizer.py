@@ -73,19 +73,22 @@ def neighborhood_aggregate(feat: torch.Tensor, offsets: torch.Tensor, centre_ind
         ``[B, S, 2C]`` of ``feat``'s dtype (computed in float32, or float64 for float64 inputs), and
         the mean and biased variance BN1 (``[H]``) and BN2 (``[2C]``) normalised with (no gradient).
     """
-    dtype = torch.promote_types(feat.dtype, torch.float32)
+    given, dtype = feat.dtype, torch.promote_types(feat.dtype, torch.float32)
     feat, offsets = feat.to(dtype), offsets.to(dtype)
     dim, k = 2 * feat.shape[-1], neighbour_index.shape[-1]
     centre_feat = gather_points(feat, centre_index)[:, :, None].expand(-1, -1, k, -1)
     grouped = torch.cat((gather_points(feat, neighbour_index), centre_feat), dim=-1)
     grouped = grouped + sinusoidal_position_code(offsets, dim, alpha, beta)
     rows = grouped.reshape(-1, dim)
-    hidden, mean1, var1 = _batch_norm(F.linear(rows, weight1.to(dtype)), norm1_weight.to(dtype),
-                                      norm1_bias.to(dtype), norm1_mean, norm1_var, training, eps)
-    mixed, mean2, var2 = _batch_norm(F.linear(torch.relu(hidden), weight2.to(dtype)), norm2_weight.to(dtype),
-                                     norm2_bias.to(dtype), norm2_mean, norm2_var, training, eps)
+    # contiguous parameters: on the CPU, F.batch_norm's backward misreads a strided weight (torch 2.13)
+    norm1_weight, norm1_bias, norm2_weight, norm2_bias = (
+        t.to(dtype).contiguous() for t in (norm1_weight, norm1_bias, norm2_weight, norm2_bias))
+    hidden, mean1, var1 = _batch_norm(F.linear(rows, weight1.to(dtype)), norm1_weight, norm1_bias, norm1_mean,
+                                      norm1_var, training, eps)
+    mixed, mean2, var2 = _batch_norm(F.linear(torch.relu(hidden), weight2.to(dtype)), norm2_weight, norm2_bias,
+                                     norm2_mean, norm2_var, training, eps)
     out = torch.relu(rows + mixed).reshape(grouped.shape).amax(dim=2)
-    return out.to(feat.dtype if feat.dtype == dtype else out.dtype), mean1, var1, mean2, var2
+    return out.to(given), mean1, var1, mean2, var2
 
 
 def _track(norm: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, rows: int) -> None:
