@@ -19,7 +19,8 @@ backward
   gradient) is sparse: BN2's sums ``Σ du`` and ``Σ du·ŷ`` come from the saved ``[B·S, 2C]``, and
   ``dy = s·du + c0 − q·W2 a`` (``s, q, c0`` per channel) gives
   ``da = W2ᵀ(s·du) + W2ᵀc0 − (W2ᵀ diag(q) W2) a`` and ``dW2 = diag(s) Σ du aᵀ + c0 (Σ a)ᵀ − diag(q) W2 Σ a aᵀ``
-  (the last two from forward's ``[H]``, ``[H, H]`` moments): one pass over the chunks for ``da``,
+  (the last two from forward's ``[H]``, ``[H, H]`` moments; the sparse ``du`` terms as a gather of
+  ``a`` and a scatter into ``da`` at the argmax rows): one pass over the chunks for ``da``,
   ``dz = da·[a > 0]`` and BN1's sums, then ``dh`` over ``[R, H]``, and a last pass for the
   position code's share of ``dW1`` (and the offsets' gradient when they need one). The feature
   parts of ``dW1`` and ``dfeat`` go through per-point sums of ``dh``.
@@ -35,8 +36,9 @@ import torch
 
 from ._common import compute_dtype, without_autocast
 
-#: Bytes of a chunk's ``[rows, 2C]`` float32 tensor: a few of them stay in the caches.
-_CHUNK_BYTES = 2 << 20
+#: Bytes of a chunk's ``[rows, 2C]`` float32 tensor: few enough chunks that the per-op overhead
+#: (thread hand-offs on a busy machine above all) stays small beside the gemms.
+_CHUNK_BYTES = 16 << 20
 
 
 def chunk_centres(k: int, channels: int) -> int:
@@ -44,17 +46,37 @@ def chunk_centres(k: int, channels: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * channels * k))
 
 
-def position_code(offsets: torch.Tensor, dim: int, alpha: float, beta: float) -> torch.Tensor:
-    """Point-PN's code of ``[..., 3]`` offsets → ``[..., dim]`` of their dtype: axis ``a`` and frequency
-    ``i`` of ``f = ceil(dim / 6)`` give ``sin(beta · x_a / alpha^(i/f))`` and ``cos(...)`` (axis-major,
-    then frequency, then sin/cos), cut to ``dim``."""
+def _angles(offsets: torch.Tensor, dim: int, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 angles ``[..., 3, f]`` of the position code of ``[..., 3]`` offsets, and ``[f]`` their
+    slopes ``beta / alpha^(i/f)``."""
     freqs = math.ceil(dim / 6)
     # the angles in float32 as (beta·x) / alpha^(i/f) whatever the dtype, the reference's to the bit,
     # so that near-ties in the max over neighbours fall the same way
     exponents = torch.arange(freqs, device=offsets.device, dtype=torch.float32) / freqs
-    angle = beta * offsets.float().unsqueeze(-1) / alpha**exponents  # [..., 3, f]
-    code = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-3)
-    return code[..., :dim].to(offsets.dtype)
+    divisors = alpha**exponents
+    return beta * offsets.float().unsqueeze(-1) / divisors, beta / divisors
+
+
+def position_code(offsets: torch.Tensor, dim: int, alpha: float, beta: float) -> torch.Tensor:
+    """Point-PN's code of ``[..., 3]`` offsets → ``[..., dim]`` of their dtype: axis ``a`` and frequency
+    ``i`` of ``f = ceil(dim / 6)`` give ``sin(beta · x_a / alpha^(i/f))`` and ``cos(...)`` (axis-major,
+    then frequency, then sin/cos), cut to ``dim``."""
+    angle, _ = _angles(offsets, dim, alpha, beta)
+    code = angle.new_empty(*angle.shape, 2)
+    torch.sin(angle, out=code[..., 0])
+    torch.cos(angle, out=code[..., 1])
+    return code.flatten(-3)[..., :dim].to(offsets.dtype)
+
+
+def _position_code_backward(grad: torch.Tensor, offsets: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """The gradient ``[..., 3]`` of ``offsets`` from that of their :func:`position_code` ``[..., dim]``."""
+    dim = grad.shape[-1]
+    angle, slopes = _angles(offsets, dim, alpha, beta)
+    full = grad.new_zeros(*grad.shape[:-1], 6 * angle.shape[-1], dtype=torch.float32)
+    full[..., :dim] = grad
+    full = full.view(angle.shape + (2,))
+    d_angle = full[..., 0] * angle.cos() - full[..., 1] * angle.sin()
+    return (d_angle * slopes).sum(dim=-1).to(offsets.dtype)
 
 
 def _slices(count: int, step: int):
@@ -175,17 +197,17 @@ class _Aggregate(torch.autograd.Function):
         dz = torch.empty_like(h)
         grad_bias1, grad_weight1 = h.new_zeros(hidden), h.new_zeros(hidden)
         for part in chunks:
-            a = torch.relu_(torch.addcmul(shift1, h[part], scale1)).view(-1, hidden)
-            sparse = du.new_zeros(a.shape[0] // k, k, dim).scatter_(1, arg[part].unsqueeze(1), du[part].unsqueeze(1))
-            sparse = sparse.view(-1, dim)
-            du_a.addmm_(sparse.T, a)
-            da = torch.addmm(da_shift, sparse, w2s)
-            if training:
-                da.addmm_(a, cross, alpha=-1)
-            dz_part = dz[part].view(-1, hidden)
+            a = torch.relu_(torch.addcmul(shift1, h[part], scale1))  # [c, k, H]
+            # the rows at the maxima: per centre and channel, the row of its argmax
+            at_max = arg[part].unsqueeze(-1).expand(-1, -1, hidden)  # [c, 2C, H]
+            du_part = du[part].unsqueeze(-1)
+            du_a += (torch.gather(a, 1, at_max) * du_part).sum(dim=0)
+            da = torch.matmul(a, cross).neg_().add_(da_shift) if training else da_shift.expand_as(a).clone()
+            da.scatter_add_(1, at_max, du_part * w2s)
+            dz_part = dz[part]
             torch.mul(da, a > 0, out=dz_part)
-            grad_bias1 += dz_part.sum(dim=0)
-            grad_weight1 += (dz_part * (h[part].view(-1, hidden) - mean1)).sum(dim=0)
+            grad_bias1 += dz_part.sum(dim=(0, 1))
+            grad_weight1 += (dz_part * (h[part] - mean1)).sum(dim=(0, 1))
         grad_weight1 *= rstd1
         grad_w2 = du_a.mul_(scale2[:, None])
         if training:
@@ -207,13 +229,10 @@ class _Aggregate(torch.autograd.Function):
         grad_w1 = torch.cat((per_nbr.T @ f, per_ctr.T @ f), dim=1)
         grad_off = torch.empty_like(off) if ctx.needs_input_grad[1] else None
         for part in chunks:
-            with torch.enable_grad():
-                o = off[part].detach().requires_grad_(grad_off is not None)
-                code = position_code(o, dim, alpha, beta)
-            grad_w1.addmm_(dh[part].view(-1, hidden).T, code.detach().view(-1, dim))
+            grad_w1.addmm_(dh[part].view(-1, hidden).T, position_code(off[part], dim, alpha, beta).view(-1, dim))
             if grad_off is not None:
                 dx = torch.matmul(dh[part], w1).scatter_add_(1, arg[part].unsqueeze(1), du[part].unsqueeze(1))
-                grad_off[part] = torch.autograd.grad(code, o, dx)[0]
+                grad_off[part] = _position_code_backward(dx, off[part], alpha, beta)
 
         grads = (grad_feat.view(ctx.shapes[0]), None if grad_off is None else grad_off.view(ctx.shapes[1]), None, None, grad_w1, grad_weight1, grad_bias1, None, None, grad_w2, grad_weight2,
                  grad_bias2)
