@@ -226,6 +226,46 @@ def knn(query: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
         return _resolve("knn", query, device)(query, points, k)
 
 
+def neighborhood_aggregate(feat: torch.Tensor, offsets: torch.Tensor, centre_index: torch.Tensor,
+                           neighbour_index: torch.Tensor, weight1: torch.Tensor, norm1_weight: torch.Tensor,
+                           norm1_bias: torch.Tensor, norm1_mean: torch.Tensor, norm1_var: torch.Tensor,
+                           weight2: torch.Tensor, norm2_weight: torch.Tensor, norm2_bias: torch.Tensor,
+                           norm2_mean: torch.Tensor, norm2_var: torch.Tensor, training: bool, eps: float,
+                           alpha: float, beta: float) -> tuple[torch.Tensor, ...]:
+    """A tokenizer stage's neighbourhoods through the residual bottleneck MLP, max-pooled → ``[B, S, 2C]``,
+    and the statistics its two BatchNorms used; see :func:`reference.neighborhood_aggregate`.
+
+    Runs in the inputs' precision (float32 for the tokenizer) whatever autocast says: the
+    BatchNorms' statistics over ``B·S·k`` rows and the max over neighbours are not rounded to half
+    precision."""
+    op = "neighborhood_aggregate"
+    if feat.dim() != 3 or not feat.is_floating_point():
+        raise InputError(f"{op}: feat must be float [B, P, C], got {list(feat.shape)} {feat.dtype}")
+    batch, _, channels = feat.shape
+    if neighbour_index.dim() != 3 or neighbour_index.shape[0] != batch or neighbour_index.dtype != torch.int64:
+        raise InputError(f"{op}: neighbour_index must be int64 [B, S, k] with B = {batch}, got "
+                         f"{list(neighbour_index.shape)} {neighbour_index.dtype}")
+    samples, k = neighbour_index.shape[1:]
+    hidden, dim = weight1.shape[0], 2 * channels
+    _expect_shape(op, "centre_index", centre_index, (batch, samples))
+    _expect_shape(op, "offsets", offsets, (batch, samples, k, 3))
+    expected = {"weight1": (weight1, (hidden, dim)), "weight2": (weight2, (dim, hidden)),
+                "norm1_weight": (norm1_weight, (hidden,)), "norm1_bias": (norm1_bias, (hidden,)),
+                "norm1_mean": (norm1_mean, (hidden,)), "norm1_var": (norm1_var, (hidden,)),
+                "norm2_weight": (norm2_weight, (dim,)), "norm2_bias": (norm2_bias, (dim,)),
+                "norm2_mean": (norm2_mean, (dim,)), "norm2_var": (norm2_var, (dim,))}
+    for name, (t, shape) in expected.items():
+        _expect_shape(op, name, t, shape)
+    if training and samples * k < 2:
+        raise InputError(f"{op}: batch statistics need more than one row, got {batch}·{samples}·{k}")
+    device = _same_device(op, feat=feat, offsets=offsets, centre_index=centre_index, neighbour_index=neighbour_index,
+                          weight1=weight1, weight2=weight2)
+    with torch.autocast(device.type, enabled=False):
+        return _resolve(op, feat, device)(feat, offsets, centre_index, neighbour_index, weight1, norm1_weight,
+                                          norm1_bias, norm1_mean, norm1_var, weight2, norm2_weight, norm2_bias,
+                                          norm2_mean, norm2_var, training, eps, alpha, beta)
+
+
 def interpolate_features(points: torch.Tensor, centers: torch.Tensor, features: torch.Tensor,
                          eps: float = 1e-8) -> torch.Tensor:
     """``[B, P, C]`` features at ``[B, P, 3]`` points: the inverse-distance weighted mean of the ``[B, N, C]``
@@ -245,6 +285,6 @@ def interpolate_features(points: torch.Tensor, centers: torch.Tensor, features: 
 
 __all__ = [
     "BACKENDS", "BackendError", "available_backends", "batch_norm_gelu", "bucket_sort", "chosen", "ensemble_propagate",
-    "farthest_point_sample", "get_backend", "interpolate_features", "knn", "neighborhood_attention_pool",
-    "not_supported_reasons", "project_pe", "segment_pool", "set_backend", "use_backend",
+    "farthest_point_sample", "get_backend", "interpolate_features", "knn", "neighborhood_aggregate",
+    "neighborhood_attention_pool", "not_supported_reasons", "project_pe", "segment_pool", "set_backend", "use_backend",
 ]

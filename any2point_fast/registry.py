@@ -31,8 +31,8 @@ import torch
 #: The concrete backends, in the order ``auto`` prefers them on CUDA.
 BACKENDS = ("triton", "torch", "reference")
 #: Every fused op, in the order of a forward pass.
-OPS = ("farthest_point_sample", "knn", "project_pe", "bucket_sort", "neighborhood_attention_pool", "segment_pool",
-       "batch_norm_gelu", "ensemble_propagate", "interpolate_features")
+OPS = ("farthest_point_sample", "knn", "neighborhood_aggregate", "project_pe", "bucket_sort",
+       "neighborhood_attention_pool", "segment_pool", "batch_norm_gelu", "ensemble_propagate", "interpolate_features")
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)

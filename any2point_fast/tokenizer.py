@@ -1,8 +1,9 @@
 """The 3D tokenizer on the fused ops (DESIGN.md §1.1): a light Point-PN.
 
 raw xyz ``[B, P, 3]`` → per-point Linear+BN+ReLU embedding → stages of farthest point sampling
-(:func:`ops.farthest_point_sample`), k nearest neighbours (:func:`ops.knn`) and local
-aggregation, channels doubling per stage → tokens ``[B, N, hidden_size]`` and centres ``[B, N, 3]``.
+(:func:`ops.farthest_point_sample`), k nearest neighbours (:func:`ops.knn`) and the aggregation of
+each neighbourhood (:func:`ops.neighborhood_aggregate`), channels doubling per stage → tokens
+``[B, N, hidden_size]`` and centres ``[B, N, 3]``.
 
 Parameter names match :class:`any2point_fast.reference.PointTokenizer`, so that state dicts load
 both ways (the property tests copy weights across).
@@ -10,12 +11,11 @@ both ways (the property tests copy weights across).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from . import ops
+from .adapter import _update_running_stats as update_running_stats
 from .config import Any2PointConfig
 
 
@@ -28,33 +28,15 @@ def _rows_of(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat.view(*index.shape, channels)
 
 
-class PositionCode(nn.Module):
-    """Point-PN's parameter-free code of relative coordinates: axis ``a`` and frequency ``i`` of
-    ``f = ceil(dim / 6)`` give the channels ``sin(x_a · beta / alpha^(i/f))`` and ``cos(...)``
-    (axis-major, then frequency, then sin/cos), cut to ``dim``."""
-
-    def __init__(self, dim: int, alpha: float, beta: float):
-        super().__init__()
-        self.dim, self.alpha, self.beta = dim, alpha, beta
-        self.freqs = math.ceil(dim / 6)
-
-    def forward(self, rel_xyz: torch.Tensor) -> torch.Tensor:
-        """``[..., 3]`` float → ``[..., dim]`` of ``rel_xyz``'s dtype."""
-        # float32 throughout (whatever the module's dtype), as (beta·x) / alpha^(i/f): the angles are
-        # the reference's to the bit, so that near-ties in the max over neighbours fall the same way
-        exponents = torch.arange(self.freqs, device=rel_xyz.device, dtype=torch.float32) / self.freqs
-        angle = self.beta * rel_xyz.float().unsqueeze(-1) / self.alpha**exponents  # [..., 3, f]
-        code = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-3)
-        return code[..., : self.dim].to(rel_xyz.dtype)
-
-
 class GroupingStage(nn.Module):
     """One stage: ``S`` centres by farthest point sampling, their ``k`` nearest points, and the
     aggregation of each neighbourhood.
 
     A neighbour's feature and its centre's (``2·C_in`` channels) plus the position code of its
     offset (divided by the standard deviation of all offsets of its cloud) pass a residual
-    bottleneck MLP (BatchNorm over every neighbour of the batch) and are max-pooled over the ``k``.
+    bottleneck MLP (BatchNorm over every neighbour of the batch) and are max-pooled over the ``k``,
+    in one op (:func:`ops.neighborhood_aggregate`); the BatchNorms' running statistics are updated
+    here, as ``nn.BatchNorm1d`` updates them.
     """
 
     def __init__(self, in_dim: int, num_samples: int, k: int, bottleneck: int, alpha: float, beta: float):
@@ -68,11 +50,11 @@ class GroupingStage(nn.Module):
             nn.Linear(hidden, self.out_dim, bias=False),
             nn.BatchNorm1d(self.out_dim),
         )
-        self.position_code = PositionCode(self.out_dim, alpha, beta)
+        self.alpha, self.beta = alpha, beta
 
     def forward(self, xyz: torch.Tensor, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, P, 3]``, ``[B, P, C]`` → centres ``[B, S, 3]``, features ``[B, S, 2C]``."""
-        batch, num_points, channels = feat.shape
+        batch, num_points, _ = feat.shape
         k = min(self.k, num_points)
         centre_index = ops.farthest_point_sample(xyz, self.num_samples)  # [B, S]
         centres = _rows_of(xyz, centre_index)
@@ -80,11 +62,17 @@ class GroupingStage(nn.Module):
         offsets = _rows_of(xyz, neighbour_index) - centres.unsqueeze(2)
         spread = offsets.reshape(batch, -1).float().std(dim=1).to(offsets.dtype)
         offsets = offsets / (spread.view(batch, 1, 1, 1) + 1e-5)
-        grouped = torch.cat((_rows_of(feat, neighbour_index),
-                             _rows_of(feat, centre_index).unsqueeze(2).expand(-1, -1, k, -1)), dim=-1)
-        rows = (grouped + self.position_code(offsets)).view(-1, self.out_dim)  # [B·S·k, 2C]
-        rows = torch.relu(rows + self.mlp(rows))
-        return centres, rows.view(batch, self.num_samples, k, self.out_dim).amax(dim=2)
+        linear1, norm1, _, linear2, norm2 = self.mlp
+        out, mean1, var1, mean2, var2 = ops.neighborhood_aggregate(
+            feat, offsets, centre_index, neighbour_index, linear1.weight, norm1.weight, norm1.bias, norm1.running_mean,
+            norm1.running_var, linear2.weight, norm2.weight, norm2.bias, norm2.running_mean, norm2.running_var,
+            self.training, norm1.eps, self.alpha, self.beta)
+        if self.training:
+            rows = neighbour_index.numel()
+            with torch.no_grad():
+                update_running_stats(norm1, mean1, var1 * rows / (rows - 1))
+                update_running_stats(norm2, mean2, var2 * rows / (rows - 1))
+        return centres, out
 
 
 class PointTokenizer(nn.Module):
@@ -119,4 +107,4 @@ class PointTokenizer(nn.Module):
         return self.proj(feat), xyz
 
 
-__all__ = ["GroupingStage", "PointTokenizer", "PositionCode"]
+__all__ = ["GroupingStage", "PointTokenizer"]

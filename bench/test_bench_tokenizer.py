@@ -59,7 +59,9 @@ def test_tokenizer(measure, backend, quick, mode):
         with torch.no_grad():
             tokens, _ = measure(lambda: module(points), **info)
             if module is not oracle:
-                assert_close_to_reference(tokens, oracle(points)[0], tolerance_dtype(), scale=10)
+                # training-mode BatchNorm over B·S·k rows (1.3M at the recipe's shape) in float32: there
+                # the reference's own rounding error (against float64) reaches ~1e-4
+                assert_close_to_reference(tokens, oracle(points)[0], tolerance_dtype(), scale=10 if quick else 50)
     else:
         tokens = measure(forward_backward(lambda: module(points)[0], list(module.parameters())), **info)
     assert torch.isfinite(tokens).all() and tokens.shape[:2] == (batch, config.num_tokens)

@@ -19,7 +19,7 @@ from .interpolation import interpolate_features
 from .model import ReferenceModel
 from .projection import project_pe, voxel_ids
 from .sampling import farthest_point_sample, knn
-from .tokenizer import PointTokenizer
+from .tokenizer import PointTokenizer, neighborhood_aggregate
 
 __all__ = [
     "PointTokenizer",
@@ -34,6 +34,7 @@ __all__ = [
     "farthest_point_sample",
     "interpolate_features",
     "knn",
+    "neighborhood_aggregate",
     "neighborhood_attention_pool",
     "project_pe",
     "segment_pool",

@@ -25,12 +25,16 @@ differs is how they are computed, the same way as the Triton kernels:
   for backward the tokens (and their normalised ``x̂``, ``[B·N, C]``, shared by the views),
   small per-token tensors (``D = 12`` attention channels, ``M`` weights) and per-bucket rows
   (the pooled maxima, or the items holding them), and recompute the rest; no ``[M, B·N, C]``
-  tensor exists in forward or backward.
+  tensor exists in forward or backward;
+- ``neighborhood_aggregate`` (a tokenizer stage's MLP over every neighbour and max over them)
+  goes a chunk of centres at a time in three passes forward and two backward, keeping ``[B·S·k, H]``
+  hidden rows and the argmax of the max, never the ``[B·S·k, 2C]`` rows of the whole batch.
 
 Inputs may be float16/bfloat16 (computed in float32, returned in the input dtype), float32, or
 float64 (computed in float64, for ``gradcheck``), contiguous or not.
 """
 
+from .aggregation import neighborhood_aggregate
 from .attention import neighborhood_attention_pool
 from .buckets import bucket_sort
 from .ensemble import ensemble_propagate
@@ -41,4 +45,4 @@ from .projection import project_pe
 from .sampling import farthest_point_sample, knn
 
 __all__ = ["batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "interpolate_features",
-           "knn", "neighborhood_attention_pool", "project_pe", "segment_pool"]
+           "knn", "neighborhood_aggregate", "neighborhood_attention_pool", "project_pe", "segment_pool"]

@@ -1,0 +1,265 @@
+"""``neighborhood_aggregate``: a tokenizer stage's gather, position code, residual bottleneck MLP
+with its BatchNorms over all neighbours, and max over the ``k`` neighbours, chunk by chunk.
+
+The reference materialises the ``R = B·S·k`` rows ``x = cat(f_n, f_c) + PE(o)`` ``[R, 2C]`` and
+every MLP activation of that size. Here only ``[R, H]`` tensors (``H = 2C / bottleneck``) and
+per-centre ``[B·S, 2C]`` ones exist for the whole batch; the ``[R, 2C]`` ones live a chunk of
+centres at a time (:func:`chunk_centres`), in passes:
+
+forward
+  1. ``h = W1 x = W1a f_n + W1b f_c + W1 PE(o)``: the feature parts per point before the gather,
+     the position code's per chunk; ``h`` ``[R, H]`` is kept (for backward too);
+  2. BN1's statistics over ``h``; BN2's from those of ``a = relu(BN1(h))``: ``mean(y) = W2 ā`` and
+     ``var(y) = diag(W2 Cov(a) W2ᵀ)``, the covariance ``[H, H]`` merged chunk by chunk (no ``y``);
+  3. per chunk ``v = relu(x + BN2(W2 a))`` and its maximum over the ``k``, keeping the argmax and
+     the normalised ``ŷ`` there (``[B·S, 2C]``).
+
+backward
+  Only the rows holding a maximum receive the output's gradient, so ``dv`` (``= du``, BN2's output
+  gradient) is sparse: BN2's sums ``Σ du`` and ``Σ du·ŷ`` come from the saved ``[B·S, 2C]``, and
+  ``dy = s·du + c0 − q·W2 a`` (``s, q, c0`` per channel) gives
+  ``da = W2ᵀ(s·du) + W2ᵀc0 − (W2ᵀ diag(q) W2) a`` and ``dW2 = diag(s) Σ du aᵀ + c0 (Σ a)ᵀ − diag(q) W2 Σ a aᵀ``
+  (the last two from forward's ``[H]``, ``[H, H]`` moments; the sparse ``du`` terms as a gather of
+  ``a`` and a scatter into ``da`` at the argmax rows): one pass over the chunks for ``da``,
+  ``dz = da·[a > 0]`` and BN1's sums, then ``dh`` over ``[R, H]``, and a last pass for the
+  position code's share of ``dW1`` (and the offsets' gradient when they need one). The feature
+  parts of ``dW1`` and ``dfeat`` go through per-point sums of ``dh``.
+
+Inputs may be float16/bfloat16 (computed in float32, returned in their dtype), float32 or float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import compute_dtype, without_autocast
+
+#: Bytes of a chunk's ``[rows, 2C]`` float32 tensor: few enough chunks that the per-op overhead
+#: (thread hand-offs on a busy machine above all) stays small beside the gemms.
+_CHUNK_BYTES = 16 << 20
+
+
+def chunk_centres(k: int, channels: int) -> int:
+    """Centres per chunk: ``k`` rows each, ``channels`` float32 columns within :data:`_CHUNK_BYTES`."""
+    return max(1, _CHUNK_BYTES // (4 * channels * k))
+
+
+def _angles(offsets: torch.Tensor, dim: int, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 angles ``[..., 3, f]`` of the position code of ``[..., 3]`` offsets, and ``[f]`` their
+    slopes ``beta / alpha^(i/f)``."""
+    freqs = math.ceil(dim / 6)
+    # the angles in float32 as (beta·x) / alpha^(i/f) whatever the dtype, the reference's to the bit,
+    # so that near-ties in the max over neighbours fall the same way
+    exponents = torch.arange(freqs, device=offsets.device, dtype=torch.float32) / freqs
+    divisors = alpha**exponents
+    return beta * offsets.float().unsqueeze(-1) / divisors, beta / divisors
+
+
+def position_code(offsets: torch.Tensor, dim: int, alpha: float, beta: float) -> torch.Tensor:
+    """Point-PN's code of ``[..., 3]`` offsets → ``[..., dim]`` of their dtype: axis ``a`` and frequency
+    ``i`` of ``f = ceil(dim / 6)`` give ``sin(beta · x_a / alpha^(i/f))`` and ``cos(...)`` (axis-major,
+    then frequency, then sin/cos), cut to ``dim``."""
+    angle, _ = _angles(offsets, dim, alpha, beta)
+    code = angle.new_empty(*angle.shape, 2)
+    torch.sin(angle, out=code[..., 0])
+    torch.cos(angle, out=code[..., 1])
+    return code.flatten(-3)[..., :dim].to(offsets.dtype)
+
+
+def _position_code_backward(grad: torch.Tensor, offsets: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """The gradient ``[..., 3]`` of ``offsets`` from that of their :func:`position_code` ``[..., dim]``."""
+    dim = grad.shape[-1]
+    angle, slopes = _angles(offsets, dim, alpha, beta)
+    full = grad.new_zeros(*grad.shape[:-1], 6 * angle.shape[-1], dtype=torch.float32)
+    full[..., :dim] = grad
+    full = full.view(angle.shape + (2,))
+    d_angle = full[..., 0] * angle.cos() - full[..., 1] * angle.sin()
+    return (d_angle * slopes).sum(dim=-1).to(offsets.dtype)
+
+
+def _slices(count: int, step: int):
+    return [slice(first, min(first + step, count)) for first in range(0, count, step)]
+
+
+def _moments(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+             chunks: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ a`` ``[H]`` and ``Σ (a − ā)(a − ā)ᵀ`` ``[H, H]`` of ``a = relu(h·scale + shift)`` over every
+    row of ``h`` ``[B·S, k, H]``, chunk by chunk (Chan's pairwise merge of centred moments)."""
+    hidden = h.shape[2]
+    total, spread, count = h.new_zeros(hidden), h.new_zeros(hidden, hidden), 0
+    for part in chunks:
+        a = torch.relu_(torch.addcmul(shift, h[part], scale)).view(-1, hidden)
+        size, part_sum = a.shape[0], a.sum(dim=0)
+        centred = a - part_sum / size
+        spread.addmm_(centred.T, centred)
+        if count:
+            delta = part_sum / size - total / count
+            spread.add_(torch.outer(delta, delta), alpha=count * size / (count + size))
+        total += part_sum
+        count += size
+    return total, spread
+
+
+class _Aggregate(torch.autograd.Function):
+    @staticmethod
+    @without_autocast
+    def forward(ctx, feat, offsets, centre_index, neighbour_index, weight1, norm1_weight, norm1_bias, norm1_mean,
+                norm1_var, weight2, norm2_weight, norm2_bias, norm2_mean, norm2_var, training, eps, alpha, beta,
+                chunk):
+        dtype = compute_dtype(feat, offsets, weight1, weight2)
+        batch, points, channels = feat.shape
+        samples, k = neighbour_index.shape[1:]
+        dim, hidden, centres = 2 * channels, weight1.shape[0], batch * samples
+        rows = centres * k
+        f = feat.to(dtype).reshape(batch * points, channels)
+        off = offsets.to(dtype).reshape(centres, k, 3)
+        w1, w2 = weight1.to(dtype), weight2.to(dtype)
+        first = torch.arange(batch, device=feat.device) * points
+        nbr = (neighbour_index + first[:, None, None]).reshape(centres, k)
+        ctr = (centre_index + first[:, None]).reshape(centres)
+        chunks = _slices(centres, chunk)
+
+        # 1. h = W1a f_n + W1b f_c + W1 PE, the feature parts per point
+        fa, fb = f @ w1[:, :channels].T, f @ w1[:, channels:].T  # [B·P, H]
+        h = torch.empty(centres, k, hidden, dtype=dtype, device=feat.device)
+        for part in chunks:
+            torch.matmul(position_code(off[part], dim, alpha, beta), w1.T, out=h[part])
+            h[part] += fa[nbr[part]]
+            h[part] += fb[ctr[part]].unsqueeze(1)
+
+        # 2. the statistics of BN1 (over h) and of BN2 (from the moments of a = relu(BN1(h)))
+        if training:
+            var1, mean1 = torch.var_mean(h.view(rows, hidden), dim=0, correction=0)
+        else:
+            mean1, var1 = norm1_mean.to(dtype), norm1_var.to(dtype)
+        rstd1 = torch.rsqrt(var1 + eps)
+        scale1 = norm1_weight.to(dtype) * rstd1
+        shift1 = norm1_bias.to(dtype) - mean1 * scale1
+        if training:
+            a_sum, a_spread = _moments(h, scale1, shift1, chunks)
+            mean2 = w2 @ (a_sum / rows)
+            var2 = ((w2 @ a_spread) * w2).sum(dim=1).div_(rows).clamp_min_(0)
+        else:
+            a_sum = a_spread = None
+            mean2, var2 = norm2_mean.to(dtype), norm2_var.to(dtype)
+        rstd2 = torch.rsqrt(var2 + eps)
+        scale2 = norm2_weight.to(dtype) * rstd2
+        shift2 = norm2_bias.to(dtype) - mean2 * scale2
+
+        # 3. v = relu(x + BN2(W2 a)) and its maximum over the k; the argmax and ŷ there
+        out = torch.empty(centres, dim, dtype=dtype, device=feat.device)
+        arg = torch.empty(centres, dim, dtype=torch.int64, device=feat.device)
+        yhat = torch.empty(centres, 1, dim, dtype=dtype, device=feat.device)
+        for part in chunks:
+            y = torch.matmul(torch.relu_(torch.addcmul(shift1, h[part], scale1)), w2.T)  # [c, k, 2C]
+            v = torch.addcmul(shift2, y, scale2)
+            v += position_code(off[part], dim, alpha, beta)
+            v[..., :channels] += f[nbr[part]]
+            v[..., channels:] += f[ctr[part]].unsqueeze(1)
+            torch.max(v.relu_(), dim=1, out=(out[part], arg[part]))
+            torch.gather(y, 1, arg[part].unsqueeze(1), out=yhat[part])
+        yhat = yhat.view(centres, dim).sub_(mean2).mul_(rstd2)
+
+        ctx.save_for_backward(f, off, nbr, ctr, w1, w2, h, mean1, rstd1, scale1, shift1, mean2, rstd2, scale2, a_sum,
+                              a_spread, out, arg, yhat)
+        ctx.config, ctx.shapes = (training, alpha, beta, chunk), (feat.shape, offsets.shape)
+        ctx.dtypes = (feat.dtype, offsets.dtype, None, None, weight1.dtype, norm1_weight.dtype, norm1_bias.dtype, None,
+                      None, weight2.dtype, norm2_weight.dtype, norm2_bias.dtype)
+        ctx.mark_non_differentiable(mean1, var1, mean2, var2)
+        return out.view(batch, samples, dim).to(feat.dtype), mean1, var1, mean2, var2
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, grad, *_):
+        (f, off, nbr, ctr, w1, w2, h, mean1, rstd1, scale1, shift1, mean2, rstd2, scale2, a_sum, a_spread,
+         out, arg, yhat) = ctx.saved_tensors
+        training, alpha, beta, chunk = ctx.config
+        centres, dim = out.shape
+        k, hidden = nbr.shape[1], h.shape[2]
+        channels, rows = dim // 2, centres * k
+        chunks = _slices(centres, chunk)
+        # dv = du (BN2's output gradient): the output's gradient at each maximum that passed the relu
+        du = grad.reshape(centres, dim).to(out.dtype) * (out > 0)
+
+        # BN2 and W2: dy = s·du + c0 − q·(W2 a) per row, with s = scale2
+        grad_bias2, grad_weight2 = du.sum(dim=0), (du * yhat).sum(dim=0)
+        w2s = w2 * scale2[:, None]
+        if training:
+            q = scale2 * rstd2 * grad_weight2 / rows
+            c0 = q * mean2 - scale2 * grad_bias2 / rows
+            cross = w2.T @ (w2 * q[:, None])  # W2ᵀ diag(q) W2, symmetric
+            da_shift = c0 @ w2
+        else:
+            da_shift = w2.new_zeros(hidden)
+        du_a = w2.new_zeros(dim, hidden)  # Σ du aᵀ
+        dz = torch.empty_like(h)
+        grad_bias1, grad_weight1 = h.new_zeros(hidden), h.new_zeros(hidden)
+        for part in chunks:
+            a = torch.relu_(torch.addcmul(shift1, h[part], scale1))  # [c, k, H]
+            # the rows at the maxima: per centre and channel, the row of its argmax
+            at_max = arg[part].unsqueeze(-1).expand(-1, -1, hidden)  # [c, 2C, H]
+            du_part = du[part].unsqueeze(-1)
+            du_a += (torch.gather(a, 1, at_max) * du_part).sum(dim=0)
+            da = torch.matmul(a, cross).neg_().add_(da_shift) if training else da_shift.expand_as(a).clone()
+            da.scatter_add_(1, at_max, du_part * w2s)
+            dz_part = dz[part]
+            torch.mul(da, a > 0, out=dz_part)
+            grad_bias1 += dz_part.sum(dim=(0, 1))
+            grad_weight1 += (dz_part * (h[part] - mean1)).sum(dim=(0, 1))
+        grad_weight1 *= rstd1
+        grad_w2 = du_a.mul_(scale2[:, None])
+        if training:
+            grad_w2.sub_(torch.outer(scale2 * grad_bias2 / rows, a_sum)).sub_(q[:, None] * (w2 @ a_spread))
+
+        # BN1: dh = scale1·(dz − Σdz/R − ĥ·Σdz ĥ/R), in place of dz
+        dh = dz.mul_(scale1)
+        if training:
+            slope = scale1 * rstd1 * grad_weight1 / rows
+            dh.addcmul_(h, -slope).add_(slope * mean1 - scale1 * grad_bias1 / rows)
+        flat_dh = dh.view(rows, hidden)
+
+        # W1 and the features: per-point sums of dh, the residual's maxima; the position code per chunk
+        per_nbr = f.new_zeros(f.shape[0], hidden).index_add_(0, nbr.view(-1), flat_dh)
+        per_ctr = f.new_zeros(f.shape[0], hidden).index_add_(0, ctr, dh.sum(dim=1))
+        grad_feat = per_nbr @ w1[:, :channels] + per_ctr @ w1[:, channels:]
+        grad_feat.scatter_add_(0, nbr.gather(1, arg[:, :channels]), du[:, :channels])
+        grad_feat.index_add_(0, ctr, du[:, channels:])
+        grad_w1 = torch.cat((per_nbr.T @ f, per_ctr.T @ f), dim=1)
+        grad_off = torch.empty_like(off) if ctx.needs_input_grad[1] else None
+        for part in chunks:
+            grad_w1.addmm_(dh[part].view(-1, hidden).T, position_code(off[part], dim, alpha, beta).view(-1, dim))
+            if grad_off is not None:
+                dx = torch.matmul(dh[part], w1).scatter_add_(1, arg[part].unsqueeze(1), du[part].unsqueeze(1))
+                grad_off[part] = _position_code_backward(dx, off[part], alpha, beta)
+
+        grads = (grad_feat.view(ctx.shapes[0]), None if grad_off is None else grad_off.view(ctx.shapes[1]), None, None, grad_w1, grad_weight1, grad_bias1, None, None, grad_w2, grad_weight2,
+                 grad_bias2)
+        return (*(g.to(dtype) if g is not None and need and dtype is not None else None
+                  for g, need, dtype in zip(grads, ctx.needs_input_grad, ctx.dtypes)),
+                None, None, None, None, None, None, None)
+
+
+def neighborhood_aggregate(feat: torch.Tensor, offsets: torch.Tensor, centre_index: torch.Tensor,
+                           neighbour_index: torch.Tensor, weight1: torch.Tensor, norm1_weight: torch.Tensor,
+                           norm1_bias: torch.Tensor, norm1_mean: torch.Tensor, norm1_var: torch.Tensor,
+                           weight2: torch.Tensor, norm2_weight: torch.Tensor, norm2_bias: torch.Tensor,
+                           norm2_mean: torch.Tensor, norm2_var: torch.Tensor, training: bool, eps: float,
+                           alpha: float, beta: float, *, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The values of :func:`any2point_fast.reference.neighborhood_aggregate`, chunk by chunk.
+
+    Args: as the reference's; ``chunk``: centres per chunk (``None``: :func:`chunk_centres`).
+
+    Returns:
+        ``[B, S, 2C]`` of ``feat``'s dtype; the ``[H]`` mean and biased variance BN1 used and the
+        ``[2C]`` ones of BN2 (float32, float64 for float64 inputs; no gradient).
+    """
+    k = neighbour_index.shape[2]
+    chunk = chunk or chunk_centres(k, 2 * feat.shape[2])
+    return _Aggregate.apply(feat, offsets, centre_index, neighbour_index, weight1, norm1_weight, norm1_bias, norm1_mean,
+                            norm1_var, weight2, norm2_weight, norm2_bias, norm2_mean, norm2_var, bool(training),
+                            float(eps), float(alpha), float(beta), int(chunk))
+
+
+__all__ = ["chunk_centres", "neighborhood_aggregate", "position_code"]
