@@ -30,7 +30,7 @@ from . import bottleneck as fused_bottleneck
 from . import ops
 from .config import Any2PointConfig
 from .geometry import Geometry, Segments
-from .row_batch_norm import RowBatchNorm
+from .row_batch_norm import RowBatchNorm, update_running_stats
 from .validation import check_adapter_inputs
 from .view_attention import ViewAttention
 
@@ -115,7 +115,7 @@ class Any2PointAdapter(nn.Module):
         with torch.no_grad():
             for norm, own, count, batch_mean, batch_var in zip(norms, batch, counts, mean, var):
                 if own:
-                    _update_running_stats(norm, batch_mean, batch_var * count / (count - 1))
+                    update_running_stats(norm, batch_mean, batch_var * count / (count - 1))
         return out
 
     def forward(self, hidden: torch.Tensor, ffn_out: torch.Tensor, geometry: Geometry,
@@ -135,14 +135,6 @@ def _fusable(norms) -> bool:
     """Plain :class:`RowBatchNorm` s with affine parameters, running statistics and one ``eps``."""
     return (all(type(norm) is RowBatchNorm and norm.affine and norm.track_running_stats for norm in norms)
             and len({norm.eps for norm in norms}) == 1)
-
-
-def _update_running_stats(norm: RowBatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-    """What ``nn.BatchNorm1d`` does to its buffers in a training step (``momentum=None``: cumulative average)."""
-    norm.num_batches_tracked.add_(1)
-    factor = 1 / norm.num_batches_tracked.item() if norm.momentum is None else norm.momentum
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-    norm.running_var.lerp_(unbiased_var.to(norm.running_var.dtype), factor)
 
 
 __all__ = ["Any2PointAdapter"]

@@ -492,4 +492,5 @@ class StandInModel(nn.Module):
         return self.final_norm(x), centers, kept
 
 
-__all__ = ["Any2PointBlock", "Any2PointModel", "StandInModel", "BACKBONE_FIELDS", "parameter_part", "load_backbone", "resolve_config"]
+__all__ = ["Any2PointBlock", "Any2PointModel", "StandInModel", "BACKBONE_FIELDS", "load_backbone", "parameter_part",
+           "resolve_config"]

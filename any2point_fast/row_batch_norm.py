@@ -29,4 +29,15 @@ class RowBatchNorm(nn.BatchNorm1d):
         return super().forward(rows)
 
 
-__all__ = ["RowBatchNorm"]
+def update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor,
+                         unbiased_var: torch.Tensor) -> None:
+    """What ``nn.BatchNorm1d`` does to its buffers in a training step whose batch had ``mean`` and
+    ``unbiased_var`` ``[C]`` (``momentum=None``: cumulative average); for fused ops that normalise
+    without the module."""
+    norm.num_batches_tracked.add_(1)
+    factor = 1 / norm.num_batches_tracked.item() if norm.momentum is None else norm.momentum
+    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+    norm.running_var.lerp_(unbiased_var.to(norm.running_var.dtype), factor)
+
+
+__all__ = ["RowBatchNorm", "update_running_stats"]

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .adapter import _update_running_stats as update_running_stats
 from .config import Any2PointConfig
+from .row_batch_norm import update_running_stats
 
 
 def _rows_of(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,8 @@ def run_one(backbone: str, weights: str, seed: int, recipe: Recipe) -> dict:
     picks = torch.randperm(len(train_idx), generator=fixed)[:recipe.precise_bn_batches * recipe.batch_size]
     bn_x = torch.stack([val_transform(points[train_idx[int(i)]]) for i in picks])
     model = build(backbone, weights, seed, recipe, int(labels.max()) + 1)
-    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay, recipe.adapter_lr_scale), lr=recipe.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay, recipe.adapter_lr_scale),
+                                  lr=recipe.lr)
     steps = len(train_idx) // recipe.batch_size
     total, warmup = steps * recipe.epochs, int(recipe.warmup_epochs * steps)
     order = torch.Generator().manual_seed(seed)
@@ -241,7 +242,8 @@ def section(result: dict, plot_name: str | None) -> str:
         f"Real ModelNet10 training shapes ({result['data']}), seeded stratified split "
         f"(seed {recipe['split_seed']}): {recipe['train_per_class']} training and {recipe['val_per_class']} "
         f"validation shapes per class (validation never trained on); {recipe['num_points']} points, "
-        f"{recipe['epochs']} epochs, batch {recipe['batch_size']}, lr {recipe['lr']} (adapters and prefix tokens × {recipe.get('adapter_lr_scale', 1.0)}), model {recipe['model']}, "
+        f"{recipe['epochs']} epochs, batch {recipe['batch_size']}, lr {recipe['lr']} (adapters and prefix "
+        f"tokens × {recipe.get('adapter_lr_scale', 1.0)}), model {recipe['model']}, "
         f"BatchNorm statistics recomputed on {recipe['precise_bn_batches']} training batches before each evaluation. "
         "`random` = the same architecture config freshly initialised (seeded), frozen the same way; "
         "same seeds, data order and initial trainable weights as `pretrained`.", "",

@@ -234,8 +234,8 @@ class _Aggregate(torch.autograd.Function):
                 dx = torch.matmul(dh[part], w1).scatter_add_(1, arg[part].unsqueeze(1), du[part].unsqueeze(1))
                 grad_off[part] = _position_code_backward(dx, off[part], alpha, beta)
 
-        grads = (grad_feat.view(ctx.shapes[0]), None if grad_off is None else grad_off.view(ctx.shapes[1]), None, None, grad_w1, grad_weight1, grad_bias1, None, None, grad_w2, grad_weight2,
-                 grad_bias2)
+        grads = (grad_feat.view(ctx.shapes[0]), None if grad_off is None else grad_off.view(ctx.shapes[1]),
+                 None, None, grad_w1, grad_weight1, grad_bias1, None, None, grad_w2, grad_weight2, grad_bias2)
         return (*(g.to(dtype) if g is not None and need and dtype is not None else None
                   for g, need, dtype in zip(grads, ctx.needs_input_grad, ctx.dtypes)),
                 None, None, None, None, None, None, None)
