@@ -83,20 +83,29 @@ class Any2PointAdapter(ReferenceAdapter):
         """``tokens + c · Σ_j w_ij F_ij`` (Eq. 3), ``[B, N, C]``."""
         return ops.ensemble_propagate(tokens, base_rows, base_ids, view_rows, view_ids, self.coef)
 
-    def normalize(self, rows: torch.Tensor, offsets: tuple[int, ...], norms) -> torch.Tensor:
+    def normalize(self, rows: torch.Tensor, offsets: tuple[int, ...] | torch.Tensor, norms) -> torch.Tensor:
         """``GELU(norms[g](rows of group g))`` ``[S, C]`` in one op. Norms other than plain
-        :class:`RowBatchNorm` (``SyncBatchNorm``, whose statistics span every rank) go module by module."""
+        :class:`RowBatchNorm` (``SyncBatchNorm``, whose statistics span every rank) go module by module.
+        In a region that ``torch.compile`` traces, ``offsets`` (the view offsets of traced segments, or
+        ``(0, S)`` for the voxels) are data: the groups' sizes stay tensors, never read on the host."""
         if not _fusable(norms):
             return super().normalize(rows, offsets, norms)
-        counts = [last - first for first, last in zip(offsets[:-1], offsets[1:])]
-        batch = tuple(self.training and count > 1 for count in counts)  # as RowBatchNorm: one row, running stats
+        if torch.compiler.is_compiling():
+            offsets = offsets if isinstance(offsets, torch.Tensor) else torch.tensor(offsets, device=rows.device)
+            counts = offsets[1:] - offsets[:-1]
+            batch = (counts > 1) & self.training  # as RowBatchNorm: one row, running stats
+        else:
+            counts = [last - first for first, last in zip(offsets[:-1], offsets[1:])]
+            batch = tuple(self.training and count > 1 for count in counts)
         out, mean, var = ops.batch_norm_gelu(
             rows, offsets, torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms]),
             torch.stack([norm.running_mean for norm in norms]), torch.stack([norm.running_var for norm in norms]),
             batch, norms[0].eps)
         with torch.no_grad():
             for norm, own, count, batch_mean, batch_var in zip(norms, batch, counts, mean, var):
-                if own:
+                if isinstance(own, torch.Tensor):
+                    _update_running_stats_where(norm, own, batch_mean, batch_var * count / (count - 1))
+                elif own:
                     _update_running_stats(norm, batch_mean, batch_var * count / (count - 1))
         return out
 
@@ -113,6 +122,16 @@ def _update_running_stats(norm: RowBatchNorm, mean: torch.Tensor, unbiased_var: 
     factor = 1 / norm.num_batches_tracked.item() if norm.momentum is None else norm.momentum
     norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
     norm.running_var.lerp_(unbiased_var.to(norm.running_var.dtype), factor)
+
+
+def _update_running_stats_where(norm: RowBatchNorm, own: torch.Tensor, mean: torch.Tensor,
+                                unbiased_var: torch.Tensor) -> None:
+    """:func:`_update_running_stats` where the 0-d bool ``own`` holds, the buffers unchanged elsewhere,
+    without reading a tensor on the host (traced code)."""
+    norm.num_batches_tracked.add_(own.long())
+    factor = 1 / norm.num_batches_tracked.clamp_min(1) if norm.momentum is None else norm.momentum
+    for buffer, value in ((norm.running_mean, mean), (norm.running_var, unbiased_var)):
+        buffer.copy_(torch.where(own, buffer.lerp(value.to(buffer.dtype), factor), buffer))
 
 
 __all__ = ["Any2PointAdapter"]
