@@ -32,6 +32,7 @@ pack/unpack functions where its arguments or result are not already tensors and 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,9 +118,21 @@ def _unpack_segments(outputs: Sequence[torch.Tensor]) -> Segments:
     return Segments(*outputs)
 
 
+#: The segments rebuilt in the bodies, by ``id`` of their ids tensor; an entry goes when that tensor does.
+_SEGMENTS: dict[int, tuple[weakref.ref, Segments]] = {}
+
+
 def _real_segments(segment_ids, perm, offsets, view_offsets, max_len) -> Segments:
-    """The segments an implementation reads, with the host values of their view offsets and longest length."""
-    return Segments(segment_ids, perm, offsets, tuple(view_offsets.tolist()), int(max_len))
+    """The segments an implementation reads, with the host values of their view offsets and longest length:
+    one object per ids tensor, so that the bookkeeping the implementations derive from it
+    (:meth:`Segments.derived`) is built once for all the blocks of a compiled model, as in eager code."""
+    entry = _SEGMENTS.get(id(segment_ids))
+    if entry is None or entry[0]() is not segment_ids:
+        key = id(segment_ids)
+        # the entry holds an alias of the ids, not the tensor object itself, which would then never be freed
+        segments = Segments(segment_ids.detach(), perm, offsets, tuple(view_offsets.tolist()), int(max_len))
+        entry = _SEGMENTS[key] = (weakref.ref(segment_ids, lambda _: _SEGMENTS.pop(key, None)), segments)
+    return entry[1]
 
 
 def _fake_bucket_sort(bucket_ids, num_buckets):
