@@ -138,7 +138,8 @@ def _real_segments(segment_ids, perm, offsets, view_offsets, max_len) -> Segment
 def _fake_bucket_sort(bucket_ids, num_buckets):
     views = bucket_ids.shape[0]
     num_offsets = torch.library.get_ctx().new_dynamic_size(min=2)  # S + 1, S ≥ 1 non-empty segments
-    return (torch.empty_like(bucket_ids, dtype=torch.int64), bucket_ids.new_empty(bucket_ids.numel(), dtype=torch.int64),
+    return (bucket_ids.new_empty(bucket_ids.shape, dtype=torch.int64),
+            bucket_ids.new_empty(bucket_ids.numel(), dtype=torch.int64),
             bucket_ids.new_empty(num_offsets, dtype=torch.int64),
             bucket_ids.new_empty(views + 1, dtype=torch.int64), bucket_ids.new_empty((), dtype=torch.int64))
 
@@ -177,12 +178,12 @@ def _unflatten_batch_norm(rows, offsets, weight, bias, running_mean, running_var
 
 def _fake_batch_norm(rows, offsets, weight, *_):
     stats = weight.shape
-    return torch.empty_like(rows), rows.new_empty(stats, dtype=torch.float32), rows.new_empty(stats,
-                                                                                             dtype=torch.float32)
+    return rows.new_empty(rows.shape), rows.new_empty(stats, dtype=torch.float32), rows.new_empty(stats,
+                                                                                                 dtype=torch.float32)
 
 
 def _fake_like(index: int):
-    return lambda *args: torch.empty_like(args[index])
+    return lambda *args: args[index].new_empty(args[index].shape)
 
 
 #: The boundary of every op of the registry.
@@ -228,11 +229,13 @@ def _implementation(name: str, backend: str, flat: Sequence[Any]) -> Callable:
 
 
 def _fresh(outputs: Sequence[torch.Tensor], inputs: Sequence[Any]) -> list[torch.Tensor]:
-    """``outputs``, each cloned where it shares memory with an input or an earlier output: a custom op's
-    outputs never alias (an implementation may return an input, or a gradient, as it is)."""
+    """``outputs`` contiguous, as the fakes make them (a compiled graph may rely on their strides), each
+    cloned where it shares memory with an input or an earlier output: a custom op's outputs never alias
+    (an implementation may return an input, or a gradient, as it is)."""
     seen = {arg.untyped_storage().data_ptr() for arg in inputs if isinstance(arg, torch.Tensor)}
     fresh = []
     for out in outputs:
+        out = out.contiguous()
         if out.untyped_storage().data_ptr() in seen:
             out = out.clone()
         seen.add(out.untyped_storage().data_ptr())
@@ -278,7 +281,7 @@ def _backward(name: str):
 
 
 def _fake_backward(backend, grads, needs, *flat):
-    return [torch.empty_like(arg) for arg, need in zip(flat, needs) if need]
+    return [arg.new_empty(arg.shape) for arg, need in zip(flat, needs) if need]
 
 
 def _define(name: str) -> torch.library.CustomOpDef:

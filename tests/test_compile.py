@@ -75,7 +75,8 @@ def test_two_dimensional_projection_opcheck():
 
 @pytest.mark.parametrize("name", ["neighborhood_attention_pool", "batch_norm_gelu", "ensemble_propagate"])
 def test_custom_op_matches_the_eager_op(name):
-    """Through the custom op (its body, its backward op) the op gives the eager values and gradients, bitwise."""
+    """Through the custom op (its body, its backward op) the op gives the eager values and gradients, bitwise,
+    contiguous as its fakes say."""
     args = _op_inputs()[name]
     floats = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     results = []
@@ -85,9 +86,10 @@ def test_custom_op_matches_the_eager_op(name):
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         results.append((out, torch.autograd.grad(out, floats, upstream)))
     (eager, eager_grads), (custom, custom_grads) = results
-    assert torch.equal(eager, custom)
+    assert torch.equal(eager, custom) and custom.is_contiguous()
     for a, b in zip(eager_grads, custom_grads):
         assert torch.equal(a, b)
+        assert b.is_contiguous(), "a compiled graph takes the fake's strides: contiguous"
 
 
 def _step(model, run, points, labels):
