@@ -10,8 +10,9 @@ The public API is what this module exports; everything else may change.
 - :class:`Any2PointConfig`: every hyper-parameter, with the three published recipes as presets.
 - :func:`set_backend` / :func:`use_backend`: ``"auto" | "triton" | "torch" | "reference"`` for the
   fused ops; :func:`available_backends` tells which run here and why not.
-- :class:`ReferenceModel` / :class:`StandInModel`: the whole method on a small random frozen
-  stand-in transformer (reference code, or the fused ops).
+- :class:`StandInModel` / :class:`ReferenceModel`: the whole method on a small random frozen
+  stand-in transformer, on the fused ops, or in the oracle's code (:mod:`any2point_fast.reference`,
+  imported only when ``ReferenceModel`` is first asked for: the library itself never runs it).
 """
 
 from importlib import import_module
@@ -20,13 +21,14 @@ from .adapter import Any2PointAdapter
 from .config import Any2PointConfig, ConfigError
 from .ops import BackendError, available_backends, get_backend, set_backend, use_backend
 from .projection import VirtualProjection
-from .reference import ReferenceModel, ViewAttention
 from .validation import InputError
+from .view_attention import ViewAttention
 
 __version__ = "0.1.0"
 
-# Importing transformers takes seconds: the Hugging Face side loads on first use.
+# Importing transformers takes seconds: the Hugging Face side loads on first use; so does the oracle.
 _LAZY = {
+    "ReferenceModel": "reference",
     "Any2PointModel": "model",
     "StandInModel": "model",
     "UnsupportedBackboneError": "backbones",
@@ -49,7 +51,6 @@ __all__ = [
     "BackendError",
     "ConfigError",
     "InputError",
-    "ReferenceModel",
     "VirtualProjection",
     "ViewAttention",
     "__version__",

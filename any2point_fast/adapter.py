@@ -23,32 +23,37 @@ that skip the guided branch. The backend of the fused ops follows :mod:`any2poin
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import bottleneck as fused_bottleneck
 from . import ops
-from .geometry import Segments
-from .reference import ReferenceAdapter
-from .reference.adapter import RowBatchNorm
+from .config import Any2PointConfig
+from .geometry import Geometry, Segments
+from .row_batch_norm import RowBatchNorm
+from .validation import check_adapter_inputs
+from .view_attention import ViewAttention
 
 
-class Any2PointAdapter(ReferenceAdapter):
+class Any2PointAdapter(nn.Module):
     """The guided adapter of one block (paper §2.3, Fig. 4) computed with the fused ops.
 
-    A drop-in replacement of :class:`~any2point_fast.reference.ReferenceAdapter`: same
-    constructor, parameters and ``state_dict`` (checkpoints load either way), same
-    ``forward(hidden, ffn_out, geometry, num_prefix_tokens=1)``. The heavy steps are swapped
-    for :mod:`any2point_fast.ops`, so they run on the selected backend:
+    ``forward(hidden, ffn_out, geometry, num_prefix_tokens=1)`` returns the block output:
 
-    - :meth:`pool_views` — bucket-local attention and pooling of every view
-      (``ops.neighborhood_attention_pool``): no ``N × N`` attention matrix, no per-view token
-      features kept for backward;
-    - :meth:`pool_voxels` — pooling of the 3D baseline branch (``ops.segment_pool``);
-    - :meth:`normalize` — BatchNorm of the pooled rows, view by view, and GELU
-      (``ops.batch_norm_gelu``; the running statistics are updated as ``nn.BatchNorm1d`` does);
-    - :meth:`ensemble` — Eq. 3's weighted ensemble and residual (``ops.ensemble_propagate``);
+    1. :meth:`bottleneck`: ``x = hidden + ffn + s · Up(QuickGELU(Down(ffn)))``, written as its
+       prefix and its point tokens, contiguous, in one autograd node
+       (:mod:`any2point_fast.bottleneck`; module by module under autocast);
+    2. per view ``j``, ``F_j = GELU(BN_j(pool_bucket(x + Attn_j(LN_j(x)))))``: :meth:`pool_views`
+       (``ops.neighborhood_attention_pool``: no ``N × N`` attention matrix, no per-view token
+       features kept for backward), then :meth:`normalize` (``ops.batch_norm_gelu``, view by view;
+       the running statistics are updated as ``nn.BatchNorm1d`` does);
+    3. the 3D baseline, ``B = GELU(BN(pool_voxel(x)))``: :meth:`pool_voxels` (``ops.segment_pool``)
+       and :meth:`normalize`;
+    4. :meth:`ensemble`: ``x ← x + c · Σ_j w_ij F_ij`` (Eq. 3, ``ops.ensemble_propagate``), the
+       pooled rows propagated to their tokens; the prefix tokens (``[CLS]``) skip steps 2–4.
 
-    and :meth:`bottleneck` writes the point tokens of its residual sum contiguous, for the ops
-    that read them, with the bottleneck in one autograd node (plain PyTorch on every backend).
+    Same parameters and ``state_dict`` keys as :class:`any2point_fast.reference.ReferenceAdapter`,
+    the oracle it is tested against (checkpoints load either way).
 
     ``view_attention`` (``LN_j`` and ``Attn_j`` of the ``M`` views) is shared by all the blocks
     of a model: build it once and pass it to every adapter.
@@ -58,14 +63,25 @@ class Any2PointAdapter(ReferenceAdapter):
         view_attention: the shared per-view attention; a new one when omitted.
     """
 
+    def __init__(self, config: Any2PointConfig, view_attention: ViewAttention | None = None):
+        super().__init__()
+        width = config.hidden_size
+        self.scale, self.coef, self.pooling = config.adapter_scale, config.ensemble_coef, config.pooling
+        self.down = nn.Linear(width, config.adapter_rank)
+        self.up = nn.Linear(config.adapter_rank, width)
+        for linear in (self.down, self.up):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+        if view_attention is None:
+            view_attention = ViewAttention(width, config.num_views, config.attn_dim, config.attn_heads)
+        self.view_attention = view_attention
+        self.view_norms = nn.ModuleList(RowBatchNorm(width) for _ in range(config.num_views))
+        self.voxel_norm = RowBatchNorm(width)
+
     def bottleneck(self, hidden: torch.Tensor, ffn_out: torch.Tensor,
                    num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``hidden + ffn + s · Up(QuickGELU(Down(ffn)))`` as its prefix ``[B, P, C]`` and its point
-        tokens ``[B, N, C]``, both contiguous (slices of the sum would be copied by every op that
-        reads them), in one autograd node (:mod:`any2point_fast.bottleneck`); module by module
-        under autocast."""
-        if not fused_bottleneck.fusable(hidden, ffn_out, self.down, self.up):
-            return super().bottleneck(hidden, ffn_out, num_prefix_tokens)
+        """``hidden + ffn + s · Up(QuickGELU(Down(ffn)))`` ``[B, P + N, C]`` as its prefix ``[B, P, C]``
+        and its point tokens ``[B, N, C]`` (see :func:`any2point_fast.bottleneck.bottleneck`)."""
         return fused_bottleneck.bottleneck(hidden, ffn_out, self.down, self.up, self.scale, num_prefix_tokens)
 
     def pool_views(self, tokens: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -84,19 +100,21 @@ class Any2PointAdapter(ReferenceAdapter):
         return ops.ensemble_propagate(tokens, base_rows, base_ids, view_rows, view_ids, self.coef)
 
     def normalize(self, rows: torch.Tensor, offsets: tuple[int, ...] | torch.Tensor, norms) -> torch.Tensor:
-        """``GELU(norms[g](rows of group g))`` ``[S, C]`` in one op. Norms other than plain
-        :class:`RowBatchNorm` (``SyncBatchNorm``, whose statistics span every rank) go module by module.
-        In a region that ``torch.compile`` traces, ``offsets`` (the view offsets of traced segments, or
-        ``(0, S)`` for the voxels) are data: the groups' sizes stay tensors, never read on the host."""
-        if not _fusable(norms):
-            return super().normalize(rows, offsets, norms)
-        if torch.compiler.is_compiling():
+        """``GELU(norms[g](rows of group g))`` ``[S, C]``, group ``g`` the rows ``offsets[g] … offsets[g + 1] − 1``,
+        in one op. Norms other than plain :class:`RowBatchNorm` (``SyncBatchNorm``, whose statistics
+        span every rank) go module by module. In a region that ``torch.compile`` traces, ``offsets`` (the
+        view offsets of traced segments, or ``(0, S)`` for the voxels) are data: the groups' sizes stay
+        tensors, never read on the host (plain norms only)."""
+        if torch.compiler.is_compiling() and _fusable(norms):
             offsets = offsets if isinstance(offsets, torch.Tensor) else torch.tensor(offsets, device=rows.device)
             counts = offsets[1:] - offsets[:-1]
             batch = (counts > 1) & self.training  # as RowBatchNorm: one row, running stats
         else:
             counts = [last - first for first, last in zip(offsets[:-1], offsets[1:])]
-            batch = tuple(self.training and count > 1 for count in counts)
+            if not _fusable(norms):
+                # split, not slices: the backward of G slices would zero-fill G full-size [S, C] gradients
+                return F.gelu(torch.cat([norm(group) for group, norm in zip(rows.split(counts), norms)]))
+            batch = tuple(self.training and count > 1 for count in counts)  # as RowBatchNorm: one row, running stats
         out, mean, var = ops.batch_norm_gelu(
             rows, offsets, torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms]),
             torch.stack([norm.running_mean for norm in norms]), torch.stack([norm.running_var for norm in norms]),
@@ -108,6 +126,18 @@ class Any2PointAdapter(ReferenceAdapter):
                 elif own:
                     _update_running_stats(norm, batch_mean, batch_var * count / (count - 1))
         return out
+
+    def forward(self, hidden: torch.Tensor, ffn_out: torch.Tensor, geometry: Geometry,
+                num_prefix_tokens: int = 1) -> torch.Tensor:
+        """``hidden``, ``ffn_out``: ``[B, P + N, C]`` (``P`` prefix tokens) → ``[B, P + N, C]``."""
+        check_adapter_inputs(hidden, ffn_out, geometry, num_prefix_tokens)
+        prefix, tokens = self.bottleneck(hidden, ffn_out, num_prefix_tokens)
+        views = self.normalize(self.pool_views(tokens, geometry.views), geometry.views.view_offsets,
+                               self.view_norms)
+        voxels = self.pool_voxels(tokens, geometry.voxels)
+        base = self.normalize(voxels, (0, len(voxels)), [self.voxel_norm])
+        tokens = self.ensemble(tokens, base, geometry.voxels.segment_ids[0], views, geometry.views.segment_ids)
+        return torch.cat((prefix, tokens), dim=1)
 
 
 def _fusable(norms) -> bool:

@@ -11,8 +11,8 @@ at once and for ``a``'s gradient, and writes ``ffn``'s as that gradient plus ``D
 gradient, in one product.
 
 Same values as the module-by-module formula up to float rounding, in the inputs' dtype. Under
-autocast, or where the inputs and weights do not share one dtype, the adapter computes module by
-module instead (autocast's per-op precision rules apply there): see :func:`fusable`.
+autocast, or where the inputs and weights do not share one dtype, :func:`bottleneck` computes
+module by module instead (autocast's per-op precision rules apply there): see :func:`fusable`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference.adapter import QUICK_GELU_K
+#: ``k`` of CLIP's QuickGELU, ``x · sigmoid(k x)``.
+QUICK_GELU_K = 1.702
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``x · sigmoid(1.702 x)``, elementwise, any shape and dtype."""
+    return x * torch.sigmoid(QUICK_GELU_K * x)
 
 
 class _Bottleneck(torch.autograd.Function):
@@ -66,8 +72,12 @@ def fusable(hidden: torch.Tensor, ffn: torch.Tensor, down: torch.nn.Linear, up: 
 def bottleneck(hidden: torch.Tensor, ffn: torch.Tensor, down: torch.nn.Linear, up: torch.nn.Linear, scale: float,
                num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``hidden + ffn + scale · up(QuickGELU(down(ffn)))`` ``[B, P + N, C]`` as its prefix ``[B, P, C]``
-    and its point tokens ``[B, N, C]``, both contiguous (see :func:`fusable`)."""
-    return _Bottleneck.apply(hidden, ffn, down.weight, down.bias, up.weight, up.bias, scale, num_prefix_tokens)
+    and its point tokens ``[B, N, C]``: in one autograd node, both contiguous, where :func:`fusable`;
+    otherwise module by module, as two slices of the sum."""
+    if fusable(hidden, ffn, down, up):
+        return _Bottleneck.apply(hidden, ffn, down.weight, down.bias, up.weight, up.bias, scale, num_prefix_tokens)
+    x = hidden + ffn + scale * up(quick_gelu(down(ffn)))
+    return x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
 
 
-__all__ = ["bottleneck", "fusable"]
+__all__ = ["QUICK_GELU_K", "bottleneck", "fusable", "quick_gelu"]

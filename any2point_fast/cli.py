@@ -1,7 +1,7 @@
 """The ``any2point-fast`` command: train, eval, bench, info.
 
 Thin by design: it reads a recipe (YAML), applies ``--set`` overrides and calls
-:mod:`any2point_fast.train`. ``python -m any2point_fast`` is the same command.
+:mod:`any2point_fast.training`. ``python -m any2point_fast`` is the same command.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ Any2PointConfig field (model.num_tokens, model.knn_k, ...); data.dataset (synthe
 modelnet40_h5|modelnet40_resampled|folder), data.root (for the folder dataset: <root>/<class>/{{train,test}}/
 files, or a flat <root>/<class>/ whose test set is held out), data.limit_per_class (train on a subset);
 train.* (optimiser, precision, train.backend auto|torch|triton|reference, devices, checkpoints).
-Each one is documented in any2point_fast/train.py. Every key, with its default (the Any2PointConfig
-fields take theirs from model.preset and, for Hugging Face backbones, the backbone):
+Each one is documented in any2point_fast/training/run_config.py. Every key, with its default (the
+Any2PointConfig fields take theirs from model.preset and, for Hugging Face backbones, the backbone):
 {keys}
 
 output: <output>/config.yaml (the resolved recipe), metrics.jsonl (one JSON line per epoch, then a
@@ -83,7 +83,7 @@ class _TrainHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def recipe_keys_text(width: int = 100) -> str:
     """Every recipe key with its default, a block of wrapped lines per section (from the dataclasses)."""
-    from .train import recipe_keys
+    from .training.run_config import recipe_keys
 
     blocks = []
     for keys in recipe_keys().values():
@@ -200,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .partseg import format_result
-    from .train import RunConfig, find_run_dir, load_run_config, train
     from .train_state import resolve_pointer
+    from .training.engine import train
+    from .training.run_config import RunConfig, load_run_config
+    from .training.run_log import find_run_dir
 
     resume, output = None, args.output
     if args.resume is not None:
@@ -230,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .partseg import format_result
-    from .train import evaluate_checkpoint
+    from .training.evaluation import evaluate_checkpoint
 
     if args.votes < 1:
         raise ConfigError(f"--votes must be >= 1, got {args.votes}")
@@ -250,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
     from .fewshot import run_fewshot, summarize
-    from .train import RunConfig
+    from .training.run_config import RunConfig
 
     run = RunConfig.from_dict(load_recipe(args.config or DEFAULT_RECIPE)).with_overrides(args.overrides)
     accuracies = run_fewshot(run, args.ways, args.shots, args.queries, args.folds, args.seed, args.output,

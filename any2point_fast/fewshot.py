@@ -51,7 +51,7 @@ def draw_episodes(train_labels: np.ndarray, test_labels: np.ndarray, ways: int, 
 
 class EpisodeItems(Dataset):
     """The items ``indices`` of ``items`` (addressed by ``(epoch, index)`` like
-    :class:`~any2point_fast.train.EpochItems`), labels renumbered by their place in ``classes``."""
+    :class:`~any2point_fast.training.datasets.EpochItems`), labels renumbered by their place in ``classes``."""
 
     def __init__(self, items: Dataset, indices: tuple[int, ...], classes: tuple[int, ...]):
         self.items, self.indices = items, indices
@@ -72,9 +72,10 @@ class EpisodeItems(Dataset):
 
 def run_fewshot(run, ways: int, shots: int, queries: int = 20, folds: int = 10, seed: int = 0,
                 output_dir: str | Path = "runs/fewshot", log: Callable[[str], None] = print) -> list[float]:
-    """Train and evaluate a fresh model of ``run`` (a :class:`~any2point_fast.train.RunConfig`) on every
+    """Train and evaluate a fresh model of ``run`` (a :class:`~any2point_fast.training.run_config.RunConfig`) on every
     episode; returns the test accuracy of every fold (each run in ``output_dir/fold-<f>``)."""
-    from .train import build_datasets, train
+    from .training.datasets import build_datasets
+    from .training.engine import train
 
     train_items, test_items = build_datasets(run.data, run.train.seed)
     episodes = draw_episodes(dataset_labels(train_items.base), dataset_labels(test_items.base), ways, shots,

@@ -36,11 +36,12 @@ from .checkpoint import (
 )
 from .config import Any2PointConfig, ConfigError
 from .geometry import Geometry, ProjectionSpec
+from .head import ClassificationHead
+from .plain_block import PlainBlock
 from .projection import build_geometry
-from .reference import ReferenceModel, ViewAttention
-from .reference.model import ClassificationHead
 from .tokenizer import PointTokenizer
 from .validation import check_points
+from .view_attention import ViewAttention
 
 #: Fields describing the backbone rather than the method: always taken from the backbone; an
 #: explicit ``pe_length`` (1D) keeps the first positions, an explicit ``pe_grid`` (2D) resamples
@@ -416,16 +417,73 @@ def _probe_fingerprint(hf_model: nn.Module, saved: Any2PointConfig) -> dict[str,
     return fingerprint(pe, int(root.config.hidden_size), len(spec.layer_list(root)))
 
 
-class StandInModel(ReferenceModel):
-    """:class:`~any2point_fast.reference.ReferenceModel` (a small random frozen plain transformer
-    standing in for a pretrained backbone) with the fused adapter and geometry, so its ops follow
-    :func:`any2point_fast.ops.set_backend`. Same parameters and checkpoints as the reference model."""
+class StandInModel(nn.Module):
+    """The whole method on a small random frozen plain transformer standing in for a pretrained
+    backbone (DESIGN.md §1.3), on the fused ops: no download needed, and its ops follow
+    :func:`any2point_fast.ops.set_backend`.
 
-    adapter_class = Any2PointAdapter
-    tokenizer_class = PointTokenizer
+    tokenizer → virtual projection (PE + bucket geometry, once per forward) → ``num_layers``
+    frozen :class:`~any2point_fast.plain_block.PlainBlock` s, each with an
+    :class:`~any2point_fast.Any2PointAdapter` after its FFN → final norm → head. Same parameters,
+    ``state_dict`` keys and seeded frozen weights as the oracle's
+    :class:`any2point_fast.reference.ReferenceModel`, so checkpoints and weights copy across.
+
+    Args:
+        config: the method's hyper-parameters (``hidden_size`` is the stand-in's width).
+        num_layers, num_heads: size of the stand-in transformer.
+        seed: seeds the frozen stand-in weights and PE table, so two models built with the same
+            seed share their "pretrained" backbone.
+
+    Attributes:
+        pe_table: frozen PE, ``[L, C]`` or ``[Gh, Gw, C]`` float32 (a buffer).
+    """
+
+    def __init__(self, config: Any2PointConfig, num_layers: int = 4, num_heads: int = 4, seed: int = 0):
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.blocks = nn.ModuleList(PlainBlock(width, num_heads) for _ in range(num_layers))
+            self.final_norm = nn.LayerNorm(width)
+            shape = (config.pe_length, width) if config.pe_kind == "1d" else (*config.pe_grid, width)
+            self.register_buffer("pe_table", 0.02 * torch.randn(shape))
+        self.blocks.requires_grad_(False)
+        self.final_norm.requires_grad_(False)
+        self.spec = ProjectionSpec.from_config(config)
+        self.tokenizer = PointTokenizer(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.cls_pos = nn.Parameter(0.02 * torch.randn(1, 1, width))
+        self.view_attention = ViewAttention(width, config.num_views, config.attn_dim, config.attn_heads)
+        self.adapters = nn.ModuleList(Any2PointAdapter(config, self.view_attention) for _ in range(num_layers))
+        self.head = ClassificationHead(config)
 
     def geometry(self, centers: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
+        """Averaged PE ``[B, N, C]`` and the bucket geometry of the token centres ``[B, N, 3]``."""
         return build_geometry(centers, self.pe_table, self.spec, self.config.voxel_size)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """``points``: ``[B, P, 3]`` float → logits ``[B, num_classes]``."""
+        return self.head(self.encode(points)[0])
+
+    def encode(self, points: torch.Tensor, keep: Collection[int] = ()) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                dict[int, torch.Tensor]]:
+        """``points`` ``[B, P, 3]`` → final-normed tokens ``[B, 1 + N, C]`` (``[CLS]`` first), token
+        centres ``[B, N, 3]``, and the output ``[B, 1 + N, C]`` of every block index in ``keep``."""
+        tokens, centers = self.tokenizer(check_points(points, self.config.num_points))
+        pe, geometry = self.geometry(centers)
+        batch = tokens.shape[0]
+        pos = torch.cat((self.cls_pos.expand(batch, -1, -1), pe.to(tokens.dtype)), dim=1)
+        x = torch.cat((self.cls_token.expand(batch, -1, -1), tokens), dim=1)
+        kept = {}
+        for index, (block, adapter) in enumerate(zip(self.blocks, self.adapters)):
+            if index == 0 or self.config.pe_every_block:
+                x = x + pos
+            h = block.attention(x)
+            x = adapter(h, block.ffn(h), geometry)
+            if index in keep:
+                kept[index] = x
+        return self.final_norm(x), centers, kept
 
 
 __all__ = ["Any2PointBlock", "Any2PointModel", "StandInModel", "BACKBONE_FIELDS", "load_backbone", "resolve_config"]

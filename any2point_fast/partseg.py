@@ -1,6 +1,6 @@
 """The part-segmentation task for the training loop: datasets, per-point outputs, mIoU evaluation.
 
-:mod:`any2point_fast.train` runs ``model.task: partseg`` through the same loop as classification;
+:mod:`any2point_fast.training` runs ``model.task: partseg`` through the same loop as classification;
 what differs lives here:
 
 - items are ``(points [P, 3], category, parts [P])``: :class:`PartItems` resamples points and
@@ -35,7 +35,7 @@ PART_DATASETS = {"synthetic_parts": SyntheticParts, "shapenetpart": ShapeNetPart
 
 
 class PartItems(CachedItems):
-    """A part dataset addressed by ``(epoch, index)``, like :class:`~any2point_fast.train.EpochItems`:
+    """A part dataset addressed by ``(epoch, index)``, like :class:`~any2point_fast.training.datasets.EpochItems`:
     the resampling and augmentation of an item are drawn from ``generator`` reseeded from ``(seed, epoch,
     index)`` by ``mix``. Items: ``(points float32 [P, 3], category int64, parts int64 [P])``."""
 

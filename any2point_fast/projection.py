@@ -7,8 +7,8 @@ from torch import nn
 
 from . import ops
 from .config import Any2PointConfig
+from .coordinates import voxel_ids
 from .geometry import Geometry, ProjectionSpec, voxel_grid_size
-from .reference.projection import voxel_ids
 
 
 def build_geometry(centers: torch.Tensor, pe_table: torch.Tensor, spec: ProjectionSpec,

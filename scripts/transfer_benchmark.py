@@ -105,7 +105,7 @@ def run_one(backbone: str, weights: str, seed: int, recipe: Recipe) -> dict:
     import torch.nn.functional as F
 
     from any2point_fast.data.transforms import Compose, NormalizeUnitSphere, RandomScale, RandomTranslate, Resample
-    from any2point_fast.train import lr_factor, parameter_groups
+    from any2point_fast.training.optimization import lr_factor, parameter_groups
 
     torch.set_num_threads(1)
     data = np.load(DATA)

@@ -13,8 +13,8 @@ import torch
 
 from any2point_fast import __version__
 from any2point_fast.cli import load_recipe, main, recipe_names
-from any2point_fast.train import RunConfig
 from any2point_fast.train_state import load_checkpoint
+from any2point_fast.training.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY = re.compile(r"test accuracy: (\d+\.\d)%")
@@ -70,7 +70,7 @@ def test_train_help_lists_every_recipe_key_with_its_default(capsys):
     import dataclasses
 
     from any2point_fast.config import Any2PointConfig
-    from any2point_fast.train import DataSettings, ModelSettings, TrainConfig
+    from any2point_fast.training.run_config import DataSettings, ModelSettings, TrainConfig
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

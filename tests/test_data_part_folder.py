@@ -102,7 +102,8 @@ def test_labels_past_the_known_parts_name_the_file(tmp_path):
 
 
 def test_a_partseg_run_on_a_labelled_folder(tmp_path):
-    from any2point_fast.train import build_datasets, train
+    from any2point_fast.training.datasets import build_datasets
+    from any2point_fast.training.engine import train
 
     from .test_partseg import tiny_run
 

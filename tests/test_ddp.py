@@ -12,8 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from any2point_fast.train import RunConfig, train, trainable_state
 from any2point_fast.train_state import load_checkpoint, read_safetensors, write_safetensors
+from any2point_fast.training.checkpointing import trainable_state
+from any2point_fast.training.engine import train
+from any2point_fast.training.run_config import RunConfig
 
 WORLD = 2
 RUN = {

@@ -14,7 +14,11 @@ from any2point_fast.config import Any2PointConfig
 from any2point_fast.fewshot import EpisodeItems, draw_episodes, summarize
 from any2point_fast.model import StandInModel
 from any2point_fast.segmentation import PartSegmentationModel, evenly_spaced_blocks
-from any2point_fast.train import RunConfig, build_datasets, build_model, evaluate, train
+from any2point_fast.training.datasets import build_datasets
+from any2point_fast.training.engine import train
+from any2point_fast.training.evaluation import evaluate
+from any2point_fast.training.model_factory import build_model
+from any2point_fast.training.run_config import RunConfig
 from any2point_fast.voting import augment_batch, vote_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")

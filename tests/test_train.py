@@ -16,18 +16,13 @@ import yaml
 
 from any2point_fast import train_state
 from any2point_fast.config import ConfigError
-from any2point_fast.train import (
-    EpochItems,
-    RunConfig,
-    TrainConfig,
-    build_datasets,
-    build_model,
-    evaluate_checkpoint,
-    lr_factor,
-    parameter_groups,
-    train,
-)
 from any2point_fast.train_state import CheckpointError, load_checkpoint, read_safetensors, resolve_pointer
+from any2point_fast.training.datasets import EpochItems, build_datasets
+from any2point_fast.training.engine import train
+from any2point_fast.training.evaluation import evaluate_checkpoint
+from any2point_fast.training.model_factory import build_model
+from any2point_fast.training.optimization import lr_factor, parameter_groups
+from any2point_fast.training.run_config import RunConfig, TrainConfig
 
 TINY = {
     "model": {"hidden_size": 32, "layers": 1, "heads": 2, "num_tokens": 16, "knn_k": 8, "tokenizer_dim": 8,
@@ -181,14 +176,14 @@ def test_resume_after_sigkill_in_subprocess(full_run, tmp_path):
         "import os, signal, sys\n"
         "from any2point_fast import train_state\n"
         "from tests.test_train import tiny, quiet\n"
-        "from any2point_fast.train import train\n"
+        "from any2point_fast.training.engine import train\n"
         "original = train_state.point\n"
         "def point_then_die(run_dir, name, target):\n"
         "    original(run_dir, name, target)\n"
         "    if name == 'latest':\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "train_state.point = point_then_die\n"
-        "import any2point_fast.train as t; t.point = point_then_die\n"
+        "import any2point_fast.training.checkpointing as t; t.point = point_then_die\n"
         f"train(tiny('train.save_every_steps=4'), {str(tmp_path)!r}, log=quiet)\n"
     )
     root = Path(__file__).resolve().parents[1]
@@ -224,7 +219,7 @@ class PointMLP(torch.nn.Module):
 
 
 def test_generic_model_with_bf16_autocast_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setattr("any2point_fast.train.build_model",
+    monkeypatch.setattr("any2point_fast.training.session.build_model",
                         lambda run, num_classes, num_parts=None: PointMLP(num_classes))
     result = train(tiny("train.epochs=2", "train.precision=bf16"), tmp_path, log=quiet)
     assert result.model.dtypes == {torch.bfloat16}  # training and evaluation ran under bf16 autocast

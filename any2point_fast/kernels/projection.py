@@ -10,12 +10,12 @@ up to 2 ulp, on NVIDIA GPUs), and no step on the way to a bucket id has a multip
 could be contracted into an FMA.
 
 Only the linear algebra in front of it — the centroid, the ``3×3``/``3``-vector products
-``q = R_j p`` / ``t = v_j·p`` and the per-cloud ``min``/``max``/radius — is left to the same
-torch code as the reference — it calls the reference's ``line_coordinates`` and
-``view_coordinates`` (a few ``[M, B, N]``-sized tensors): their rounding is the BLAS's
-(``einsum`` → ``mm``) and cannot be reproduced bit for bit in a kernel, and a one-ulp
-difference moves tokens across bucket borders on lattice-like clouds, while bucket ids must
-equal the reference's exactly.
+``q = R_j p`` / ``t = v_j·p`` and the per-cloud ``min``/``max``/radius — is left to torch, in
+:func:`~any2point_fast.coordinates.line_coordinates` and
+:func:`~any2point_fast.coordinates.view_coordinates` (a few ``[M, B, N]``-sized tensors): their
+rounding is the BLAS's (``einsum`` → ``mm``) and cannot be reproduced bit for bit in a kernel,
+and a one-ulp difference moves tokens across bucket borders on lattice-like clouds, while bucket
+ids must equal the reference's exactly.
 
 The PE table is a frozen input: the op has no backward.
 """
@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from any2point_fast.coordinates import line_coordinates, view_coordinates
 from any2point_fast.geometry import ProjectionSpec
-from any2point_fast.reference.projection import line_coordinates, view_coordinates
 
 from ._common import channel_block, check_float, device_function
 
@@ -103,7 +103,7 @@ def _project_pe_kernel(pos_ptr, lohi_ptr, table_ptr, pe_ptr, buckets_ptr, length
 
 
 def _positions(centers: torch.Tensor, spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's own ``t`` and ``(lo, hi)`` (1D) or ``q = R_j p`` (2D), bit for bit."""
+    """``t`` and its per-cloud ``(lo, hi)`` (1D) or ``q = R_j p`` (2D), bit for bit the reference's."""
     if spec.kind == "1d":
         t = line_coordinates(centers, spec.views)
         return t.contiguous(), torch.stack((t.amin(dim=2), t.amax(dim=2)), dim=-1).contiguous()

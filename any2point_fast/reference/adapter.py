@@ -222,8 +222,6 @@ class ReferenceAdapter(nn.Module):
     4. ``x ← x + c · Σ_j w_ij F_ij`` (Eq. 3); prefix tokens (``[CLS]``) skip steps 2–4.
 
     ``view_attention`` is shared by all blocks of a model; pass the same module to each adapter.
-    Subclasses swap the compute steps (:meth:`bottleneck`, :meth:`pool_views`, :meth:`pool_voxels`,
-    :meth:`normalize`, :meth:`ensemble`) for fused ones and keep the same parameters.
     """
 
     def __init__(self, config: Any2PointConfig, view_attention: ViewAttention | None = None):

@@ -76,9 +76,6 @@ class ReferenceModel(nn.Module):
             seed share their "pretrained" backbone.
     """
 
-    adapter_class = ReferenceAdapter
-    tokenizer_class = PointTokenizer
-
     def __init__(self, config: Any2PointConfig, num_layers: int = 4, num_heads: int = 4, seed: int = 0):
         super().__init__()
         self.config = config
@@ -92,11 +89,11 @@ class ReferenceModel(nn.Module):
         for p in [*self.blocks.parameters(), *self.final_norm.parameters()]:
             p.requires_grad_(False)
         self.spec = ProjectionSpec.from_config(config)
-        self.tokenizer = self.tokenizer_class(config)
+        self.tokenizer = PointTokenizer(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c))
         self.cls_pos = nn.Parameter(torch.randn(1, 1, c) * 0.02)
         self.view_attention = ViewAttention(c, config.num_views, config.attn_dim, config.attn_heads)
-        self.adapters = nn.ModuleList(self.adapter_class(config, self.view_attention) for _ in range(num_layers))
+        self.adapters = nn.ModuleList(ReferenceAdapter(config, self.view_attention) for _ in range(num_layers))
         self.head = ClassificationHead(config)
 
     def geometry(self, centers: torch.Tensor) -> tuple[torch.Tensor, Geometry]:

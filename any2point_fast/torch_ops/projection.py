@@ -1,11 +1,9 @@
 """``project_pe``: the PE interpolation and view average of all views in one weighted gather.
 
-Positions and bucket ids are the reference's own: the ``[M, B, N]`` positions come from
-:func:`~any2point_fast.reference.projection.line_positions` /
-:func:`~any2point_fast.reference.projection.canvas_positions` (a few ``[M, B, N]`` tensors; a
-one-ulp difference would move tokens across bucket borders, and bucket ids must equal the
-reference's exactly — the Triton kernel makes the same choice), and the bucket formula is the
-reference's. The heavy part, ``(1/M) Σ_j PE(p_ij)`` over ``C`` channels, is one ``embedding_bag``
+Positions and bucket ids come from :mod:`any2point_fast.coordinates` (a few ``[M, B, N]``
+tensors, evaluated as DESIGN.md §1.2 writes them: a one-ulp difference would move tokens across
+bucket borders, and bucket ids must equal the reference's exactly — the Triton kernel makes the
+same choice). The heavy part, ``(1/M) Σ_j PE(p_ij)`` over ``C`` channels, is one ``embedding_bag``
 over the ``2M`` (1D) or ``4M`` (2D) table rows that interpolate each token, weighted by the
 interpolation weights — or, for a short table, one GEMM of the ``[B·N, L]`` interpolation
 matrix with the table: no ``[M, B, N, C]`` per-view PE is formed. It is computed in float32
@@ -18,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..coordinates import canvas_buckets, canvas_positions, line_buckets, line_positions
 from ..geometry import ProjectionSpec
-from ..reference.projection import canvas_positions, line_positions
 from ._common import compute_dtype
 
 #: A table of at most this many rows per interpolation row of a token (2M in 1D, 4M in 2D) is
@@ -56,7 +54,7 @@ def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
         rows = torch.stack((lower, upper), dim=-1)  # [M, B, N, 2]
         weights = torch.stack((1 - w, w), dim=-1)
         table = pe_table
-        buckets = (u / spec.segment_length).floor().long().clamp(0, spec.buckets_per_view(length) - 1)
+        buckets = line_buckets(u, spec.segment_length, spec.buckets_per_view(length))
     else:
         (gh, gw, _), (height, width) = pe_table.shape, spec.canvas_size
         rc = canvas_positions(centers, spec.views, spec.canvas_size, spec.camera_distance)
@@ -65,10 +63,7 @@ def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
         rows = torch.stack((y0 * gw + x0, y0 * gw + x1, y1 * gw + x0, y1 * gw + x1), dim=-1)
         weights = torch.stack(((1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx), dim=-1)
         table = pe_table.reshape(gh * gw, -1)
-        cols = -(-width // spec.patch_size)
-        by = (rc[..., 0] / spec.patch_size).floor().long().clamp(0, -(-height // spec.patch_size) - 1)
-        bx = (rc[..., 1] / spec.patch_size).floor().long().clamp(0, cols - 1)
-        buckets = by * cols + bx
+        buckets = canvas_buckets(rc, spec.canvas_size, spec.patch_size)
     dtype = compute_dtype(pe_table)
     # token-major bags: the 2M (4M) interpolation rows of every token
     bags = rows.permute(1, 2, 0, 3).reshape(batch * tokens, -1)
