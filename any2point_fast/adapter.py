@@ -30,7 +30,7 @@ from . import bottleneck as fused_bottleneck
 from . import ops
 from .config import Any2PointConfig
 from .geometry import Geometry, Segments
-from .row_batch_norm import RowBatchNorm, update_running_stats
+from .row_batch_norm import RowBatchNorm, update_running_stats, update_running_stats_where
 from .validation import check_adapter_inputs
 from .view_attention import ViewAttention
 
@@ -99,22 +99,31 @@ class Any2PointAdapter(nn.Module):
         """``tokens + c · Σ_j w_ij F_ij`` (Eq. 3), ``[B, N, C]``."""
         return ops.ensemble_propagate(tokens, base_rows, base_ids, view_rows, view_ids, self.coef)
 
-    def normalize(self, rows: torch.Tensor, offsets: tuple[int, ...], norms) -> torch.Tensor:
+    def normalize(self, rows: torch.Tensor, offsets: tuple[int, ...] | torch.Tensor, norms) -> torch.Tensor:
         """``GELU(norms[g](rows of group g))`` ``[S, C]``, group ``g`` the rows ``offsets[g] … offsets[g + 1] − 1``,
         in one op. Norms other than plain :class:`RowBatchNorm` (``SyncBatchNorm``, whose statistics
-        span every rank) go module by module."""
-        counts = [last - first for first, last in zip(offsets[:-1], offsets[1:])]
-        if not _fusable(norms):
-            # split, not slices: the backward of G slices would zero-fill G full-size [S, C] gradients
-            return F.gelu(torch.cat([norm(group) for group, norm in zip(rows.split(counts), norms)]))
-        batch = tuple(self.training and count > 1 for count in counts)  # as RowBatchNorm: one row, running stats
+        span every rank) go module by module. In a region that ``torch.compile`` traces, ``offsets`` (the
+        view offsets of traced segments, or ``(0, S)`` for the voxels) are data: the groups' sizes stay
+        tensors, never read on the host (plain norms only)."""
+        if torch.compiler.is_compiling() and _fusable(norms):
+            offsets = offsets if isinstance(offsets, torch.Tensor) else torch.tensor(offsets, device=rows.device)
+            counts = offsets[1:] - offsets[:-1]
+            batch = (counts > 1) & self.training  # as RowBatchNorm: one row, running stats
+        else:
+            counts = [last - first for first, last in zip(offsets[:-1], offsets[1:])]
+            if not _fusable(norms):
+                # split, not slices: the backward of G slices would zero-fill G full-size [S, C] gradients
+                return F.gelu(torch.cat([norm(group) for group, norm in zip(rows.split(counts), norms)]))
+            batch = tuple(self.training and count > 1 for count in counts)  # as RowBatchNorm: one row, running stats
         out, mean, var = ops.batch_norm_gelu(
             rows, offsets, torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms]),
             torch.stack([norm.running_mean for norm in norms]), torch.stack([norm.running_var for norm in norms]),
             batch, norms[0].eps)
         with torch.no_grad():
             for norm, own, count, batch_mean, batch_var in zip(norms, batch, counts, mean, var):
-                if own:
+                if isinstance(own, torch.Tensor):
+                    update_running_stats_where(norm, own, batch_mean, batch_var * count / (count - 1))
+                elif own:
                     update_running_stats(norm, batch_mean, batch_var * count / (count - 1))
         return out
 

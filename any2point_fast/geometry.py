@@ -29,13 +29,17 @@ class Segments:
         offsets: ``[S + 1]`` int64, segment ``s`` holds ``perm[offsets[s]:offsets[s + 1]]``.
         view_offsets: ``V + 1`` ints, segment range of each view.
         max_len: the largest segment's size.
+
+    In a region that ``torch.compile`` traces, ``view_offsets`` is a ``[V + 1]`` int64 tensor and
+    ``max_len`` a 0-d int64 tensor: their values are data, known when the graph runs
+    (:mod:`any2point_fast.custom_ops`).
     """
 
     segment_ids: torch.Tensor
     perm: torch.Tensor
     offsets: torch.Tensor
-    view_offsets: tuple[int, ...]
-    max_len: int
+    view_offsets: tuple[int, ...] | torch.Tensor
+    max_len: int | torch.Tensor
 
     @property
     def num_segments(self) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import registry
+from . import custom_ops, registry
 from .geometry import ProjectionSpec, Segments
 from .registry import BackendError
 from .validation import InputError, check_segments
@@ -84,9 +84,13 @@ def chosen(op: str, device: torch.device | str, dtype: torch.dtype | None = None
     return registry.choose(op, _backend, torch.device(device), dtype)
 
 
-def _resolve(op: str, main: torch.Tensor, device: torch.device | None = None):
-    """The function of the implementation chosen for ``op``, whose main input is ``main``."""
-    return chosen(op, device or main.device, main.dtype).function()
+def _run(op: str, main: torch.Tensor, device: torch.device | None, *args):
+    """``op`` on the implementation chosen for its main input ``main``; inside a region that
+    ``torch.compile`` traces, as its custom op (:mod:`any2point_fast.custom_ops`), which makes the
+    same choice when it runs."""
+    if torch.compiler.is_compiling():
+        return custom_ops.call(op, _backend, *args)
+    return chosen(op, device or main.device, main.dtype).function()(*args)
 
 
 def _same_device(op: str, **tensors: torch.Tensor) -> torch.device:
@@ -114,7 +118,7 @@ def project_pe(centers: torch.Tensor, pe_table: torch.Tensor,
     device = _same_device("project_pe", centers=centers, pe_table=pe_table)
     # positions decide buckets: never rounded to autocast's half precision
     with torch.autocast(device.type, enabled=False):
-        return _resolve("project_pe", pe_table, device)(centers, pe_table, spec)
+        return _run("project_pe", pe_table, device, centers, pe_table, spec)
 
 
 def bucket_sort(bucket_ids: torch.Tensor, num_buckets: int) -> Segments:
@@ -122,7 +126,7 @@ def bucket_sort(bucket_ids: torch.Tensor, num_buckets: int) -> Segments:
     if bucket_ids.dim() != 3 or bucket_ids.dtype != torch.int64:
         raise InputError(f"bucket_sort: bucket ids must be int64 [V, B, N], got {list(bucket_ids.shape)} "
                          f"{bucket_ids.dtype}")
-    return _resolve("bucket_sort", bucket_ids)(bucket_ids, num_buckets)
+    return _run("bucket_sort", bucket_ids, None, bucket_ids, num_buckets)
 
 
 def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, pooling: str) -> torch.Tensor:
@@ -131,7 +135,7 @@ def segment_pool(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: 
         raise InputError(f"segment_pool: values must be [T, C] with segment ids [T], got {list(values.shape)} "
                          f"and {list(segment_ids.shape)}")
     device = _same_device("segment_pool", values=values, segment_ids=segment_ids)
-    return _resolve("segment_pool", values, device)(values, segment_ids, num_segments, pooling)
+    return _run("segment_pool", values, device, values, segment_ids, num_segments, pooling)
 
 
 def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
@@ -153,32 +157,37 @@ def neighborhood_attention_pool(x: torch.Tensor, segments: Segments, ln_weight: 
     if width % num_heads:
         raise InputError(f"{op}: attention width {width} is not divisible by num_heads={num_heads}")
     device = _same_device(op, x=x, segment_ids=segments.segment_ids, qkv_weight=qkv_weight)
-    return _resolve(op, x, device)(
-        x, segments, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads, pooling, eps
-    )
+    return _run(op, x, device, x, segments, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads,
+                pooling, eps)
 
 
-def batch_norm_gelu(rows: torch.Tensor, offsets: tuple[int, ...], weight: torch.Tensor, bias: torch.Tensor,
-                    running_mean: torch.Tensor, running_var: torch.Tensor, batch: tuple[bool, ...],
+def batch_norm_gelu(rows: torch.Tensor, offsets: tuple[int, ...] | torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                    batch: tuple[bool, ...] | torch.Tensor,
                     eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``GELU(BN_g(rows))`` per group of rows → ``[S, C]``, and the statistics used; see
-    :func:`reference.batch_norm_gelu`."""
+    :func:`reference.batch_norm_gelu`. In a region that ``torch.compile`` traces, ``offsets`` may be a
+    ``[G + 1]`` int64 tensor and ``batch`` a ``[G]`` bool one (the view offsets of traced segments are
+    data): their values are then not checked."""
     op = "batch_norm_gelu"
     if rows.dim() != 2:
         raise InputError(f"{op}: rows must be [S, C], got {list(rows.shape)}")
-    offsets, batch = tuple(int(o) for o in offsets), tuple(bool(b) for b in batch)
+    traced = isinstance(offsets, torch.Tensor)
+    if not traced:
+        offsets, batch = tuple(int(o) for o in offsets), tuple(bool(b) for b in batch)
     groups = len(offsets) - 1
-    if groups < 0 or offsets[0] != 0 or offsets[-1] != rows.shape[0] or list(offsets) != sorted(offsets):
+    if not traced and (groups < 0 or offsets[0] != 0 or offsets[-1] != rows.shape[0]
+                       or list(offsets) != sorted(offsets)):
         raise InputError(f"{op}: offsets must rise from 0 to the {rows.shape[0]} rows, got {list(offsets)}")
     if len(batch) != groups:
         raise InputError(f"{op}: batch needs one flag per group ({groups}), got {len(batch)}")
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _expect_shape(op, name, t, (groups, rows.shape[1]))
-    small = [g for g, own in enumerate(batch) if own and offsets[g + 1] - offsets[g] < 2]
+    small = [] if traced else [g for g, own in enumerate(batch) if own and offsets[g + 1] - offsets[g] < 2]
     if small:
         raise InputError(f"{op}: groups {small} have fewer than 2 rows and cannot use their own statistics")
     device = _same_device(op, rows=rows, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    return _resolve(op, rows, device)(rows, offsets, weight, bias, running_mean, running_var, batch, eps)
+    return _run(op, rows, device, rows, offsets, weight, bias, running_mean, running_var, batch, eps)
 
 
 def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch.Tensor, view_rows: torch.Tensor,
@@ -195,7 +204,7 @@ def ensemble_propagate(x: torch.Tensor, base_rows: torch.Tensor, base_ids: torch
         if rows.dim() != 2 or rows.shape[1] != x.shape[2]:
             raise InputError(f"{op}: {name} must be [S, {x.shape[2]}], got {list(rows.shape)}")
     device = _same_device(op, x=x, base_rows=base_rows, base_ids=base_ids, view_rows=view_rows, view_ids=view_ids)
-    return _resolve(op, x, device)(x, base_rows, base_ids, view_rows, view_ids, coef)
+    return _run(op, x, device, x, base_rows, base_ids, view_rows, view_ids, coef)
 
 
 def _check_points(op: str, name: str, xyz: torch.Tensor) -> None:
@@ -209,7 +218,7 @@ def farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
     _check_points("farthest_point_sample", "xyz", xyz)
     if not 0 < num_samples <= xyz.shape[1]:
         raise InputError(f"farthest_point_sample: cannot sample {num_samples} of {xyz.shape[1]} points")
-    return _resolve("farthest_point_sample", xyz)(xyz, num_samples)
+    return _run("farthest_point_sample", xyz, None, xyz, num_samples)
 
 
 def knn(query: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
@@ -223,7 +232,7 @@ def knn(query: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
         raise InputError(f"knn: k = {k} neighbours requested from {points.shape[1]} points")
     device = _same_device("knn", query=query, points=points)
     with torch.autocast(device.type, enabled=False):  # distances in float32 whatever autocast says
-        return _resolve("knn", query, device)(query, points, k)
+        return _run("knn", query, device, query, points, k)
 
 
 def neighborhood_aggregate(feat: torch.Tensor, offsets: torch.Tensor, centre_index: torch.Tensor,
@@ -261,9 +270,9 @@ def neighborhood_aggregate(feat: torch.Tensor, offsets: torch.Tensor, centre_ind
     device = _same_device(op, feat=feat, offsets=offsets, centre_index=centre_index, neighbour_index=neighbour_index,
                           weight1=weight1, weight2=weight2)
     with torch.autocast(device.type, enabled=False):
-        return _resolve(op, feat, device)(feat, offsets, centre_index, neighbour_index, weight1, norm1_weight,
-                                          norm1_bias, norm1_mean, norm1_var, weight2, norm2_weight, norm2_bias,
-                                          norm2_mean, norm2_var, training, eps, alpha, beta)
+        return _run(op, feat, device, feat, offsets, centre_index, neighbour_index, weight1, norm1_weight,
+                    norm1_bias, norm1_mean, norm1_var, weight2, norm2_weight, norm2_bias, norm2_mean, norm2_var,
+                    training, eps, alpha, beta)
 
 
 def interpolate_features(points: torch.Tensor, centers: torch.Tensor, features: torch.Tensor,
@@ -280,7 +289,7 @@ def interpolate_features(points: torch.Tensor, centers: torch.Tensor, features: 
         raise InputError(f"{op}: points and centers need one batch, got {points.shape[0]} and "
                          f"{centers.shape[0]} clouds")
     device = _same_device(op, points=points, centers=centers, features=features)
-    return _resolve(op, features, device)(points, centers, features, eps)
+    return _run(op, features, device, points, centers, features, eps)
 
 
 __all__ = [

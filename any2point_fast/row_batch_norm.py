@@ -40,4 +40,14 @@ def update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tens
     norm.running_var.lerp_(unbiased_var.to(norm.running_var.dtype), factor)
 
 
-__all__ = ["RowBatchNorm", "update_running_stats"]
+def update_running_stats_where(norm: nn.modules.batchnorm._BatchNorm, own: torch.Tensor, mean: torch.Tensor,
+                               unbiased_var: torch.Tensor) -> None:
+    """:func:`update_running_stats` where the 0-d bool ``own`` holds, the buffers unchanged elsewhere,
+    without reading a tensor on the host (traced code)."""
+    norm.num_batches_tracked.add_(own.long())
+    factor = 1 / norm.num_batches_tracked.clamp_min(1) if norm.momentum is None else norm.momentum
+    for buffer, value in ((norm.running_mean, mean), (norm.running_var, unbiased_var)):
+        buffer.copy_(torch.where(own, buffer.lerp(value.to(buffer.dtype), factor), buffer))
+
+
+__all__ = ["RowBatchNorm", "update_running_stats", "update_running_stats_where"]

@@ -34,7 +34,9 @@ def check_points(points: object, min_points: int) -> torch.Tensor:
     if points.shape[1] < min_points:
         raise InputError(f"each cloud needs at least {min_points} points (the tokenizer's num_points), "
                          f"got {points.shape[1]}; resample the clouds or lower num_points")
-    if not torch.isfinite(points).all():
+    if torch.compiler.is_compiling():  # traced code cannot branch on values: checked when the graph runs
+        torch._assert_async(torch.isfinite(points).all(), "points contain NaN or Inf coordinates")
+    elif not torch.isfinite(points).all():
         bad = (~torch.isfinite(points)).any(dim=(1, 2)).nonzero().flatten().tolist()
         raise InputError(f"points contain NaN or Inf coordinates in clouds {bad[:10]}")
     return points
