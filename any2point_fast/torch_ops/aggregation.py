@@ -86,11 +86,14 @@ def _slices(count: int, step: int):
 def _moments(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
              chunks: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
     """``Σ a`` ``[H]`` and ``Σ (a − ā)(a − ā)ᵀ`` ``[H, H]`` of ``a = relu(h·scale + shift)`` over every
-    row of ``h`` ``[B·S, k, H]``, chunk by chunk (Chan's pairwise merge of centred moments)."""
+    row of ``h`` ``[B·S, k, H]``, chunk by chunk (Chan's pairwise merge of centred moments), in
+    float64: BN2's variance ``diag(W2 Cov W2ᵀ)`` cancels where ``W2`` rows meet a flat direction of
+    ``a``, and float32 moments then lose the digits a direct variance of ``y`` keeps."""
     hidden = h.shape[2]
-    total, spread, count = h.new_zeros(hidden), h.new_zeros(hidden, hidden), 0
+    total = h.new_zeros(hidden, dtype=torch.float64)
+    spread, count = h.new_zeros(hidden, hidden, dtype=torch.float64), 0
     for part in chunks:
-        a = torch.relu_(torch.addcmul(shift, h[part], scale)).view(-1, hidden)
+        a = torch.relu_(torch.addcmul(shift, h[part], scale)).view(-1, hidden).double()
         size, part_sum = a.shape[0], a.sum(dim=0)
         centred = a - part_sum / size
         spread.addmm_(centred.T, centred)
@@ -139,8 +142,10 @@ class _Aggregate(torch.autograd.Function):
         shift1 = norm1_bias.to(dtype) - mean1 * scale1
         if training:
             a_sum, a_spread = _moments(h, scale1, shift1, chunks)
-            mean2 = w2 @ (a_sum / rows)
-            var2 = ((w2 @ a_spread) * w2).sum(dim=1).div_(rows).clamp_min_(0)
+            wide = w2.double()
+            mean2 = (wide @ (a_sum / rows)).to(dtype)
+            var2 = ((wide @ a_spread) * wide).sum(dim=1).div_(rows).clamp_min_(0).to(dtype)
+            a_sum, a_spread = a_sum.to(dtype), a_spread.to(dtype)
         else:
             a_sum = a_spread = None
             mean2, var2 = norm2_mean.to(dtype), norm2_var.to(dtype)

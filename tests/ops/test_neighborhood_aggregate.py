@@ -80,31 +80,50 @@ def check(fn, case: Case, dtype: torch.dtype, device: torch.device, training: bo
             out.append((strided(t) if noncontiguous else t.clone()).requires_grad_())
         return out
 
-    def run(impl, **kwargs):
+    def run(impl, wide: bool = False, **kwargs):
         inputs = prepare()
+        if wide:  # the same (rounded) values, computed in float64
+            inputs = [t.detach().double().requires_grad_() for t in inputs]
         results = aggregate(impl, case, inputs, training, **kwargs)
         upstream = torch.randn(results[0].shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
-        return results, torch.autograd.grad(results[0], inputs, upstream)
+        return results, torch.autograd.grad(results[0], inputs, upstream.to(results[0].dtype))
 
     (out, *stats), grads = run(fn, **options)
     (out_again, *_), grads_again = run(fn, **options)
     (ref_out, *ref_stats), ref_grads = run(R.neighborhood_aggregate)
+    exact = run(R.neighborhood_aggregate, wide=True) if dtype != torch.float64 else None
+
+    def close(actual, expected, which, tolerance, scale=1, msg="", normaliser=None):
+        """``actual`` against the oracle in its dtype; where the oracle's own rounding already misses the
+        float64 result by more than the tolerance (BatchNorm over a few rows of almost equal values: an
+        ill-conditioned case for any float32 code), ``actual`` may miss it by at most 4× as much."""
+        normaliser = 1 if normaliser is None else normaliser
+        try:
+            assert_close_to_reference(actual / normaliser, expected / normaliser, tolerance, scale=scale, msg=msg)
+        except AssertionError:
+            if exact is None:
+                raise
+            truth = which(exact).detach()
+            own = ((expected.double() - truth) / normaliser).abs().max().item()
+            if not ((actual.double() - truth) / normaliser).abs().max().item() <= 4 * own:
+                raise
+
     assert out.dtype == ref_out.dtype == dtype and out.shape == ref_out.shape
     assert torch.equal(out, out_again), "not bitwise repeatable"
-    assert_close_to_reference(out, ref_out, dtype, msg="output")
-    for name, value, expected in zip(("mean1", "var1", "mean2", "var2"), stats, ref_stats):
+    close(out, ref_out, lambda e: e[0][0], dtype, msg="output")
+    for i, (name, value, expected) in enumerate(zip(("mean1", "var1", "mean2", "var2"), stats, ref_stats)):
         assert not value.requires_grad
-        assert_close_to_reference(value, expected, dtype, scale=4, msg=name)
-    for name, grad, grad_again, ref_grad in zip(NAMES, grads, grads_again, ref_grads):
+        close(value, expected, lambda e, i=i: e[0][i + 1], dtype, scale=4, msg=name)
+    for i, (name, grad, grad_again, ref_grad) in enumerate(zip(NAMES, grads, grads_again, ref_grads)):
         assert grad.dtype == ref_grad.dtype == dtype
         assert torch.equal(grad, grad_again), f"gradient of {name} is not bitwise repeatable"
         if name == "xyz":  # through the position code, computed in float32 whatever the dtype
             largest = ref_grad.abs().max().clamp_min(1e-6)
             tolerance = torch.float32 if dtype == torch.float64 else dtype
-            assert_close_to_reference(grad / largest, ref_grad / largest, tolerance, scale=8, msg=name)
+            close(grad, ref_grad, lambda e, i=i: e[1][i], tolerance, scale=8, msg=name, normaliser=largest)
         else:
             scale = 16 if name.endswith(("weight1", "weight2", "_weight", "_bias")) else 4
-            assert_close_to_reference(grad, ref_grad, dtype, scale=scale, msg=f"gradient of {name}")
+            close(grad, ref_grad, lambda e, i=i: e[1][i], dtype, scale=scale, msg=f"gradient of {name}")
 
 
 @st.composite
