@@ -63,14 +63,20 @@ class GroupingStage(nn.Module):
         spread = offsets.reshape(batch, -1).float().std(dim=1).to(offsets.dtype)
         offsets = offsets / (spread.view(batch, 1, 1, 1) + 1e-5)
         linear1, norm1, _, linear2, norm2 = self.mlp
+        # the BatchNorms' own flags decide, as if they ran as modules: `model.eval()` then `bn.train()`
+        # (recomputing BatchNorm statistics) must use and update batch statistics here too
+        training = norm1.training
+        if norm2.training != training:
+            raise ValueError("the two BatchNorms of a tokenizer stage must both be in training or both in "
+                             "evaluation mode")
         # training normalises with batch statistics and updates the running ones in place below: the op
         # gets copies, which a compiled backward (it reruns the op's forward) may still read unchanged
-        stats = [t.clone() if self.training else t
+        stats = [t.clone() if training else t
                  for t in (norm1.running_mean, norm1.running_var, norm2.running_mean, norm2.running_var)]
         out, mean1, var1, mean2, var2 = ops.neighborhood_aggregate(
             feat, offsets, centre_index, neighbour_index, linear1.weight, norm1.weight, norm1.bias, *stats[:2],
-            linear2.weight, norm2.weight, norm2.bias, *stats[2:], self.training, norm1.eps, self.alpha, self.beta)
-        if self.training:
+            linear2.weight, norm2.weight, norm2.bias, *stats[2:], training, norm1.eps, self.alpha, self.beta)
+        if training:
             rows = neighbour_index.numel()
             with torch.no_grad():
                 update_running_stats(norm1, mean1, var1 * rows / (rows - 1))

@@ -64,3 +64,27 @@ def test_state_dicts_load_both_ways():
 def test_the_stand_in_model_runs_the_fused_tokenizer():
     config = Any2PointConfig(hidden_size=64, tokenizer_dim=8, num_tokens=16, num_points=64, knn_k=8)
     assert type(StandInModel(config, num_layers=1).tokenizer) is T.PointTokenizer
+
+
+def test_batchnorm_flags_decide_not_the_stage_flag():
+    """``model.eval()`` then ``bn.train()`` (recomputing BatchNorm statistics, e.g. precise BN): the
+    stages use and update batch statistics exactly as the reference's BatchNorm modules do."""
+    config = Any2PointConfig(hidden_size=64, tokenizer_dim=8, num_tokens=16, num_points=64, knn_k=8)
+    reference, fused = twins(config, 3)
+    for module in (reference, fused):
+        module.eval()
+        for norm in module.modules():
+            if isinstance(norm, torch.nn.BatchNorm1d):
+                norm.train()
+                norm.reset_running_stats()
+                norm.momentum = None
+    xyz = torch.randn(2, 64, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        assert_close_to_reference(fused(xyz)[0], reference(xyz)[0], torch.float32)
+    fused_state = fused.state_dict()
+    for name, value in reference.state_dict().items():
+        assert_close_to_reference(fused_state[name].double(), value.double(), torch.float32, msg=name)
+    assert fused_state["stages.0.mlp.1.num_batches_tracked"] == 1
+    fused.stages[0].mlp[1].eval()
+    with pytest.raises(ValueError, match="both be in training or both in evaluation"):
+        fused(xyz)

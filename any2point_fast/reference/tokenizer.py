@@ -132,7 +132,10 @@ class LocalGeometryStage(nn.Module):
         std = rel.reshape(batch, -1).float().std(dim=1).to(rel.dtype)
         rel = rel / (std[:, None, None, None] + 1e-5)
         linear1, norm1, _, linear2, norm2 = self.mlp
-        training = self.training
+        training = norm1.training  # the BatchNorms' own flags, as if they ran as modules
+        if norm2.training != training:
+            raise ValueError("the two BatchNorms of a tokenizer stage must both be in training or both in "
+                             "evaluation mode")
         out, mean1, var1, mean2, var2 = neighborhood_aggregate(
             feat, rel, centre_idx, nbr_idx, linear1.weight, norm1.weight, norm1.bias, norm1.running_mean,
             norm1.running_var, linear2.weight, norm2.weight, norm2.bias, norm2.running_mean, norm2.running_var,
