@@ -49,11 +49,22 @@ class Recipe:
     epochs: int = 8
     batch_size: int = 32
     lr: float = 1e-3
-    adapter_lr_scale: float = 0.1
+    #: per backbone (``train.adapter_lr_scale``): MiniLM's pretrained post-LN layers pass the adapters
+    #: ~20x the gradient random ones do, and lr/10 there turned its deficit into a lead; DINOv2 lost
+    #: 4 points with it (BENCHMARKS.md, Transfer)
+    adapter_lr_scale: dict = field(default_factory=lambda: {"minilm": 0.1, "dinov2": 1.0})
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     precise_bn_batches: int = 4
     model: dict = field(default_factory=lambda: dict(num_tokens=32, knn_k=16, tokenizer_dim=24))
+
+
+def for_backbone(recipe: Recipe, backbone: str) -> Recipe:
+    """``recipe`` as one backbone's runs use it (its own ``adapter_lr_scale``, a number)."""
+    import dataclasses
+
+    scale = recipe.adapter_lr_scale
+    return dataclasses.replace(recipe, adapter_lr_scale=scale[backbone] if isinstance(scale, dict) else scale)
 
 
 def backbone_path(name: str) -> str:
@@ -309,9 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     def launch(job):
         b, w, s = job
-        spec = f"{b},{w},{s},{json.dumps(asdict(recipe))}"
+        mine = asdict(for_backbone(recipe, b))
+        spec = f"{b},{w},{s},{json.dumps(mine)}"
         saved = cache / f"{b}-{w}-{s}.json"  # finished runs of the same recipe are reused (a killed benchmark resumes)
-        if saved.exists() and json.loads(saved.read_text()).get("recipe") == asdict(recipe):
+        if saved.exists() and json.loads(saved.read_text()).get("recipe") == mine:
             reused.append(job)
             return json.loads(saved.read_text())["run"]
         done = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True,
@@ -319,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"run {job} failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        saved.write_text(json.dumps({"recipe": asdict(recipe), "run": result}))
+        saved.write_text(json.dumps({"recipe": mine, "run": result}))
         print(f"{b} {w} seed {s}: final {result['final']:.1f} % best {result['best']:.1f} % "
               f"({result['samples_per_s']:.1f} samples/s)", flush=True)
         return result

@@ -38,9 +38,9 @@ class TrainConfig:
     ``warmup_epochs`` of linear warm-up then a per-step cosine decay to ``min_lr``,
     ``adapter_lr_scale`` (the learning rate of the adapters, their shared view attention and the
     prefix tokens is ``lr × adapter_lr_scale``: these sit inside the frozen backbone, whose
-    pretrained layers pass them gradients ~20× larger than random layers do, and AdamW's steps do
+    pretrained MiniLM layers pass them gradients ~20× larger than random layers do, and AdamW's steps do
     not shrink with that gain, so at the tokenizer's learning rate they move the pretrained model's
-    function much further per step; the Hugging Face recipes set 0.1, see BENCHMARKS.md "Transfer"),
+    function much further per step; the recipes keep 1; BENCHMARKS.md "Transfer" measures 0.1),
     ``grad_clip`` (max global grad norm; 0 disables), ``label_smoothing``, ``grad_accum_steps``
     (micro-batches per optimizer step).
 
