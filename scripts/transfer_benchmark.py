@@ -49,22 +49,11 @@ class Recipe:
     epochs: int = 8
     batch_size: int = 32
     lr: float = 1e-3
-    #: per backbone (``train.adapter_lr_scale``): MiniLM's pretrained post-LN layers pass the adapters
-    #: ~20x the gradient random ones do, and lr/10 there turned its deficit into a lead; DINOv2 lost
-    #: 4 points with it (BENCHMARKS.md, Transfer)
-    adapter_lr_scale: dict = field(default_factory=lambda: {"minilm": 0.1, "dinov2": 1.0})
+    adapter_lr_scale: float = 1.0  # train.adapter_lr_scale (0.1 measured: BENCHMARKS.md, Transfer)
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     precise_bn_batches: int = 4
     model: dict = field(default_factory=lambda: dict(num_tokens=32, knn_k=16, tokenizer_dim=24))
-
-
-def for_backbone(recipe: Recipe, backbone: str) -> Recipe:
-    """``recipe`` as one backbone's runs use it (its own ``adapter_lr_scale``, a number)."""
-    import dataclasses
-
-    scale = recipe.adapter_lr_scale
-    return dataclasses.replace(recipe, adapter_lr_scale=scale[backbone] if isinstance(scale, dict) else scale)
 
 
 def backbone_path(name: str) -> str:
@@ -320,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def launch(job):
         b, w, s = job
-        mine = asdict(for_backbone(recipe, b))
+        mine = asdict(recipe)
         spec = f"{b},{w},{s},{json.dumps(mine)}"
         saved = cache / f"{b}-{w}-{s}.json"  # finished runs of the same recipe are reused (a killed benchmark resumes)
         if saved.exists() and json.loads(saved.read_text()).get("recipe") == mine:
