@@ -49,7 +49,7 @@ class Recipe:
     epochs: int = 8
     batch_size: int = 32
     lr: float = 1e-3
-    adapter_lr_scale: float = 1.0  # train.adapter_lr_scale (0.1 measured: BENCHMARKS.md, Transfer)
+    adapter_lr_scale: float = 1.0  # train.adapter_lr_scale (0.1 measured: README)
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     precise_bn_batches: int = 4

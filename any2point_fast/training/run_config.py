@@ -40,7 +40,7 @@ class TrainConfig:
     prefix tokens is ``lr × adapter_lr_scale``: these sit inside the frozen backbone, whose
     pretrained MiniLM layers pass them gradients ~20× larger than random layers do, and AdamW's steps do
     not shrink with that gain, so at the tokenizer's learning rate they move the pretrained model's
-    function much further per step; the recipes keep 1; BENCHMARKS.md "Transfer" measures 0.1),
+    function much further per step; 0.1 did not help on the transfer benchmark, see README),
     ``grad_clip`` (max global grad norm; 0 disables), ``label_smoothing``, ``grad_accum_steps``
     (micro-batches per optimizer step).
 
