@@ -3,6 +3,9 @@
 The adapter normalises pooled bucket and voxel rows, and the classification head one row per
 cloud; either can be a single row in a training step (one non-empty bucket in a whole batch, a
 batch of one cloud), where batch statistics are undefined and ``nn.BatchNorm1d`` raises.
+
+Also the running-statistics update of a BatchNorm module whose rows a fused op normalised
+(:func:`update_running_stats`; :func:`update_running_stats_where` inside traced code).
 """
 
 from __future__ import annotations
