@@ -168,7 +168,44 @@ def targets(rows: list[dict]) -> list[str]:
     if ref and fast:
         speed = ref["median"] / fast["median"]
         add(f"training step, {fast['case']}: ≥ 1.3× faster than on reference", f"{speed:.2f}×", speed >= 1.3)
+    tokenizer_targets(by_key, add, pair)
     return lines
+
+
+#: The whole training step at the recipe's shape before the tokenizer became fused ops (issue 18:
+#: real MiniLM backbone, idle 2-core CPU).
+STEP_BEFORE_S = 32.0
+
+
+def tokenizer_targets(by_key: dict, add, pair) -> None:
+    """Issue 18's tokenizer targets: FPS time and kNN memory against the reference, the tokenizer's
+    forward+backward at the recipe's shape against the reference, and its share of the recipe's step
+    (``add(target, measured, ok)`` records a row; ``pair(group, case, mode)``: the reference's and the
+    torch path's rows)."""
+    ref, fast = pair("tokenizer:farthest_point_sample", "B=8 P=16384 S=4096", "forward")
+    if ref and fast:
+        speed = ref["median"] / fast["median"]
+        add("farthest_point_sample B=8 P=16384 S=4096: torch ≥ 20× faster", f"{speed:.0f}×", speed >= 20)
+    ref, fast = pair("tokenizer:knn", "B=8 P=16384 S=4096 k=32", "forward")
+    if ref and fast and ref.get("peak_bytes") and fast.get("peak_bytes"):
+        less = ref["peak_bytes"] / fast["peak_bytes"]
+        add("knn B=8 P=16384 S=4096 k=32: ≤ 1/10 of the reference's peak memory", f"1/{less:.0f}", less >= 10)
+    case = "B=32 P=1024 N=128 k=81"
+    ref, fast = pair("tokenizer", case, "forward+backward")
+    if ref and fast:
+        speed = ref["median"] / fast["median"]
+        add(f"tokenizer fwd+bwd, {case}: torch ≥ 10× faster", f"{speed:.1f}×", speed >= 10)
+        if ref.get("peak_bytes") and fast.get("peak_bytes"):
+            less = ref["peak_bytes"] / fast["peak_bytes"]
+            add(f"tokenizer fwd+bwd, {case}: ≤ 1/10 of the reference's peak memory", f"1/{less:.1f}", less >= 10)
+    step = by_key.get(("model:recipe-step", f"minilm-size {case}", "forward+backward", "torch"))
+    if step:
+        speed = STEP_BEFORE_S / step["median"]
+        add(f"recipe training step, MiniLM-sized: ≥ 3× faster than {STEP_BEFORE_S:.0f} s",
+            f"{step['median']:.1f} s ({speed:.1f}×)", speed >= 3)
+        if fast:
+            share = fast["median"] / step["median"]
+            add("recipe training step: tokenizer fwd+bwd ≤ 25 % of it", f"{100 * share:.0f} %", share <= 0.25)
 
 
 def throughput(rows: list[dict]) -> list[str]:
@@ -262,7 +299,7 @@ def render(data: dict, rows: list[dict], plots: list[str], source: Path, version
                 "of the device's peaks are given on known GPUs only.", "", *rates, ""]
     if any(r["group"].startswith("model:") for r in rows):
         out += ["## Whole model", "", *group_table(rows, "model:train-step"), "",
-                *group_table(rows, "model:inference"), "", *throughput(rows), ""]
+                *group_table(rows, "model:recipe-step"), "", *group_table(rows, "model:inference"), "", *throughput(rows), ""]
     if gpu is not None:
         out += gpu_section(gpu)
     return "\n".join(out)
