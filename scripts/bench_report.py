@@ -369,7 +369,7 @@ def gpu_section(results: dict) -> list[str]:
 
 #: Sections written elsewhere (``scripts/transfer_benchmark.py``; the part segmentation step by hand), kept
 #: when the file is regenerated.
-KEPT_SECTIONS = ("## Part segmentation", "## Transfer")
+KEPT_SECTIONS = ("## Part segmentation", "## Transfer\n", "## Transfer diagnosis")
 
 
 def kept_sections(path: Path) -> str:

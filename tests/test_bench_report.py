@@ -18,6 +18,8 @@ def test_kept_sections_run_from_their_heading_to_the_next(tmp_path):
     assert bench_report.kept_sections(old) == ("## Part segmentation: training step (bench/x.py)\n\n| a |\n\n"
                                                "## Transfer\n\nz\n![plot](p.png)\n")
     assert bench_report.kept_sections(tmp_path / "missing.md") == ""
+    old.write_text("# Benchmarks\n\n## Transfer\n\nz\n\n## Transfer diagnosis (by hand)\n\nw\n\n## Whole model\n\ny\n")
+    assert bench_report.kept_sections(old) == "## Transfer\n\nz\n\n## Transfer diagnosis (by hand)\n\nw\n"
     old.write_text("# Benchmarks\n\nsee ## Transfer below\n")  # a title inside a line is no heading
     assert bench_report.kept_sections(old) == ""
 
