@@ -9,6 +9,7 @@ Imports nothing from the library except the shared layout types of
 :mod:`any2point_fast.geometry`.
 """
 
+from .aggregation import neighborhood_aggregate
 from .attention import neighborhood_attention_pool
 from .buckets import bucket_sort
 from .ensemble import ensemble_propagate
@@ -20,5 +21,5 @@ from .sampling import farthest_point_sample
 
 __all__ = [
     "batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "interpolate_features",
-    "neighborhood_attention_pool", "project_pe", "segment_pool",
+    "neighborhood_aggregate", "neighborhood_attention_pool", "project_pe", "segment_pool",
 ]
