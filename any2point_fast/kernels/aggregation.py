@@ -53,10 +53,14 @@ from any2point_fast.torch_ops.aggregation import _moments, _slices, chunk_centre
 from ._common import channel_block, check_float, device_function, pow2_at_least, tsum
 from .buckets import group_by_key
 
-_BLOCK_ROWS = 32  # rows per program of the row kernels
+_BLOCK_ROWS = 16  # rows per program of the row kernels
 _BLOCK_CENTRES = 16  # centres per block of the kernels that loop over the k neighbours
 _BLOCK_POINTS = 16  # rows per step of a point's sums
 _MAX_SPLITS = 64  # programs per channel block of the weight-gradient kernels
+# fp32 FMA dots against [H, 2C] weight tiles: 2C in blocks of 32 and 8 warps keep every kernel within 255
+# registers without spills up to H = 64 (ptxas, sm_90; a few bytes at H = 96)
+_CHANNEL_CAP = 32
+_NUM_WARPS = 8
 
 
 @device_function
@@ -322,6 +326,11 @@ def _offset_grad_kernel(off_ptr, dh_ptr, w1_ptr, du_ptr, arg_ptr, div_ptr, slope
     tl.store(grad_ptr + r * 3 + 2, grad_z, mask=rmask)
 
 
+def _tiles(dim: int, hidden: int) -> dict:
+    """The channel and hidden blocks and warps of the kernels that hold ``[·, H]`` and ``[H, 2C]`` tiles."""
+    return dict(BLOCK_D=channel_block(dim, cap=_CHANNEL_CAP), BLOCK_H=pow2_at_least(hidden), num_warps=_NUM_WARPS)
+
+
 def _splits(count: int, block: int) -> tuple[int, int]:
     """``(programs, items per program)`` covering ``count`` items in at most :data:`_MAX_SPLITS` programs, each
     a multiple of ``block`` items."""
@@ -329,7 +338,8 @@ def _splits(count: int, block: int) -> tuple[int, int]:
     return triton.cdiv(max(count, 1), per_split), per_split
 
 
-def _code_constants(dim: int, alpha: float, beta: float, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+def _code_constants(dim: int, alpha: float, beta: float,
+                    device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
     """The position code's frequencies ``f``, divisors ``alpha^(i/f)`` and slopes ``beta / alpha^(i/f)``
     ``[f]`` float32, computed by torch as the reference computes them."""
     freqs = math.ceil(dim / 6)
@@ -354,14 +364,14 @@ class _Aggregate(torch.autograd.Function):
         nbr = (neighbour_index + first[:, None, None]).reshape(rows).contiguous()
         ctr = (centre_index + first[:, None]).reshape(centres).contiguous()
         freqs, divisors, slopes = _code_constants(dim, alpha, beta, device)
-        block_d, block_h = channel_block(dim), pow2_at_least(hidden)
+        tiles = _tiles(dim, hidden)
 
         # 1. h = W1 PE + W1a f_n + W1b f_c
         fa, fb = f @ w1[:, :channels].T, f @ w1[:, channels:].T  # [B·P, H]
         h = torch.empty(centres, k, hidden, dtype=dtype, device=device)
         _hidden_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](
             off, nbr, ctr, fa.contiguous(), fb.contiguous(), w1, divisors, h, rows, k, dim, hidden, freqs, beta,
-            BLOCK_R=_BLOCK_ROWS, BLOCK_D=block_d, BLOCK_H=block_h)
+            BLOCK_R=_BLOCK_ROWS, **tiles)
 
         # 2. the statistics of BN1 (over h) and of BN2 (from the moments of a = relu(BN1(h)))
         if training:
@@ -388,11 +398,10 @@ class _Aggregate(torch.autograd.Function):
         out = torch.empty(centres, dim, dtype=dtype, device=device)
         arg = torch.empty(centres, dim, dtype=torch.int32, device=device)
         yhat = torch.empty(centres, dim, dtype=dtype, device=device)
-        grid = (triton.cdiv(centres, _BLOCK_CENTRES), triton.cdiv(dim, block_d))
-        _output_kernel[grid](h, off, nbr, ctr, f, w2, divisors, scale1.contiguous(), shift1.contiguous(),
-                             scale2.contiguous(), shift2.contiguous(), mean2.contiguous(), rstd2.contiguous(), out,
-                             arg, yhat, centres, k, channels, hidden, freqs, beta, BLOCK_S=_BLOCK_CENTRES,
-                             BLOCK_D=block_d, BLOCK_H=block_h)
+        grid = (triton.cdiv(centres, _BLOCK_CENTRES), triton.cdiv(dim, tiles["BLOCK_D"]))
+        _output_kernel[grid](h, off, nbr, ctr, f, w2, divisors, scale1, shift1, scale2, shift2, mean2.contiguous(),
+                             rstd2, out, arg, yhat, centres, k, channels, hidden, freqs, beta, BLOCK_S=_BLOCK_CENTRES,
+                             **tiles)
 
         ctx.save_for_backward(f, off, nbr, ctr, w1, w2, h, mean1, rstd1, scale1, shift1, mean2, rstd2, scale2, a_sum,
                               a_spread, out, arg, yhat, divisors, slopes)
@@ -411,7 +420,7 @@ class _Aggregate(torch.autograd.Function):
         centres, dim = out.shape
         k, hidden = h.shape[1:]
         channels, rows = dim // 2, centres * k
-        block_d, block_h = channel_block(dim), pow2_at_least(hidden)
+        tiles = _tiles(dim, hidden)
         du = (grad.reshape(centres, dim).to(out.dtype) * (out > 0)).contiguous()
 
         # BN2 and W2: dy = s·du + c0 − q·(W2 a) per row, with s = scale2
@@ -427,16 +436,14 @@ class _Aggregate(torch.autograd.Function):
         blocks = triton.cdiv(centres, _BLOCK_CENTRES)
         dz = torch.empty_like(h)
         sums = h.new_empty(blocks, 2, hidden)
-        _hidden_grad_kernel[(blocks,)](h, du, arg, w2s, cross, da_shift, scale1, shift1, mean1.contiguous(), dz, sums, centres, k,
-                                       dim, hidden, TRAINING=training, BLOCK_S=_BLOCK_CENTRES, BLOCK_D=block_d,
-                                       BLOCK_H=block_h)
+        _hidden_grad_kernel[(blocks,)](h, du, arg, w2s, cross, da_shift, scale1, shift1, mean1.contiguous(), dz, sums,
+                                       centres, k, dim, hidden, TRAINING=training, BLOCK_S=_BLOCK_CENTRES, **tiles)
         grad_bias1, grad_weight1 = sums.sum(dim=0)
         grad_weight1 *= rstd1
         splits, per_split = _splits(centres, _BLOCK_CENTRES)
         parts = h.new_empty(splits, dim, hidden)
-        _maxima_kernel[(triton.cdiv(dim, block_d), splits)](h, du, arg, scale1, shift1, parts, centres, k, dim, hidden,
-                                                            per_split, BLOCK_S=_BLOCK_CENTRES, BLOCK_D=block_d,
-                                                            BLOCK_H=block_h)
+        _maxima_kernel[(triton.cdiv(dim, tiles["BLOCK_D"]), splits)](h, du, arg, scale1, shift1, parts, centres, k, dim,
+                                                                     hidden, per_split, BLOCK_S=_BLOCK_CENTRES, **tiles)
         grad_w2 = parts.sum(dim=0).mul_(scale2[:, None])  # diag(s) Σ du aᵀ
         if training:
             grad_w2.sub_(torch.outer(scale2 * grad_bias2 / rows, a_sum)).sub_(q[:, None] * (w2 @ a_spread))
@@ -454,21 +461,20 @@ class _Aggregate(torch.autograd.Function):
         grad_feat = torch.empty_like(f)
         _point_grad_kernel[(num_points,)](nbr_perm, nbr_offsets, ctr_perm, ctr_offsets, dh, dh.sum(dim=1), du, arg,
                                           per_nbr, per_ctr, grad_feat, k, channels, hidden, BLOCK_T=_BLOCK_POINTS,
-                                          BLOCK_C=channel_block(channels), BLOCK_H=block_h)
+                                          BLOCK_C=channel_block(channels), BLOCK_H=tiles["BLOCK_H"])
         grad_feat += per_nbr @ w1[:, :channels] + per_ctr @ w1[:, channels:]
         splits, per_split = _splits(rows, _BLOCK_ROWS)
         parts = h.new_empty(splits, hidden, dim)
-        _position_weight_kernel[(triton.cdiv(dim, block_d), splits)](off, dh, divisors, parts, rows, dim, hidden,
-                                                                     freqs, beta, per_split, BLOCK_R=_BLOCK_ROWS,
-                                                                     BLOCK_D=block_d, BLOCK_H=block_h)
+        _position_weight_kernel[(triton.cdiv(dim, tiles["BLOCK_D"]), splits)](off, dh, divisors, parts, rows, dim,
+                                                                              hidden, freqs, beta, per_split,
+                                                                              BLOCK_R=_BLOCK_ROWS, **tiles)
         grad_w1 = torch.cat((per_nbr.T @ f, per_ctr.T @ f), dim=1) + parts.sum(dim=0)
         grad_off = None
         if ctx.needs_input_grad[1]:
             grad_off = torch.empty_like(off)
             _offset_grad_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](off, dh, w1, du, arg, divisors, slopes, grad_off,
                                                                    rows, k, dim, hidden, freqs, beta,
-                                                                   BLOCK_R=_BLOCK_ROWS, BLOCK_D=block_d,
-                                                                   BLOCK_H=block_h)
+                                                                   BLOCK_R=_BLOCK_ROWS, **tiles)
 
         grads = (grad_feat.view(ctx.shapes[0]), None if grad_off is None else grad_off.view(ctx.shapes[1]),
                  None, None, grad_w1, grad_weight1, grad_bias1, None, None, grad_w2, grad_weight2, grad_bias2)
