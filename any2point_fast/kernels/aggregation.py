@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from any2point_fast.torch_ops._common import without_autocast
 from any2point_fast.torch_ops.aggregation import _moments, _slices, chunk_centres
 
 from ._common import channel_block, check_float, device_function, pow2_at_least, tsum
@@ -349,6 +350,7 @@ def _code_constants(dim: int, alpha: float, beta: float,
 
 class _Aggregate(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, feat, offsets, centre_index, neighbour_index, weight1, norm1_weight, norm1_bias, norm1_mean,
                 norm1_var, weight2, norm2_weight, norm2_bias, norm2_mean, norm2_var, training, eps, alpha, beta,
                 chunk):
@@ -413,6 +415,7 @@ class _Aggregate(torch.autograd.Function):
         return out.view(batch, samples, dim).to(feat.dtype), mean1, var1, mean2, var2
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad, *_):
         (f, off, nbr, ctr, w1, w2, h, mean1, rstd1, scale1, shift1, mean2, rstd2, scale2, a_sum, a_spread,
          out, arg, yhat, divisors, slopes) = ctx.saved_tensors
