@@ -13,14 +13,14 @@ forward
   1. ``_hidden_kernel`` (grid: row blocks): ``h = W1 PE(o) + W1a f_n + W1b f_c`` ``[R, H]``, the
      feature parts ``W1a f``, ``W1b f`` ``[B·P, H]`` computed per point by torch and gathered;
   2. torch: BN1's statistics over ``h``, BN2's from the float64 moments of ``a = relu(BN1(h))``
-     (:func:`~any2point_fast.torch_ops.aggregation._moments`, chunk by chunk: float32 moments
-     cancel where ``W2`` meets a flat direction of ``a``, and on the GPUs this targets (A100,
-     H100) float64 runs at half the float32 rate, the ``2·R·H²`` flops of the moments beside the
-     ``2·R·H·D`` of each other pass);
+     (:func:`~any2point_fast.torch_ops.aggregation._moments`, chunk by chunk): float32 moments
+     cancel where ``W2`` meets a flat direction of ``a``, and the ``2·R·H²`` float64 flops of the
+     moments are ``H / D`` of the float32 ones of each other pass, on data-centre GPUs (A100,
+     H100: float64 units at half the float32 rate) a small share of the op;
   3. ``_output_kernel`` (grid: centre blocks × channel blocks): per neighbour ``j`` of a block of
      centres, ``y = W2 a`` (``tl.dot``), ``v = relu(BN2(y) + PE(o) + cat(f_n, f_c))`` and the
      running maximum over ``j`` (the first of equal maxima, like ``torch.max``), its argmax and
-     ``ŷ = BN2``'s normalised ``y`` there.
+     BN2's normalised ``ŷ = (y − mean2)·rstd2`` there.
 
 backward (``du`` is the output's gradient where the maximum passed the relu, ``[B·S, D]``)
   4. ``_hidden_grad_kernel`` (grid: centre blocks): ``da = da_shift − a·(W2ᵀ diag(q) W2) +
