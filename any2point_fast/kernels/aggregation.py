@@ -17,7 +17,7 @@ forward
      cancel where ``W2`` meets a flat direction of ``a``, and the ``2·R·H²`` float64 flops of the
      moments are ``H / D`` of the float32 ones of each other pass, on data-centre GPUs (A100,
      H100: float64 units at half the float32 rate) a small share of the op;
-  3. ``_output_kernel`` (grid: centre blocks × channel blocks): per neighbour ``j`` of a block of
+  3. ``_output_kernel`` (grid: channel blocks × centre blocks): per neighbour ``j`` of a block of
      centres, ``y = W2 a`` (``tl.dot``), ``v = relu(BN2(y) + PE(o) + cat(f_n, f_c))`` and the
      running maximum over ``j`` (the first of equal maxima, like ``torch.max``), its argmax and
      BN2's normalised ``ŷ = (y − mean2)·rstd2`` there.
@@ -125,10 +125,12 @@ def _hidden_kernel(off_ptr, nbr_ptr, ctr_ptr, fa_ptr, fb_ptr, w1_ptr, div_ptr, h
 def _output_kernel(h_ptr, off_ptr, nbr_ptr, ctr_ptr, f_ptr, w2_ptr, div_ptr, scale1_ptr, shift1_ptr, scale2_ptr,
                    shift2_ptr, mean2_ptr, rstd2_ptr, out_ptr, arg_ptr, yhat_ptr, num_centres, k, channels, hidden,
                    freqs, beta, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    # channel blocks on the fast grid axis: the programs of one block of centres, which read the same h rows, run
+    # side by side
+    s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = s < num_centres
     dim = 2 * channels
-    ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = ch < dim
     hc = tl.arange(0, BLOCK_H)
     hmask = hc < hidden
@@ -400,7 +402,7 @@ class _Aggregate(torch.autograd.Function):
         out = torch.empty(centres, dim, dtype=dtype, device=device)
         arg = torch.empty(centres, dim, dtype=torch.int32, device=device)
         yhat = torch.empty(centres, dim, dtype=dtype, device=device)
-        grid = (triton.cdiv(centres, _BLOCK_CENTRES), triton.cdiv(dim, tiles["BLOCK_D"]))
+        grid = (triton.cdiv(dim, tiles["BLOCK_D"]), triton.cdiv(centres, _BLOCK_CENTRES))
         _output_kernel[grid](h, off, nbr, ctr, f, w2, divisors, scale1, shift1, scale2, shift2, mean2.contiguous(),
                              rstd2, out, arg, yhat, centres, k, channels, hidden, freqs, beta, BLOCK_S=_BLOCK_CENTRES,
                              **tiles)
