@@ -182,7 +182,7 @@ def _register_catalogue() -> None:
 
     everywhere = None
     triton_ops = ("project_pe", "bucket_sort", "segment_pool", "neighborhood_attention_pool", "batch_norm_gelu",
-                  "ensemble_propagate", "farthest_point_sample", "interpolate_features")
+                  "ensemble_propagate", "farthest_point_sample", "interpolate_features", "neighborhood_aggregate")
     compiled_ops = ("segment_pool", "batch_norm_gelu", "ensemble_propagate", "farthest_point_sample")
     for op in OPS:
         ids = op == "bucket_sort"

@@ -40,7 +40,7 @@ def test_auto_on_cuda_prefers_triton():
     cuda = torch.device("cuda")
     for op in registry.OPS:
         first = registry.candidates(op, "auto", cuda)[0]
-        assert first.backend == ("torch" if op in ("knn", "neighborhood_aggregate") else "triton"), op
+        assert first.backend == ("torch" if op == "knn" else "triton"), op
         assert all(impl.name != "torch-compiled" for impl in registry.candidates(op, "auto", cuda)
                    if not impl.supports(cuda))
 

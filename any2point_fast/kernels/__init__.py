@@ -6,9 +6,12 @@ its :mod:`any2point_fast.reference` oracle, which is what :mod:`any2point_fast.o
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how it is tested).
 
 Imports nothing from the library except the shared layout types of
-:mod:`any2point_fast.geometry`.
+:mod:`any2point_fast.geometry`, the coordinate maths of :mod:`any2point_fast.coordinates` and, for
+``neighborhood_aggregate``, the torch path's float64 moments of BN2 (small ``[H, H]`` products on
+``[R, H]`` rows that are no kernel's job) and its autocast guard.
 """
 
+from .aggregation import neighborhood_aggregate
 from .attention import neighborhood_attention_pool
 from .buckets import bucket_sort
 from .ensemble import ensemble_propagate
@@ -20,5 +23,5 @@ from .sampling import farthest_point_sample
 
 __all__ = [
     "batch_norm_gelu", "bucket_sort", "ensemble_propagate", "farthest_point_sample", "interpolate_features",
-    "neighborhood_attention_pool", "project_pe", "segment_pool",
+    "neighborhood_aggregate", "neighborhood_attention_pool", "project_pe", "segment_pool",
 ]

@@ -41,6 +41,14 @@ def run_every_kernel() -> None:
     out = K.batch_norm_gelu(rows, (0, 0, 1, 21, 24), weight, bias, torch.zeros(4, 36), torch.ones(4, 36),
                             (False, False, True, False))[0]
     out.sum().backward()
+    feat, offsets, weight1, weight2 = (torch.randn(*shape, generator=gen, requires_grad=True) for shape in
+                                       ((2, 12, 6), (2, 5, 3, 3), (3, 12), (12, 3)))
+    norm1, norm2 = (torch.ones(width, requires_grad=True) for width in (3, 12))
+    centres, neighbours = torch.randint(0, 12, (2, 5), generator=gen), torch.randint(0, 12, (2, 5, 3), generator=gen)
+    out = K.neighborhood_aggregate(feat, offsets, centres, neighbours, weight1, norm1, norm1, torch.zeros(3),
+                                   torch.ones(3), weight2, norm2, norm2, torch.zeros(12), torch.ones(12), True, 1e-5,
+                                   1000.0, 100.0)[0]
+    out.sum().backward()
 
 
 _COMPILE_SCRIPT = r"""
@@ -99,7 +107,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
     run_every_kernel()
-    assert len(launches) >= 20
+    assert len(launches) >= 30
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], input=json.dumps(list(launches.values())),
                             capture_output=True, text=True, env=env, timeout=600)
