@@ -59,7 +59,8 @@ def neighborhood_aggregate(feat: torch.Tensor, offsets: torch.Tensor, centre_ind
 
     Each neighbour ``n`` of centre ``c`` gives the row ``x = cat(feat[n], feat[c]) + PE(offset)``
     (``2C`` channels); ``x`` passes the residual bottleneck ``relu(x + BN2(W2 relu(BN1(W1 x))))``
-    (bias-free Linears, BatchNorm over all ``B·S·k`` rows) and the rows are max-pooled over the ``k``.
+    (bias-free Linears, BatchNorm over all ``B·S·k`` rows) and the rows are max-pooled over the ``k``
+    (of tied neighbours, the first takes the gradient).
 
     Args:
         feat: ``[B, P, C]`` point features.
@@ -87,7 +88,8 @@ def neighborhood_aggregate(feat: torch.Tensor, offsets: torch.Tensor, centre_ind
                                       norm1_var, training, eps)
     mixed, mean2, var2 = _batch_norm(F.linear(torch.relu(hidden), weight2.to(dtype)), norm2_weight, norm2_bias,
                                      norm2_mean, norm2_var, training, eps)
-    out = torch.relu(rows + mixed).reshape(grouped.shape).amax(dim=2)
+    # max, not amax: a tie's gradient goes to the first neighbour holding it, not split among them
+    out = torch.relu(rows + mixed).reshape(grouped.shape).max(dim=2).values
     return out.to(given), mean1, var1, mean2, var2
 
 

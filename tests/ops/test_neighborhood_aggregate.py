@@ -42,9 +42,9 @@ def make_case(batch: int, points: int, samples: int, k: int, channels: int, hidd
 
     The points of a cloud differ in every coordinate, also rounded to float16 or bfloat16 (steps of
     0.002 ± 0.0005 apart): two distinct neighbours sharing one (seen in float16) tie in the max at
-    the position-code channels of that axis where their hidden rows are dead, and the gradient of a
-    tie goes by a convention: the reference's ``amax`` splits it, the argmax of the others takes the
-    first neighbour. Repeated neighbours tie too, harmlessly (the same point either way)."""
+    the position-code channels of that axis where their hidden rows are dead. Every implementation
+    gives a tie's gradient to the first neighbour, but a near-tie may round to a tie in one and not
+    in another. Repeated neighbours tie too, harmlessly (the same point either way)."""
     gen = torch.Generator().manual_seed(seed)
     dim = 2 * channels
     feat = 0.5 + torch.randn(batch, points, channels, generator=gen)
