@@ -1,0 +1,471 @@
+// The passes of neighborhood_aggregate (any2point_fast.torch_ops.aggregation) that touch the
+// [rows, 2C] neighbour rows, on the CPU (loaded by any2point_fast.torch_ops.native). A tile of
+// centres (its tile·k rows) at a time lives in per-thread buffers held in cache, so no
+// [B·S·k, 2C] tensor is ever made:
+//   aggregate_hidden(fa, fb, off, nbr, ctr, w1, divisors, beta, tile) -> (h, mean, var)
+//       h = W1 PE(o) + fa[n] + fb[c]  [CS, k, H], and the float64 mean and biased variance of h;
+//   aggregate_max(h, scale1, shift1, w2, scale2, shift2, f, off, nbr, ctr, divisors, beta, tile)
+//       -> (out, arg, y_at_max): v = relu(x + y·scale2 + shift2), y = W2 relu(h·scale1 + shift1),
+//       x = cat(f[n], f[c]) + PE(o); its maximum over the k [CS, 2C], the neighbour holding it
+//       (the first; a NaN wins) and y there;
+//   aggregate_hidden_grad(h, scale1, shift1, mean1, arg, du, w2s, cross, da_shift, tile, runs)
+//       -> (dz, Σ du aᵀ [2C, H], Σ dz [H], Σ dz·(h − mean1) [H]): dz = [a > 0]·da,
+//       da = da_shift − a·cross (cross empty: no such term) plus du·w2s at each argmax row;
+//   aggregate_position_grad(dh, off, divisors, slopes, beta, w1, arg, du, offsets_grad, tile, runs)
+//       -> (Σ dhᵀ PE [H, 2C], the offsets' gradient [CS, k, 3] or an empty tensor).
+// f, fa, fb are per point ([B·P, C], [B·P, H]); nbr [CS, k] and ctr [CS] hold flat point rows.
+// Values are float or double; the position code is formed in float32 whatever (the reference's
+// angles bit for bit: (beta·x) / divisor, then ATen's sine and cosine). Products of a tile go to
+// BLAS (one thread per call); reductions over tiles are summed per run of tiles (`runs` fixed),
+// then run after run: the same bits whatever the thread count.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+extern "C" {
+// BLAS (column-major), as torch links it; weak, so that a torch without it fails at the call only.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace {
+
+using at::Tensor;
+
+// Row-major c[m, n] = alpha·op(a)·op(b) + beta·c, op(a) [m, kk] (a transposed when ta), op(b) [kk, n].
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t kk, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // column-major: cᵀ = op(b)ᵀ op(a)ᵀ, a row-major matrix read column-major being its transpose
+  const char transb = tb ? 'T' : 'N', transa = ta ? 'T' : 'N';
+  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(kk);
+  const int ilda = static_cast<int>(std::max<int64_t>(ldb, 1)), ildb = static_cast<int>(std::max<int64_t>(lda, 1));
+  const int ildc = static_cast<int>(std::max<int64_t>(ldc, 1));
+  if constexpr (std::is_same_v<T, float>) {
+    TORCH_CHECK(sgemm_ != nullptr, "aggregate: this torch exports no BLAS sgemm_");
+    sgemm_(&transb, &transa, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+  } else {
+    TORCH_CHECK(dgemm_ != nullptr, "aggregate: this torch exports no BLAS dgemm_");
+    dgemm_(&transb, &transa, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+  }
+}
+
+// The per-thread buffers of one tile's position code.
+struct CodeBuffers {
+  std::vector<float> angle, sine, cosine;  // [rows, 3f]
+};
+
+// code[r, 2e] = sin, code[r, 2e + 1] = cos of angle e = (axis, frequency) of row r, cut to dim.
+template <typename T>
+void position_code(const T* off, int64_t rows, const float* divisors, int64_t freqs, float beta, int64_t dim,
+                   CodeBuffers& buf, T* code) {
+  const int64_t width = 3 * freqs, n = rows * width;
+  buf.angle.resize(n);
+  buf.sine.resize(n);
+  buf.cosine.resize(n);
+  float* angle = buf.angle.data();
+  float* sine = buf.sine.data();
+  float* cosine = buf.cosine.data();
+  for (int64_t e = 0; e < rows * 3; ++e) {
+    const float bx = beta * static_cast<float>(off[e]);
+    for (int64_t i = 0; i < freqs; ++i) angle[e * freqs + i] = bx / divisors[i];
+  }
+  // ATen's float32 sine and cosine, as the reference's code takes them (to the bit)
+  const Tensor angles = at::from_blob(angle, {n}, at::TensorOptions().dtype(at::kFloat));
+  Tensor sines = at::from_blob(sine, {n}, angles.options()), cosines = at::from_blob(cosine, {n}, angles.options());
+  at::sin_out(sines, angles);
+  at::cos_out(cosines, angles);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = code + r * dim;
+    const float* s = sine + r * width;
+    const float* c = cosine + r * width;
+#pragma omp simd
+    for (int64_t e = 0; e < dim / 2; ++e) {
+      row[2 * e] = s[e];
+      row[2 * e + 1] = c[e];
+    }
+  }
+}
+
+struct Tiling {
+  int64_t centres, k, tile, count;
+  Tiling(int64_t centres, int64_t k, int64_t tile) : centres(centres), k(k), tile(tile) {
+    TORCH_CHECK(tile > 0, "aggregate: a tile of at least one centre");
+    count = (centres + tile - 1) / tile;
+  }
+  int64_t first(int64_t t) const { return t * tile; }
+  int64_t size(int64_t t) const { return std::min(centres, (t + 1) * tile) - t * tile; }
+};
+
+// Calls body(run, first_tile, end_tile) for each of `runs` fixed runs of tiles, runs in parallel.
+template <typename Body>
+void for_each_run(int64_t tiles, int64_t runs, Body body) {
+  at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t run = begin; run < end; ++run) body(run, tiles * run / runs, tiles * (run + 1) / runs);
+  });
+}
+
+// a = relu(h·scale + shift) of `n` rows [n, H].
+template <typename T>
+void activation(const T* h, int64_t n, int64_t hidden, const T* scale, const T* shift, T* a) {
+  for (int64_t r = 0; r < n; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T v = h[r * hidden + j] * scale[j] + shift[j];
+      a[r * hidden + j] = v < T(0) ? T(0) : v;
+    }
+  }
+}
+
+struct Shapes {
+  int64_t centres, k, hidden, dim, channels, freqs;
+};
+
+Shapes shapes_of(const Tensor& off, const Tensor& divisors, int64_t hidden, int64_t dim) {
+  TORCH_CHECK(off.dim() == 3 && off.size(2) == 3 && off.is_contiguous() && off.device().is_cpu(),
+              "aggregate: contiguous CPU offsets [CS, k, 3]");
+  TORCH_CHECK(divisors.dim() == 1 && divisors.scalar_type() == at::kFloat && divisors.is_contiguous() &&
+                  6 * divisors.size(0) >= dim,
+              "aggregate: float32 divisors [ceil(2C / 6)]");
+  TORCH_CHECK(dim % 2 == 0, "aggregate: an even row width 2C");
+  return {off.size(0), off.size(1), hidden, dim, dim / 2, divisors.size(0)};
+}
+
+void check_rows(const Tensor& off, const Tensor& nbr, const Tensor& ctr) {
+  TORCH_CHECK(nbr.dim() == 2 && nbr.scalar_type() == at::kLong && nbr.is_contiguous() &&
+                  nbr.sizes() == off.sizes().slice(0, 2),
+              "aggregate: int64 contiguous neighbour rows [CS, k]");
+  TORCH_CHECK(ctr.dim() == 1 && ctr.scalar_type() == at::kLong && ctr.is_contiguous() && ctr.size(0) == off.size(0),
+              "aggregate: int64 contiguous centre rows [CS]");
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> hidden_impl(const Tensor& fa, const Tensor& fb, const Tensor& off,
+                                               const Tensor& nbr, const Tensor& ctr, const Tensor& w1,
+                                               const Tensor& divisors, double beta, int64_t tile) {
+  const int64_t hidden = w1.size(0);
+  const Shapes s = shapes_of(off, divisors, hidden, w1.size(1));
+  check_rows(off, nbr, ctr);
+  any2point::check_values(off, {&fa, &fb, &w1});
+  const Tiling tiling(s.centres, s.k, tile);
+  Tensor h = at::empty({s.centres, s.k, hidden}, off.options());
+  Tensor tile_sum = at::zeros({tiling.count, hidden}, off.options().dtype(at::kDouble));
+  Tensor tile_m2 = at::zeros({tiling.count, hidden}, off.options().dtype(at::kDouble));
+  const T *pa = fa.data_ptr<T>(), *pb = fb.data_ptr<T>(), *po = off.data_ptr<T>(), *pw = w1.data_ptr<T>();
+  const int64_t *pn = nbr.data_ptr<int64_t>(), *pc = ctr.data_ptr<int64_t>();
+  const float* pd = divisors.data_ptr<float>();
+  T* ph = h.data_ptr<T>();
+  double *psum = tile_sum.data_ptr<double>(), *pm2 = tile_m2.data_ptr<double>();
+  at::parallel_for(0, tiling.count, 1, [&](int64_t begin, int64_t end) {
+    CodeBuffers buf;
+    std::vector<T> code(tiling.tile * s.k * s.dim);
+    std::vector<double> mean(hidden);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = tiling.first(t), rows = tiling.size(t) * s.k, r0 = c0 * s.k;
+      T* ht = ph + r0 * hidden;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* na = pa + pn[r0 + r] * hidden;
+        const T* cb = pb + pc[c0 + r / s.k] * hidden;
+#pragma omp simd
+        for (int64_t j = 0; j < hidden; ++j) ht[r * hidden + j] = na[j] + cb[j];
+      }
+      position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), s.dim, buf, code.data());
+      gemm<T>(false, true, rows, hidden, s.dim, T(1), code.data(), s.dim, pw, s.dim, T(1), ht, hidden);
+      // the tile's sum and centred second moment, merged below tile after tile (Chan)
+      double* sum = psum + t * hidden;
+      double* m2 = pm2 + t * hidden;
+      for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+        for (int64_t j = 0; j < hidden; ++j) sum[j] += ht[r * hidden + j];
+      }
+      for (int64_t j = 0; j < hidden; ++j) mean[j] = sum[j] / rows;
+      for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+        for (int64_t j = 0; j < hidden; ++j) {
+          const double d = ht[r * hidden + j] - mean[j];
+          m2[j] += d * d;
+        }
+      }
+    }
+  });
+  Tensor mean = at::zeros({hidden}, tile_sum.options()), var = at::zeros({hidden}, tile_sum.options());
+  double *pmean = mean.data_ptr<double>(), *pvar = var.data_ptr<double>();
+  double count = 0;
+  for (int64_t t = 0; t < tiling.count; ++t) {
+    const double size = static_cast<double>(tiling.size(t) * s.k);
+    for (int64_t j = 0; j < hidden; ++j) {
+      const double part_mean = psum[t * hidden + j] / size, delta = part_mean - pmean[j];
+      pvar[j] += pm2[t * hidden + j] + delta * delta * count * size / (count + size);
+      pmean[j] += delta * size / (count + size);
+    }
+    count += size;
+  }
+  var.div_(std::max(count, 1.0));
+  return {h, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> aggregate_hidden(const Tensor& fa, const Tensor& fb, const Tensor& off,
+                                                    const Tensor& nbr, const Tensor& ctr, const Tensor& w1,
+                                                    const Tensor& divisors, double beta, int64_t tile) {
+  if (off.scalar_type() == at::kDouble) return hidden_impl<double>(fa, fb, off, nbr, ctr, w1, divisors, beta, tile);
+  TORCH_CHECK(off.scalar_type() == at::kFloat, "aggregate: float32 or float64 values");
+  return hidden_impl<float>(fa, fb, off, nbr, ctr, w1, divisors, beta, tile);
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> max_impl(const Tensor& h, const Tensor& scale1, const Tensor& shift1,
+                                            const Tensor& w2, const Tensor& scale2, const Tensor& shift2,
+                                            const Tensor& f, const Tensor& off, const Tensor& nbr, const Tensor& ctr,
+                                            const Tensor& divisors, double beta, int64_t tile) {
+  const int64_t hidden = w2.size(1);
+  const Shapes s = shapes_of(off, divisors, hidden, w2.size(0));
+  check_rows(off, nbr, ctr);
+  any2point::check_values(off, {&h, &scale1, &shift1, &w2, &scale2, &shift2, &f});
+  TORCH_CHECK(h.numel() == s.centres * s.k * hidden && f.size(-1) == s.channels, "aggregate_max: shapes");
+  const Tiling tiling(s.centres, s.k, tile);
+  Tensor out = at::empty({s.centres, s.dim}, off.options());
+  Tensor arg = at::empty({s.centres, s.dim}, off.options().dtype(at::kLong));
+  Tensor at_max = at::empty({s.centres, s.dim}, off.options());
+  const T *ph = h.data_ptr<T>(), *ps1 = scale1.data_ptr<T>(), *pt1 = shift1.data_ptr<T>(), *pw = w2.data_ptr<T>();
+  const T *ps2 = scale2.data_ptr<T>(), *pt2 = shift2.data_ptr<T>(), *pf = f.data_ptr<T>(), *po = off.data_ptr<T>();
+  const int64_t *pn = nbr.data_ptr<int64_t>(), *pc = ctr.data_ptr<int64_t>();
+  const float* pd = divisors.data_ptr<float>();
+  T *pout = out.data_ptr<T>(), *pym = at_max.data_ptr<T>();
+  int64_t* parg = arg.data_ptr<int64_t>();
+  const int64_t dim = s.dim, half = s.channels;
+  at::parallel_for(0, tiling.count, 1, [&](int64_t begin, int64_t end) {
+    CodeBuffers buf;
+    std::vector<T> a(tiling.tile * s.k * hidden), y(tiling.tile * s.k * dim), code(tiling.tile * s.k * dim);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = tiling.first(t), rows = tiling.size(t) * s.k, r0 = c0 * s.k;
+      activation(ph + r0 * hidden, rows, hidden, ps1, pt1, a.data());
+      gemm<T>(false, true, rows, dim, hidden, T(1), a.data(), hidden, pw, hidden, T(0), y.data(), dim);
+      position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), dim, buf, code.data());
+      for (int64_t c = c0; c < c0 + tiling.size(t); ++c) {
+        T* best = pout + c * dim;
+        T* y_best = pym + c * dim;
+        int64_t* which = parg + c * dim;
+        const T* fc = pf + pc[c] * half;
+        for (int64_t j = 0; j < s.k; ++j) {
+          const int64_t r = (c - c0) * s.k + j;
+          const T* yr = y.data() + r * dim;
+          const T* pe = code.data() + r * dim;
+          const T* fn = pf + pn[c * s.k + j] * half;
+          // v = relu((shift2 + y·scale2 + PE) + feature), NaN kept; the first maximum, or the first NaN
+          auto update = [&](int64_t d, T feature) {
+            T v = (pt2[d] + yr[d] * ps2[d] + pe[d]) + feature;
+            v = v < T(0) ? T(0) : v;
+            const bool take = j == 0 || v > best[d] || (v != v && best[d] == best[d]);
+            best[d] = take ? v : best[d];
+            which[d] = take ? j : which[d];
+            y_best[d] = take ? yr[d] : y_best[d];
+          };
+#pragma omp simd
+          for (int64_t d = 0; d < half; ++d) update(d, fn[d]);
+#pragma omp simd
+          for (int64_t d = half; d < dim; ++d) update(d, fc[d - half]);
+        }
+      }
+    }
+  });
+  return {out, arg, at_max};
+}
+
+std::tuple<Tensor, Tensor, Tensor> aggregate_max(const Tensor& h, const Tensor& scale1, const Tensor& shift1,
+                                                 const Tensor& w2, const Tensor& scale2, const Tensor& shift2,
+                                                 const Tensor& f, const Tensor& off, const Tensor& nbr,
+                                                 const Tensor& ctr, const Tensor& divisors, double beta, int64_t tile) {
+  if (off.scalar_type() == at::kDouble)
+    return max_impl<double>(h, scale1, shift1, w2, scale2, shift2, f, off, nbr, ctr, divisors, beta, tile);
+  TORCH_CHECK(off.scalar_type() == at::kFloat, "aggregate: float32 or float64 values");
+  return max_impl<float>(h, scale1, shift1, w2, scale2, shift2, f, off, nbr, ctr, divisors, beta, tile);
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> hidden_grad_impl(const Tensor& h, const Tensor& scale1,
+                                                            const Tensor& shift1, const Tensor& mean1,
+                                                            const Tensor& arg, const Tensor& du, const Tensor& w2s,
+                                                            const Tensor& cross, const Tensor& da_shift,
+                                                            int64_t tile, int64_t runs) {
+  TORCH_CHECK(h.dim() == 3 && arg.dim() == 2 && arg.scalar_type() == at::kLong && arg.is_contiguous(),
+              "aggregate_hidden_grad: h [CS, k, H], int64 arg [CS, 2C]");
+  const int64_t centres = h.size(0), k = h.size(1), hidden = h.size(2), dim = arg.size(1);
+  const bool training = cross.numel() > 0;
+  any2point::check_values(h, {&scale1, &shift1, &mean1, &du, &w2s, &cross, &da_shift});
+  TORCH_CHECK(runs > 0 && du.sizes() == arg.sizes() && w2s.size(0) == dim && w2s.size(1) == hidden,
+              "aggregate_hidden_grad: shapes");
+  const Tiling tiling(centres, k, tile);
+  Tensor dz = at::empty_like(h);
+  Tensor du_a = at::zeros({runs, dim, hidden}, h.options());
+  Tensor sums = at::zeros({runs, 2, hidden}, h.options().dtype(at::kDouble));
+  const T *ph = h.data_ptr<T>(), *ps1 = scale1.data_ptr<T>(), *pt1 = shift1.data_ptr<T>(), *pm = mean1.data_ptr<T>();
+  const T *pdu = du.data_ptr<T>(), *pw = w2s.data_ptr<T>(), *pshift = da_shift.data_ptr<T>();
+  const T* pcross = training ? cross.data_ptr<T>() : nullptr;
+  const int64_t* parg = arg.data_ptr<int64_t>();
+  T *pdz = dz.data_ptr<T>(), *pdua = du_a.data_ptr<T>();
+  double* psums = sums.data_ptr<double>();
+  for_each_run(tiling.count, runs, [&](int64_t run, int64_t first, int64_t last) {
+    std::vector<T> a(tiling.tile * k * hidden);
+    T* dua = pdua + run * dim * hidden;
+    double* bias_sum = psums + run * 2 * hidden;
+    double* weight_sum = bias_sum + hidden;
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t c0 = tiling.first(t), rows = tiling.size(t) * k, r0 = c0 * k;
+      const T* ht = ph + r0 * hidden;
+      T* da = pdz + r0 * hidden;
+      activation(ht, rows, hidden, ps1, pt1, a.data());
+      if (training) {
+        gemm<T>(false, false, rows, hidden, hidden, T(-1), a.data(), hidden, pcross, hidden, T(0), da, hidden);
+      } else {
+        std::fill(da, da + rows * hidden, T(0));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+        for (int64_t j = 0; j < hidden; ++j) da[r * hidden + j] += pshift[j];
+      }
+      // the sparse terms: each channel's gradient enters at its maximum's row only
+      for (int64_t c = c0; c < c0 + tiling.size(t); ++c) {
+        for (int64_t d = 0; d < dim; ++d) {
+          const T g = pdu[c * dim + d];
+          if (g == T(0)) continue;
+          const int64_t r = (c - c0) * k + parg[c * dim + d];
+          const T* wd = pw + d * hidden;
+          const T* ar = a.data() + r * hidden;
+          T* dar = da + r * hidden;
+          T* ud = dua + d * hidden;
+#pragma omp simd
+          for (int64_t j = 0; j < hidden; ++j) {
+            dar[j] += g * wd[j];
+            ud[j] += g * ar[j];
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+        for (int64_t j = 0; j < hidden; ++j) {
+          const T v = a[r * hidden + j] > T(0) ? da[r * hidden + j] : T(0);
+          da[r * hidden + j] = v;
+          bias_sum[j] += v;
+          weight_sum[j] += static_cast<double>(v) * static_cast<double>(ht[r * hidden + j] - pm[j]);
+        }
+      }
+    }
+  });
+  Tensor total = sums[0].clone();
+  for (int64_t run = 1; run < runs; ++run) total.add_(sums[run]);
+  Tensor du_a_total = du_a[0].clone();
+  for (int64_t run = 1; run < runs; ++run) du_a_total.add_(du_a[run]);
+  return {dz, du_a_total, total[0].to(h.scalar_type()), total[1].to(h.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> aggregate_hidden_grad(const Tensor& h, const Tensor& scale1,
+                                                                 const Tensor& shift1, const Tensor& mean1,
+                                                                 const Tensor& arg, const Tensor& du,
+                                                                 const Tensor& w2s, const Tensor& cross,
+                                                                 const Tensor& da_shift, int64_t tile, int64_t runs) {
+  if (h.scalar_type() == at::kDouble)
+    return hidden_grad_impl<double>(h, scale1, shift1, mean1, arg, du, w2s, cross, da_shift, tile, runs);
+  TORCH_CHECK(h.scalar_type() == at::kFloat, "aggregate: float32 or float64 values");
+  return hidden_grad_impl<float>(h, scale1, shift1, mean1, arg, du, w2s, cross, da_shift, tile, runs);
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> position_grad_impl(const Tensor& dh, const Tensor& off, const Tensor& divisors,
+                                              const Tensor& slopes, double beta, const Tensor& w1, const Tensor& arg,
+                                              const Tensor& du, bool offsets_grad, int64_t tile, int64_t runs) {
+  const int64_t hidden = w1.size(0);
+  const Shapes s = shapes_of(off, divisors, hidden, w1.size(1));
+  any2point::check_values(off, {&dh, &w1, &du});
+  TORCH_CHECK(runs > 0 && dh.numel() == s.centres * s.k * hidden && slopes.scalar_type() == at::kFloat &&
+                  slopes.numel() == s.freqs && arg.scalar_type() == at::kLong && arg.sizes() == du.sizes() &&
+                  arg.is_contiguous(),
+              "aggregate_position_grad: shapes");
+  const Tiling tiling(s.centres, s.k, tile);
+  const int64_t dim = s.dim, width = 3 * s.freqs;
+  Tensor grad_w1 = at::zeros({runs, hidden, dim}, off.options());
+  Tensor grad_off = offsets_grad ? at::empty_like(off) : at::empty({0}, off.options());
+  const T *pdh = dh.data_ptr<T>(), *po = off.data_ptr<T>(), *pw = w1.data_ptr<T>(), *pdu = du.data_ptr<T>();
+  const float *pd = divisors.data_ptr<float>(), *pslope = slopes.data_ptr<float>();
+  const int64_t* parg = arg.data_ptr<int64_t>();
+  T* pgw = grad_w1.data_ptr<T>();
+  T* pgo = offsets_grad ? grad_off.data_ptr<T>() : nullptr;
+  for_each_run(tiling.count, runs, [&](int64_t run, int64_t first, int64_t last) {
+    CodeBuffers buf;
+    std::vector<T> code(tiling.tile * s.k * dim), dx(offsets_grad ? tiling.tile * s.k * dim : 0);
+    std::vector<float> d_angle(offsets_grad ? s.freqs : 0);
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t c0 = tiling.first(t), rows = tiling.size(t) * s.k, r0 = c0 * s.k;
+      const T* dht = pdh + r0 * hidden;
+      position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), dim, buf, code.data());
+      gemm<T>(true, false, hidden, dim, rows, T(1), dht, hidden, code.data(), dim, T(1), pgw + run * hidden * dim,
+              dim);
+      if (!offsets_grad) continue;
+      // the rows' gradient dx = dh·W1 plus, at each maximum, the output's (the residual)
+      gemm<T>(false, false, rows, dim, hidden, T(1), dht, hidden, pw, dim, T(0), dx.data(), dim);
+      for (int64_t c = c0; c < c0 + tiling.size(t); ++c)
+        for (int64_t d = 0; d < dim; ++d) dx[((c - c0) * s.k + parg[c * dim + d]) * dim + d] += pdu[c * dim + d];
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* g = dx.data() + r * dim;
+        const float* sine = buf.sine.data() + r * width;
+        const float* cosine = buf.cosine.data() + r * width;
+        for (int64_t axis = 0; axis < 3; ++axis) {
+#pragma omp simd
+          for (int64_t i = 0; i < s.freqs; ++i) {
+            const int64_t e = axis * s.freqs + i;  // sin at 2e, cos at 2e + 1 of the code, cut to dim
+            const float gs = 2 * e < dim ? static_cast<float>(g[2 * e]) : 0.f;
+            const float gc = 2 * e + 1 < dim ? static_cast<float>(g[2 * e + 1]) : 0.f;
+            d_angle[i] = (gs * cosine[e] - gc * sine[e]) * pslope[i];
+          }
+          float sum = 0.f;
+          for (int64_t i = 0; i < s.freqs; ++i) sum += d_angle[i];
+          pgo[(r0 + r) * 3 + axis] = static_cast<T>(sum);
+        }
+      }
+    }
+  });
+  Tensor total = grad_w1[0].clone();
+  for (int64_t run = 1; run < runs; ++run) total.add_(grad_w1[run]);
+  return {total, grad_off};
+}
+
+std::tuple<Tensor, Tensor> aggregate_position_grad(const Tensor& dh, const Tensor& off, const Tensor& divisors,
+                                                   const Tensor& slopes, double beta, const Tensor& w1,
+                                                   const Tensor& arg, const Tensor& du, bool offsets_grad,
+                                                   int64_t tile, int64_t runs) {
+  if (off.scalar_type() == at::kDouble)
+    return position_grad_impl<double>(dh, off, divisors, slopes, beta, w1, arg, du, offsets_grad, tile, runs);
+  TORCH_CHECK(off.scalar_type() == at::kFloat, "aggregate: float32 or float64 values");
+  return position_grad_impl<float>(dh, off, divisors, slopes, beta, w1, arg, du, offsets_grad, tile, runs);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(any2point_native, m) {
+  m.def("aggregate_hidden(Tensor fa, Tensor fb, Tensor off, Tensor nbr, Tensor ctr, Tensor w1, Tensor divisors, "
+        "float beta, int tile) -> (Tensor, Tensor, Tensor)");
+  m.def("aggregate_max(Tensor h, Tensor scale1, Tensor shift1, Tensor w2, Tensor scale2, Tensor shift2, Tensor f, "
+        "Tensor off, Tensor nbr, Tensor ctr, Tensor divisors, float beta, int tile) -> (Tensor, Tensor, Tensor)");
+  m.def("aggregate_hidden_grad(Tensor h, Tensor scale1, Tensor shift1, Tensor mean1, Tensor arg, Tensor du, "
+        "Tensor w2s, Tensor cross, Tensor da_shift, int tile, int runs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("aggregate_position_grad(Tensor dh, Tensor off, Tensor divisors, Tensor slopes, float beta, Tensor w1, "
+        "Tensor arg, Tensor du, bool offsets_grad, int tile, int runs) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(any2point_native, CPU, m) {
+  m.impl("aggregate_hidden", &aggregate_hidden);
+  m.impl("aggregate_max", &aggregate_max);
+  m.impl("aggregate_hidden_grad", &aggregate_hidden_grad);
+  m.impl("aggregate_position_grad", &aggregate_position_grad);
+}
