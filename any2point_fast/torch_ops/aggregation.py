@@ -163,8 +163,7 @@ class _Aggregate(torch.autograd.Function):
         first = torch.arange(batch, device=feat.device) * points
         nbr = (neighbour_index + first[:, None, None]).reshape(centres, k)
         ctr = (centre_index + first[:, None]).reshape(centres)
-        # the compiled route's tiles are `chunk` centres; its [R, H] steps go by chunks of the plain size
-        chunks = _slices(centres, chunk_centres(k, dim) if compiled else chunk)
+        chunks = _slices(centres, chunk)  # the plain route's (the compiled one's tiles are `chunk` centres)
         divisors = _divisors(dim, alpha, feat.device)
 
         # 1. h = W1a f_n + W1b f_c + W1 PE, the feature parts per point
@@ -189,7 +188,10 @@ class _Aggregate(torch.autograd.Function):
         scale1 = norm1_weight.to(dtype) * rstd1
         shift1 = norm1_bias.to(dtype) - mean1 * scale1
         if training:
-            a_sum, a_spread = _moments(h, scale1, shift1, chunks)
+            if compiled:
+                a_sum, a_spread = native.ops().aggregate_moments(h, scale1, shift1, chunk, native.AGGREGATE_RUNS)
+            else:
+                a_sum, a_spread = _moments(h, scale1, shift1, chunks)
             wide = w2.double()
             mean2 = (wide @ (a_sum / rows)).to(dtype)
             var2 = ((wide @ a_spread) * wide).sum(dim=1).div_(rows).clamp_min_(0).to(dtype)
@@ -263,24 +265,28 @@ class _Aggregate(torch.autograd.Function):
         if training:
             grad_w2.sub_(torch.outer(scale2 * grad_bias2 / rows, a_sum)).sub_(q[:, None] * (w2 @ a_spread))
 
-        # BN1: dh = scale1·(dz − Σdz/R − ĥ·Σdz ĥ/R), in place of dz
-        dh = dz.mul_(scale1)
-        if training:
-            slope = scale1 * rstd1 * grad_weight1 / rows
-            dh.addcmul_(h, -slope).add_(slope * mean1 - scale1 * grad_bias1 / rows)
-        flat_dh = dh.view(rows, hidden)
-
-        # W1 and the features: per-point sums of dh, the residual's maxima; the position code per chunk
-        per_nbr = f.new_zeros(f.shape[0], hidden).index_add_(0, nbr.view(-1), flat_dh)
-        per_ctr = f.new_zeros(f.shape[0], hidden).index_add_(0, ctr, dh.sum(dim=1))
+        # BN1: dh = scale1·(dz − Σdz/R − ĥ·Σdz ĥ/R) = scale1·dz − slope·h + shift
+        slope = scale1 * rstd1 * grad_weight1 / rows if training else torch.zeros_like(scale1)
+        shift = slope * mean1 - scale1 * grad_bias1 / rows if training else torch.zeros_like(scale1)
+        # W1 and the features: per-point sums of dh, the residual's maxima; the position code's share
+        if compiled:  # dh a tile at a time, with the per-point sums and the position code's terms
+            divisors = _divisors(dim, alpha, f.device)
+            per_nbr, per_ctr, code_w1, grad_off = native.ops().aggregate_position_grad(
+                dz, h, scale1, slope, shift, off, nbr, ctr, f.shape[0], divisors, beta / divisors, beta, w1, arg,
+                du, ctx.needs_input_grad[1], chunk, runs)
+        else:
+            dh = dz.mul_(scale1)  # in place of dz
+            if training:
+                dh.addcmul_(h, -slope).add_(shift)
+            per_nbr = f.new_zeros(f.shape[0], hidden).index_add_(0, nbr.view(-1), dh.view(rows, hidden))
+            per_ctr = f.new_zeros(f.shape[0], hidden).index_add_(0, ctr, dh.sum(dim=1))
         grad_feat = per_nbr @ w1[:, :channels] + per_ctr @ w1[:, channels:]
-        grad_feat.scatter_add_(0, nbr.gather(1, arg[:, :channels]), du[:, :channels])
+        # the residual's maxima: channel d of the neighbour at the argmax, as flat indices of grad_feat
+        at_max = nbr.gather(1, arg[:, :channels]) * channels + torch.arange(channels, device=f.device)
+        grad_feat.view(-1).index_add_(0, at_max.view(-1), du[:, :channels].reshape(-1))
         grad_feat.index_add_(0, ctr, du[:, channels:])
         grad_w1 = torch.cat((per_nbr.T @ f, per_ctr.T @ f), dim=1)
         if compiled:
-            divisors = _divisors(dim, alpha, f.device)
-            code_w1, grad_off = native.ops().aggregate_position_grad(
-                dh, off, divisors, beta / divisors, beta, w1, arg, du, ctx.needs_input_grad[1], chunk, runs)
             grad_w1 += code_w1
             grad_off = grad_off if ctx.needs_input_grad[1] else None
         else:
