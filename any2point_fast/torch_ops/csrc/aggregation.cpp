@@ -134,6 +134,15 @@ void position_code(const T* off, int64_t rows, const float* divisors, int64_t fr
   }
 }
 
+// Rows gathered at random from [points, ·] tensors miss the cache: their loads are asked for this
+// many rows ahead.
+constexpr int64_t kAhead = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t size, int write = 0) {
+  for (int64_t i = 0; i < size; i += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + i, write);
+}
+
 struct Tiling {
   int64_t centres, k, tile, count;
   Tiling(int64_t centres, int64_t k, int64_t tile) : centres(centres), k(k), tile(tile) {
@@ -217,12 +226,12 @@ std::tuple<Tensor, Tensor, Tensor> hidden_impl(const Tensor& fa, const Tensor& f
   double *psum = tile_sum.data_ptr<double>(), *pm2 = tile_m2.data_ptr<double>();
   claimed([&](auto claim) {
     std::vector<float> buf;
-    std::vector<T> code(tiling.tile * s.k * s.dim);
-    std::vector<double> mean(hidden);
+    std::vector<T> code(tiling.tile * s.k * s.dim), part(2 * hidden), centre(hidden);
     for (int64_t t = claim(); t < tiling.count; t = claim()) {
       const int64_t c0 = tiling.first(t), rows = tiling.size(t) * s.k, r0 = c0 * s.k;
       T* ht = ph + r0 * hidden;
       for (int64_t r = 0; r < rows; ++r) {
+        if (r + kAhead < rows) prefetch_row(pa + pn[r0 + r + kAhead] * hidden, hidden);
         const T* na = pa + pn[r0 + r] * hidden;
         const T* cb = pb + pc[c0 + r / s.k] * hidden;
 #pragma omp simd
@@ -230,20 +239,25 @@ std::tuple<Tensor, Tensor, Tensor> hidden_impl(const Tensor& fa, const Tensor& f
       }
       position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), s.dim, buf, code.data());
       gemm<T>(false, true, rows, hidden, s.dim, T(1), code.data(), s.dim, pw, s.dim, T(1), ht, hidden);
-      // the tile's sum and centred second moment, merged below tile after tile (Chan)
-      double* sum = psum + t * hidden;
-      double* m2 = pm2 + t * hidden;
+      // the tile's sum and centred second moment (about its mean rounded to T, then corrected),
+      // merged below tile after tile (Chan); sums over the tile in T (vector loops)
+      std::fill(part.begin(), part.end(), T(0));
       for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
-        for (int64_t j = 0; j < hidden; ++j) sum[j] += ht[r * hidden + j];
+        for (int64_t j = 0; j < hidden; ++j) part[j] += ht[r * hidden + j];
       }
-      for (int64_t j = 0; j < hidden; ++j) mean[j] = sum[j] / rows;
+      for (int64_t j = 0; j < hidden; ++j) centre[j] = static_cast<T>(static_cast<double>(part[j]) / rows);
       for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
         for (int64_t j = 0; j < hidden; ++j) {
-          const double d = ht[r * hidden + j] - mean[j];
-          m2[j] += d * d;
+          const T d = ht[r * hidden + j] - centre[j];
+          part[hidden + j] += d * d;
         }
+      }
+      for (int64_t j = 0; j < hidden; ++j) {
+        const double shift = static_cast<double>(part[j]) / rows - centre[j];
+        psum[t * hidden + j] = part[j];
+        pm2[t * hidden + j] = std::max(0.0, part[hidden + j] - rows * shift * shift);
       }
     }
   });
@@ -367,21 +381,32 @@ std::tuple<Tensor, Tensor, Tensor> max_impl(const Tensor& h, const Tensor& scale
       activation(ph + r0 * hidden, rows, hidden, ps1, pt1, a.data());
       gemm<T>(false, true, rows, dim, hidden, T(1), a.data(), hidden, pw, hidden, T(0), y.data(), dim);
       position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), dim, buf, code.data());
+      // the residual x = PE + cat(f[n], f[c]) in place of the code, a row at a time (the gathers
+      // stream, rather than stall the loop below)
+      for (int64_t r = 0; r < rows; ++r) {
+        if (r + kAhead < rows) prefetch_row(pf + pn[r0 + r + kAhead] * half, half);
+        T* x = code.data() + r * dim;
+        const T* fn = pf + pn[r0 + r] * half;
+        const T* fc = pf + pc[c0 + r / s.k] * half;
+#pragma omp simd
+        for (int64_t d = 0; d < half; ++d) {
+          x[d] += fn[d];
+          x[half + d] += fc[d];
+        }
+      }
       for (int64_t c = c0; c < c0 + tiling.size(t); ++c) {
         const int64_t base = (c - c0) * s.k;
-        // channels [d, d + lanes of V) of centre c, V a vector or a scalar: v = relu((shift2 +
-        // y·scale2 + PE) + feature) of every neighbour, its first maximum (or first NaN) held in
-        // registers with y and the neighbour there
+        // channels [d, d + lanes of V) of centre c, V a vector or a scalar: v = relu(shift2 +
+        // y·scale2 + x) of every neighbour, its first maximum (or first NaN) held in registers with
+        // y and the neighbour there
         auto pool = [&](auto zero, int64_t d) {
           using V = decltype(zero);
           const V scale = any2point::load_as<V>(ps2 + d), shift = any2point::load_as<V>(pt2 + d);
           V best = zero - std::numeric_limits<T>::infinity(), y_best = zero, which = zero;
           for (int64_t j = 0; j < s.k; ++j) {
             const int64_t r = base + j;
-            const T* feature = d < half ? pf + pn[c * s.k + j] * half + d : pf + pc[c] * half + (d - half);
             const V yr = any2point::load_as<V>(y.data() + r * dim + d);
-            V v = (shift + yr * scale + any2point::load_as<V>(code.data() + r * dim + d)) +
-                  any2point::load_as<V>(feature);
+            V v = shift + yr * scale + any2point::load_as<V>(code.data() + r * dim + d);
             v = v < zero ? zero : v;
             const auto take = (v > best) | ((v != v) & (best == best));
             best = take ? v : best;
@@ -395,11 +420,9 @@ std::tuple<Tensor, Tensor, Tensor> max_impl(const Tensor& h, const Tensor& scale
           for (int64_t l = 0; l < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++l)
             parg[c * dim + d + l] = static_cast<int64_t>(index[l]);
         };
-        for (const auto [from, to] : {std::pair{int64_t(0), half}, std::pair{half, dim}}) {
-          int64_t d = from;
-          for (; d + lanes <= to; d += lanes) pool(any2point::Vec<T>{}, d);
-          for (; d < to; ++d) pool(T(0), d);
-        }
+        int64_t d = 0;
+        for (; d + lanes <= dim; d += lanes) pool(any2point::Vec<T>{}, d);
+        for (; d < dim; ++d) pool(T(0), d);
       }
     }
   });
@@ -440,7 +463,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hidden_grad_impl(const Tensor& h, con
   T *pdz = dz.data_ptr<T>(), *pdua = du_a.data_ptr<T>();
   double* psums = sums.data_ptr<double>();
   claimed([&](auto claim) {
-    std::vector<T> a(tiling.tile * k * hidden);
+    std::vector<T> a(tiling.tile * k * hidden), tile_sums(2 * hidden);
     for (int64_t run = claim(); run < runs; run = claim()) {
       const auto [first, last] = run_tiles(tiling.count, run, runs);
       T* dua = pdua + run * dim * hidden;
@@ -477,14 +500,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hidden_grad_impl(const Tensor& h, con
             }
           }
         }
+        // BN1's sums, the tile's in T (a vector loop), the run's in float64
+        std::fill(tile_sums.begin(), tile_sums.end(), T(0));
+        T* tile_bias = tile_sums.data();
+        T* tile_weight = tile_bias + hidden;
         for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
           for (int64_t j = 0; j < hidden; ++j) {
             const T v = a[r * hidden + j] > T(0) ? da[r * hidden + j] : T(0);
             da[r * hidden + j] = v;
-            bias_sum[j] += v;
-            weight_sum[j] += static_cast<double>(v) * static_cast<double>(ht[r * hidden + j] - pm[j]);
+            tile_bias[j] += v;
+            tile_weight[j] += v * (ht[r * hidden + j] - pm[j]);
           }
+        }
+        for (int64_t j = 0; j < hidden; ++j) {
+          bias_sum[j] += tile_bias[j];
+          weight_sum[j] += tile_weight[j];
         }
       }
     }
@@ -542,6 +573,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> position_grad_impl(
         const int64_t c0 = tiling.first(t), rows = tiling.size(t) * k, r0 = c0 * k;
         // dh = (scale1·dz − slope1·h) + shift1, and its sums per neighbour point and per centre point
         for (int64_t r = 0; r < rows; ++r) {
+          if (r + kAhead < rows) prefetch_row(nbr_sum + pn[r0 + r + kAhead] * hidden, hidden, 1);
           const T* dzr = pdz + (r0 + r) * hidden;
           const T* hr = ph + (r0 + r) * hidden;
           T* dhr = dh.data() + r * hidden;
