@@ -69,6 +69,16 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t kk, T alpha, const T* 
   }
 }
 
+// A thread's scratch [size] of T, from ATen's allocator (memory profiles see it).
+template <typename T>
+struct Scratch {
+  at::Tensor tensor;
+  T* ptr;
+  explicit Scratch(int64_t size) : tensor(any2point::scratch<T>(size)), ptr(tensor.data_ptr<T>()) {}
+  T* data() const { return ptr; }
+  T& operator[](int64_t i) const { return ptr[i]; }
+};
+
 // sin x and cos x in float32, vectorisable: x reduced by π/2 in three parts (exact products for
 // |x| < 2^15), Cephes' polynomials on [−π/4, π/4]; within an ulp or so of ATen's.
 inline void sin_cos(float x, float& s, float& c) {
@@ -92,13 +102,17 @@ inline void sin_cos(float x, float& s, float& c) {
 // code[r, 2e] = sin, code[r, 2e + 1] = cos of angle e = (axis, frequency) of row r, cut to dim:
 // the angles in float32 as the reference forms them, (beta·x) / divisor, bit for bit; their sine
 // and cosine by sin_cos for float, and ATen's float32 ones for double (the reference's code to
-// the bit, which float64 is compared with). buf: scratch.
+// the bit, which float64 is compared with). buf: code_scratch<T>(rows, freqs) floats.
+template <typename T>
+constexpr int64_t code_scratch(int64_t rows, int64_t freqs) {
+  return (std::is_same_v<T, float> ? 3 : 9) * rows * freqs;
+}
+
 template <typename T>
 void position_code(const T* off, int64_t rows, const float* divisors, int64_t freqs, float beta, int64_t dim,
-                   std::vector<float>& buf, T* code) {
+                   float* buf, T* code) {
   const int64_t width = 3 * freqs, n = rows * width;
-  buf.resize(std::is_same_v<T, float> ? n : 3 * n);
-  float* angle = buf.data();
+  float* angle = buf;
   for (int64_t e = 0; e < rows * 3; ++e) {
     const float bx = beta * static_cast<float>(off[e]);
 #pragma omp simd
@@ -225,8 +239,9 @@ std::tuple<Tensor, Tensor, Tensor> hidden_impl(const Tensor& fa, const Tensor& f
   T* ph = h.data_ptr<T>();
   double *psum = tile_sum.data_ptr<double>(), *pm2 = tile_m2.data_ptr<double>();
   claimed([&](auto claim) {
-    std::vector<float> buf;
-    std::vector<T> code(tiling.tile * s.k * s.dim), part(2 * hidden), centre(hidden);
+    Scratch<float> buf(code_scratch<T>(tiling.tile * s.k, s.freqs));
+    Scratch<T> code(tiling.tile * s.k * s.dim);
+    std::vector<T> part(2 * hidden), centre(hidden);
     for (int64_t t = claim(); t < tiling.count; t = claim()) {
       const int64_t c0 = tiling.first(t), rows = tiling.size(t) * s.k, r0 = c0 * s.k;
       T* ht = ph + r0 * hidden;
@@ -237,7 +252,7 @@ std::tuple<Tensor, Tensor, Tensor> hidden_impl(const Tensor& fa, const Tensor& f
 #pragma omp simd
         for (int64_t j = 0; j < hidden; ++j) ht[r * hidden + j] = na[j] + cb[j];
       }
-      position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), s.dim, buf, code.data());
+      position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), s.dim, buf.data(), code.data());
       gemm<T>(false, true, rows, hidden, s.dim, T(1), code.data(), s.dim, pw, s.dim, T(1), ht, hidden);
       // the tile's sum and centred second moment (about its mean rounded to T, then corrected),
       // merged below tile after tile (Chan); sums over the tile in T (vector loops)
@@ -314,8 +329,9 @@ std::tuple<Tensor, Tensor> moments_impl(const Tensor& h, const Tensor& scale1, c
   const T *ph = h.data_ptr<T>(), *ps = scale1.data_ptr<T>(), *pt = shift1.data_ptr<T>();
   double *pcount = counts.data_ptr<double>(), *pmean = means.data_ptr<double>(), *pspread = spreads.data_ptr<double>();
   claimed([&](auto claim) {
-    std::vector<T> a(tiling.tile * k * hidden);
-    std::vector<double> centred(tiling.tile * k * hidden), mean(hidden), spread(hidden * hidden);
+    Scratch<T> a(tiling.tile * k * hidden);
+    Scratch<double> centred(tiling.tile * k * hidden), spread(hidden * hidden);
+    std::vector<double> mean(hidden);
     for (int64_t run = claim(); run < runs; run = claim()) {
       const auto [first, last] = run_tiles(tiling.count, run, runs);
       for (int64_t t = first; t < last; ++t) {
@@ -374,13 +390,13 @@ std::tuple<Tensor, Tensor, Tensor> max_impl(const Tensor& h, const Tensor& scale
   int64_t* parg = arg.data_ptr<int64_t>();
   const int64_t dim = s.dim, half = s.channels, lanes = any2point::kLanes<T>;
   claimed([&](auto claim) {
-    std::vector<float> buf;
-    std::vector<T> a(tiling.tile * s.k * hidden), y(tiling.tile * s.k * dim), code(tiling.tile * s.k * dim);
+    Scratch<float> buf(code_scratch<T>(tiling.tile * s.k, s.freqs));
+    Scratch<T> a(tiling.tile * s.k * hidden), y(tiling.tile * s.k * dim), code(tiling.tile * s.k * dim);
     for (int64_t t = claim(); t < tiling.count; t = claim()) {
       const int64_t c0 = tiling.first(t), rows = tiling.size(t) * s.k, r0 = c0 * s.k;
       activation(ph + r0 * hidden, rows, hidden, ps1, pt1, a.data());
       gemm<T>(false, true, rows, dim, hidden, T(1), a.data(), hidden, pw, hidden, T(0), y.data(), dim);
-      position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), dim, buf, code.data());
+      position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), dim, buf.data(), code.data());
       // the residual x = PE + cat(f[n], f[c]) in place of the code, a row at a time (the gathers
       // stream, rather than stall the loop below)
       for (int64_t r = 0; r < rows; ++r) {
@@ -463,7 +479,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hidden_grad_impl(const Tensor& h, con
   T *pdz = dz.data_ptr<T>(), *pdua = du_a.data_ptr<T>();
   double* psums = sums.data_ptr<double>();
   claimed([&](auto claim) {
-    std::vector<T> a(tiling.tile * k * hidden), tile_sums(2 * hidden);
+    Scratch<T> a(tiling.tile * k * hidden);
+    std::vector<T> tile_sums(2 * hidden);
     for (int64_t run = claim(); run < runs; run = claim()) {
       const auto [first, last] = run_tiles(tiling.count, run, runs);
       T* dua = pdua + run * dim * hidden;
@@ -561,9 +578,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> position_grad_impl(
   T *pgw = grad_w1.data_ptr<T>(), *ppn = per_nbr.data_ptr<T>(), *ppc = per_ctr.data_ptr<T>();
   T* pgo = offsets_grad ? grad_off.data_ptr<T>() : nullptr;
   claimed([&](auto claim) {
-    std::vector<float> buf;
-    std::vector<T> dh(tiling.tile * k * hidden), code(tiling.tile * k * dim);
-    std::vector<T> dx(offsets_grad ? tiling.tile * k * dim : 0);
+    Scratch<float> buf(code_scratch<T>(tiling.tile * k, s.freqs));
+    Scratch<T> dh(tiling.tile * k * hidden), code(tiling.tile * k * dim), dx(offsets_grad ? tiling.tile * k * dim : 0);
     std::vector<float> d_angle(offsets_grad ? s.freqs : 0);
     for (int64_t run = claim(); run < runs; run = claim()) {
       const auto [first, last] = run_tiles(tiling.count, run, runs);
@@ -586,7 +602,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> position_grad_impl(
             to_ctr[j] += dhr[j];
           }
         }
-        position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), dim, buf, code.data());
+        position_code(po + r0 * 3, rows, pd, s.freqs, static_cast<float>(beta), dim, buf.data(), code.data());
         gemm<T>(true, false, hidden, dim, rows, T(1), dh.data(), hidden, code.data(), dim, T(1),
                 pgw + run * hidden * dim, dim);
         if (!offsets_grad) continue;
