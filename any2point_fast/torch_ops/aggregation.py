@@ -25,9 +25,13 @@ backward
   position code's share of ``dW1`` (and the offsets' gradient when they need one). The feature
   parts of ``dW1`` and ``dfeat`` go through per-point sums of ``dh``.
 
-Compiled (:mod:`.native`, CPU): the passes over ``[rows, 2C]`` (1 and 3 of forward, the ``da`` and
-the position-code passes of backward) run in C++ a tile of :func:`tile_centres` centres at a time in
-cache, the same algebra; the ``[R, H]``, ``[B·S, 2C]`` and ``[H, H]`` steps stay in PyTorch.
+Compiled (:mod:`.native`, CPU): every pass over the rows runs in C++, a tile of
+:func:`tile_centres` centres at a time in cache, with the same algebra: forward's passes 1 (with
+BN1's float64 moments) and 3 and the moments of ``a``; backward's ``da`` pass and the last one
+(``dh``, its per-point sums, the position code's share of ``dW1``, the offsets' gradient). The
+``[H]``, ``[B·S, 2C]`` and ``[H, H]`` steps stay in PyTorch. In float32 its position code takes
+its own vectorised sine and cosine (within an ulp or so of ATen's; the angles are the reference's
+to the bit), in float64 ATen's float32 ones, as the reference.
 
 Inputs may be float16/bfloat16 (computed in float32, returned in their dtype), float32 or float64.
 """
