@@ -19,9 +19,9 @@
 //       the offsets' gradient [CS, k, 3] or an empty tensor), dh = scale1·dz − slope1·h + shift1 (BN1).
 // f, fa, fb are per point ([B·P, C], [B·P, H]); nbr [CS, k] and ctr [CS] hold flat point rows.
 // Values are float or double; the position code is formed in float32 whatever (the reference's
-// angles bit for bit: (beta·x) / divisor, then ATen's sine and cosine). Products of a tile go to
-// BLAS (one thread per call); reductions over tiles are summed per run of tiles (`runs` fixed),
-// then run after run: the same bits whatever the thread count.
+// angles bit for bit, see position_code). Products of a tile go to BLAS (one thread per call);
+// threads claim tiles (or runs) as they come free; reductions over tiles are summed per run of
+// tiles (`runs` fixed), then run after run: the same bits whatever the thread count.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -157,9 +157,10 @@ inline void prefetch_row(const T* row, int64_t size, int write = 0) {
   for (int64_t i = 0; i < size; i += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + i, write);
 }
 
+// Tiles of `tile` centres (the last one shorter).
 struct Tiling {
-  int64_t centres, k, tile, count;
-  Tiling(int64_t centres, int64_t k, int64_t tile) : centres(centres), k(k), tile(tile) {
+  int64_t centres, tile, count;
+  Tiling(int64_t centres, int64_t tile) : centres(centres), tile(tile) {
     TORCH_CHECK(tile > 0, "aggregate: a tile of at least one centre");
     count = (centres + tile - 1) / tile;
   }
@@ -229,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor> hidden_impl(const Tensor& fa, const Tensor& f
   const Shapes s = shapes_of(off, divisors, hidden, w1.size(1));
   check_rows(off, nbr, ctr);
   any2point::check_values(off, {&fa, &fb, &w1});
-  const Tiling tiling(s.centres, s.k, tile);
+  const Tiling tiling(s.centres, tile);
   Tensor h = at::empty({s.centres, s.k, hidden}, off.options());
   Tensor tile_sum = at::zeros({tiling.count, hidden}, off.options().dtype(at::kDouble));
   Tensor tile_m2 = at::zeros({tiling.count, hidden}, off.options().dtype(at::kDouble));
@@ -322,7 +323,7 @@ std::tuple<Tensor, Tensor> moments_impl(const Tensor& h, const Tensor& scale1, c
   TORCH_CHECK(h.dim() == 3 && runs > 0, "aggregate_moments: h [CS, k, H]");
   any2point::check_values(h, {&scale1, &shift1});
   const int64_t k = h.size(1), hidden = h.size(2);
-  const Tiling tiling(h.size(0), k, tile);
+  const Tiling tiling(h.size(0), tile);
   const auto wide = h.options().dtype(at::kDouble);
   Tensor counts = at::zeros({runs}, wide), means = at::zeros({runs, hidden}, wide);
   Tensor spreads = at::zeros({runs, hidden, hidden}, wide);
@@ -378,7 +379,7 @@ std::tuple<Tensor, Tensor, Tensor> max_impl(const Tensor& h, const Tensor& scale
   check_rows(off, nbr, ctr);
   any2point::check_values(off, {&h, &scale1, &shift1, &w2, &scale2, &shift2, &f});
   TORCH_CHECK(h.numel() == s.centres * s.k * hidden && f.size(-1) == s.channels, "aggregate_max: shapes");
-  const Tiling tiling(s.centres, s.k, tile);
+  const Tiling tiling(s.centres, tile);
   Tensor out = at::empty({s.centres, s.dim}, off.options());
   Tensor arg = at::empty({s.centres, s.dim}, off.options().dtype(at::kLong));
   Tensor at_max = at::empty({s.centres, s.dim}, off.options());
@@ -468,7 +469,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> hidden_grad_impl(const Tensor& h, con
   any2point::check_values(h, {&scale1, &shift1, &mean1, &du, &w2s, &cross, &da_shift});
   TORCH_CHECK(runs > 0 && du.sizes() == arg.sizes() && w2s.size(0) == dim && w2s.size(1) == hidden,
               "aggregate_hidden_grad: shapes");
-  const Tiling tiling(centres, k, tile);
+  const Tiling tiling(centres, tile);
   Tensor dz = at::empty_like(h);
   Tensor du_a = at::zeros({runs, dim, hidden}, h.options());
   Tensor sums = at::zeros({runs, 2, hidden}, h.options().dtype(at::kDouble));
@@ -566,7 +567,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> position_grad_impl(
                   slopes.scalar_type() == at::kFloat && slopes.numel() == s.freqs && arg.scalar_type() == at::kLong &&
                   arg.sizes() == du.sizes() && arg.is_contiguous(),
               "aggregate_position_grad: shapes");
-  const Tiling tiling(s.centres, s.k, tile);
+  const Tiling tiling(s.centres, tile);
   const int64_t dim = s.dim, k = s.k;
   Tensor grad_w1 = at::zeros({runs, hidden, dim}, off.options());
   Tensor per_nbr = at::zeros({runs, points, hidden}, off.options()), per_ctr = at::zeros_like(per_nbr);
