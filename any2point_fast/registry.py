@@ -183,7 +183,8 @@ def _register_catalogue() -> None:
     everywhere = None
     triton_ops = ("project_pe", "bucket_sort", "segment_pool", "neighborhood_attention_pool", "batch_norm_gelu",
                   "ensemble_propagate", "farthest_point_sample", "interpolate_features", "neighborhood_aggregate")
-    compiled_ops = ("segment_pool", "batch_norm_gelu", "ensemble_propagate", "farthest_point_sample")
+    compiled_ops = ("segment_pool", "batch_norm_gelu", "ensemble_propagate", "farthest_point_sample",
+                    "neighborhood_aggregate")
     for op in OPS:
         ids = op == "bucket_sort"
         floats, triton_floats = ((torch.int64, torch.int32), (torch.int64,)) if ids else (FLOATS, TRITON_FLOATS)

@@ -20,6 +20,12 @@ The torch path is PyTorch; where PyTorch has no kernel fit for a step, a small C
 - ``layer_norm_rows`` and its backward: the normalised tokens ``x̂`` of the views' LayerNorms,
   and the tokens' gradient through them added in place, each row read once (ATen's CPU
   LayerNorm takes several times as long as a pass over the rows).
+- ``aggregate_hidden``, ``aggregate_moments``, ``aggregate_max`` and, for backward,
+  ``aggregate_hidden_grad`` and ``aggregate_position_grad``: the passes of
+  ``neighborhood_aggregate`` over its ``[B·S·k, 2C]`` neighbour rows (and ``[B·S·k, H]`` hidden
+  ones), a tile of centres at a time in cache (position code, the tile's products through BLAS,
+  BatchNorm, residual, max over the neighbours with its argmax, the sparse backward): PyTorch
+  needs a chunk of those rows in memory per step and a pass over it per elementwise op.
 - ``batch_norm_gelu``: BatchNorm of the pooled rows, view by view, and GELU: forward one pass
   for the statistics and one for the output, backward two (PyTorch: a pass per BatchNorm step,
   per GELU and per concatenation).
@@ -50,13 +56,16 @@ import torch
 #: Environment variable: ``0`` keeps the torch path in plain PyTorch (no compilation).
 ENV_VAR = "ANY2POINT_NATIVE"
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("batch_norm_gelu.cpp", "bucket_attention.cpp", "bucket_pool.cpp", "ensemble.cpp",
-                             "layer_norm.cpp", "sampling.cpp"))
+                for name in ("aggregation.cpp", "batch_norm_gelu.cpp", "bucket_attention.cpp", "bucket_pool.cpp",
+                             "ensemble.cpp", "layer_norm.cpp", "sampling.cpp"))
 #: The ``torch.ops`` namespace of the compiled kernels.
 NAMESPACE = "any2point_native"
 #: Runs ``bucket_pool_backward`` cuts the segments into, each summing its share of ``W_o``'s
 #: gradient apart (a fixed number: the sums do not depend on the threads).
 POOL_BACKWARD_RUNS = 8
+#: Runs of tiles the backward of ``neighborhood_aggregate`` sums its reductions over apart (fixed,
+#: as :data:`POOL_BACKWARD_RUNS`).
+AGGREGATE_RUNS = 8
 #: Seconds into a build after which a line on stderr says that the kernels are being compiled.
 NOTICE_AFTER_S = 2.0
 
@@ -147,4 +156,4 @@ def ops():
     return getattr(torch.ops, NAMESPACE)
 
 
-__all__ = ["ENV_VAR", "NAMESPACE", "POOL_BACKWARD_RUNS", "available", "build_name", "ops", "resolve"]
+__all__ = ["AGGREGATE_RUNS", "ENV_VAR", "NAMESPACE", "POOL_BACKWARD_RUNS", "available", "build_name", "ops", "resolve"]
