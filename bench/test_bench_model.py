@@ -14,6 +14,8 @@ The adapters and geometry run on each available backend; everything else is the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
@@ -45,9 +47,9 @@ def build(name: str, quick: bool) -> tuple[Any2PointModel, torch.Tensor, torch.T
     return model, points, labels
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
-def test_training_step(measure, backend, quick, name):
-    model, points, labels = build(name, quick)
+def training_step(model: Any2PointModel, points: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One AdamW step of ``model`` (put in training mode) on ``points`` ``[B, P, 3]``: forward under the
+    run's autocast, cross-entropy, backward, grad-norm clip 10; the callable returns the loss."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
     model.train()
 
@@ -60,6 +62,13 @@ def test_training_step(measure, backend, quick, name):
         optimizer.step()
         return loss.detach()
 
+    return step
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_training_step(measure, backend, quick, name):
+    model, points, labels = build(name, quick)
+    step = training_step(model, points, labels)
     loss = measure(step, rounds=1 if name == "vit-b" else 3, memory=name != "vit-b", group="model:train-step",
                    case=f"{name} B={points.shape[0]}", backend=backend, mode="forward+backward",
                    samples=points.shape[0])
@@ -78,17 +87,7 @@ def test_recipe_training_step(measure, backend, quick):
     gen = torch.Generator().manual_seed(1)
     points = torch.randn(batch, model.config.num_points, 3, generator=gen).to(device())
     labels = torch.randint(0, 40, (batch,), generator=gen).to(device())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
-    model.train()
-
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with workloads.autocast(points.device):
-            loss = torch.nn.functional.cross_entropy(model(points), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
-        return loss.detach()
+    step = training_step(model, points, labels)
 
     config = model.config
     slow = backend == "reference"

@@ -299,7 +299,8 @@ def render(data: dict, rows: list[dict], plots: list[str], source: Path, version
                 "of the device's peaks are given on known GPUs only.", "", *rates, ""]
     if any(r["group"].startswith("model:") for r in rows):
         out += ["## Whole model", "", *group_table(rows, "model:train-step"), "",
-                *group_table(rows, "model:recipe-step"), "", *group_table(rows, "model:inference"), "", *throughput(rows), ""]
+                *group_table(rows, "model:recipe-step"), "", *group_table(rows, "model:inference"), "",
+                *throughput(rows), ""]
     if gpu is not None:
         out += gpu_section(gpu)
     return "\n".join(out)

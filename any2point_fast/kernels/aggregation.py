@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from any2point_fast.torch_ops._common import without_autocast
-from any2point_fast.torch_ops.aggregation import _moments, _slices, chunk_centres
+from any2point_fast.torch_ops.aggregation import _moments, _slices, chunk_centres, normalisation, output_statistics
 
 from ._common import channel_block, check_float, device_function, pow2_at_least, tsum
 from .buckets import group_by_key
@@ -382,21 +382,15 @@ class _Aggregate(torch.autograd.Function):
             var1, mean1 = torch.var_mean(h.view(rows, hidden), dim=0, correction=0)
         else:
             mean1, var1 = norm1_mean.to(dtype), norm1_var.to(dtype)
-        rstd1 = torch.rsqrt(var1 + eps)
-        scale1 = norm1_weight.to(dtype) * rstd1
-        shift1 = norm1_bias.to(dtype) - mean1 * scale1
+        rstd1, scale1, shift1 = normalisation(norm1_weight, norm1_bias, mean1, var1, eps, dtype)
         if training:
             a_sum, a_spread = _moments(h, scale1, shift1, _slices(centres, chunk or chunk_centres(k, 2 * hidden)))
-            wide = w2.double()
-            mean2 = (wide @ (a_sum / rows)).to(dtype)
-            var2 = ((wide @ a_spread) * wide).sum(dim=1).div_(rows).clamp_min_(0).to(dtype)
+            mean2, var2 = output_statistics(w2, a_sum, a_spread, rows, dtype)
             a_sum, a_spread = a_sum.to(dtype), a_spread.to(dtype)
         else:
             a_sum = a_spread = None
             mean2, var2 = norm2_mean.to(dtype), norm2_var.to(dtype)
-        rstd2 = torch.rsqrt(var2 + eps)
-        scale2 = norm2_weight.to(dtype) * rstd2
-        shift2 = norm2_bias.to(dtype) - mean2 * scale2
+        rstd2, scale2, shift2 = normalisation(norm2_weight, norm2_bias, mean2, var2, eps, dtype)
 
         # 3. v = relu(x + BN2(W2 a)) and its maximum over the k; the argmax and ŷ there
         out = torch.empty(centres, dim, dtype=dtype, device=device)

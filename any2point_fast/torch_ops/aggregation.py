@@ -150,6 +150,23 @@ def _hidden_grad(h, scale1, shift1, mean1, arg, du, w2s, cross, da_shift, chunks
     return dz, du_a, grad_bias1, grad_weight1
 
 
+def normalisation(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A BatchNorm as ``x·scale + shift``: ``rstd``, ``scale``, ``shift`` (each like ``mean``, in ``dtype``)."""
+    rstd = torch.rsqrt(var + eps)
+    scale = weight.to(dtype) * rstd
+    return rstd, scale, bias.to(dtype) - mean * scale
+
+
+def output_statistics(weight2: torch.Tensor, a_sum: torch.Tensor, a_spread: torch.Tensor, rows: int,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN2's batch mean and biased variance ``[2C]`` of ``y = W2 a`` from the float64 moments of ``a``
+    (:func:`_moments`): ``W2 ā`` and ``diag(W2 Cov(a) W2ᵀ)``, in ``dtype``."""
+    wide = weight2.double()
+    mean = (wide @ (a_sum / rows)).to(dtype)
+    return mean, ((wide @ a_spread) * wide).sum(dim=1).div_(rows).clamp_min_(0).to(dtype)
+
+
 class _Aggregate(torch.autograd.Function):
     @staticmethod
     @without_autocast
@@ -188,24 +205,18 @@ class _Aggregate(torch.autograd.Function):
             var1, mean1 = torch.var_mean(h.view(rows, hidden), dim=0, correction=0)
         else:
             mean1, var1 = norm1_mean.to(dtype), norm1_var.to(dtype)
-        rstd1 = torch.rsqrt(var1 + eps)
-        scale1 = norm1_weight.to(dtype) * rstd1
-        shift1 = norm1_bias.to(dtype) - mean1 * scale1
+        rstd1, scale1, shift1 = normalisation(norm1_weight, norm1_bias, mean1, var1, eps, dtype)
         if training:
             if compiled:
                 a_sum, a_spread = native.ops().aggregate_moments(h, scale1, shift1, chunk, native.AGGREGATE_RUNS)
             else:
                 a_sum, a_spread = _moments(h, scale1, shift1, chunks)
-            wide = w2.double()
-            mean2 = (wide @ (a_sum / rows)).to(dtype)
-            var2 = ((wide @ a_spread) * wide).sum(dim=1).div_(rows).clamp_min_(0).to(dtype)
+            mean2, var2 = output_statistics(w2, a_sum, a_spread, rows, dtype)
             a_sum, a_spread = a_sum.to(dtype), a_spread.to(dtype)
         else:
             a_sum = a_spread = None
             mean2, var2 = norm2_mean.to(dtype), norm2_var.to(dtype)
-        rstd2 = torch.rsqrt(var2 + eps)
-        scale2 = norm2_weight.to(dtype) * rstd2
-        shift2 = norm2_bias.to(dtype) - mean2 * scale2
+        rstd2, scale2, shift2 = normalisation(norm2_weight, norm2_bias, mean2, var2, eps, dtype)
 
         # 3. v = relu(x + BN2(W2 a)) and its maximum over the k; the argmax and ŷ there
         if compiled:
