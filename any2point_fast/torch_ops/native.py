@@ -109,6 +109,14 @@ def build_name() -> str:
     return f"{NAMESPACE}_{_cpu_fingerprint()}_{_environment_fingerprint()}"
 
 
+def _cflags() -> list[str]:
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # GCC tunes AVX-512 CPUs for 256-bit loops; the position code's sine and cosine gain from 512
+        flags.append("-mprefer-vector-width=512")
+    return flags
+
+
 @functools.cache
 def _build() -> bool:
     if os.environ.get(ENV_VAR, "1").strip() == "0":
@@ -123,7 +131,7 @@ def _build() -> bool:
 
         with _ninja_on_path():
             cpp_extension.load(build_name(), [str(path) for path in SOURCES], is_python_module=False,
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                               extra_cflags=_cflags(), extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, but say so
         warnings.warn(f"any2point_fast: could not build the compiled CPU kernels ({type(error).__name__}: "
                       f"{str(error).strip()[-300:]}); the torch backend runs in plain PyTorch, slower (several "
