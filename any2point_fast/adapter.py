@@ -108,13 +108,16 @@ class Any2PointAdapter(nn.Module):
         if torch.compiler.is_compiling() and _fusable(norms):
             offsets = offsets if isinstance(offsets, torch.Tensor) else torch.tensor(offsets, device=rows.device)
             counts = offsets[1:] - offsets[:-1]
-            batch = (counts > 1) & self.training  # as RowBatchNorm: one row, running stats
+            training = torch.tensor([norm.training for norm in norms], device=rows.device)
+            batch = (counts > 1) & training  # as RowBatchNorm: one row, running stats
         else:
             counts = [last - first for first, last in zip(offsets[:-1], offsets[1:])]
             if not _fusable(norms):
                 # split, not slices: the backward of G slices would zero-fill G full-size [S, C] gradients
                 return F.gelu(torch.cat([norm(group) for group, norm in zip(rows.split(counts), norms)]))
-            batch = tuple(self.training and count > 1 for count in counts)  # as RowBatchNorm: one row, running stats
+            # as RowBatchNorm: each norm's own mode decides (`model.eval()` then `norm.train()` recomputes
+            # statistics); one row takes the running statistics
+            batch = tuple(norm.training and count > 1 for norm, count in zip(norms, counts))
         out, mean, var = ops.batch_norm_gelu(
             rows, offsets, torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms]),
             torch.stack([norm.running_mean for norm in norms]), torch.stack([norm.running_var for norm in norms]),

@@ -164,20 +164,16 @@ def run_one(backbone: str, weights: str, seed: int, recipe: Recipe) -> dict:
 def recompute_batchnorm_stats(model, batches) -> None:
     """Precise BatchNorm statistics for evaluation: every BatchNorm's running mean/variance becomes
     the average of its batch statistics over ``batches`` (``[B, P, 3]`` clouds), computed with
-    everything else in evaluation mode (head dropout off, frozen backbone deterministic). The
-    adapters follow their ``training`` flag to use batch statistics, and have no dropout."""
+    everything else in evaluation mode (head dropout off, frozen backbone deterministic): each
+    BatchNorm, the tokenizer's and the adapters' fused ones too, follows its own ``training`` flag."""
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
-
-    from any2point_fast.adapter import Any2PointAdapter
 
     model.eval()
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     momenta = [m.momentum for m in norms]
-    for module in model.modules():
-        if isinstance(module, (_BatchNorm, Any2PointAdapter)):
-            module.train()
     for norm in norms:
+        norm.train()
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average
     with torch.no_grad():

@@ -130,6 +130,29 @@ def test_adapter_eval_mode_and_float16_tokens(preset):
         assert_close_to_reference(pooled, ref.pool_views(tokens, geometry.views), torch.float16)
 
 
+def test_norms_follow_their_own_mode():
+    """``adapter.eval()`` then ``norm.train()`` (recomputing BatchNorm statistics): those norms use and
+    update batch statistics, as the reference's modules do; the others keep their running ones."""
+    config, centers, table, hidden, ffn = make_inputs("vision", seed=3)
+    _, geometry = reference_geometry(centers, table, ProjectionSpec.from_config(config), config.voxel_size)
+    ref, fast = make_pair(config, seed=3)
+    for adapter in (ref, fast):
+        adapter.eval()
+        adapter.view_norms[0].train()
+        adapter.voxel_norm.train()
+    before = {name: t.clone() for name, t in fast.state_dict().items()}
+    with ops.use_backend("torch"), torch.no_grad():
+        assert_close_to_reference(fast(hidden, ffn, geometry), ref(hidden, ffn, geometry))
+    for name, value in fast.state_dict().items():
+        if value.is_floating_point():
+            assert_close_to_reference(value, ref.state_dict()[name], msg=name)
+        else:
+            assert torch.equal(value, ref.state_dict()[name]), name
+        moved = not torch.equal(value, before[name])
+        assert moved == (name.startswith(("view_norms.0.running", "voxel_norm.running", "view_norms.0.num_batches",
+                                          "voxel_norm.num_batches"))), name
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_build_geometry_matches_reference(preset):
     config, centers, table, _, _ = make_inputs(preset, batch=4, tokens=90)
