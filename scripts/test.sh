@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
-"${VENV:-.venv}/bin/python" -m pytest tests -q --hypothesis-seed="${HYPOTHESIS_SEED:-0}" "$@"
+"${VENV:-.venv}/bin/python" -m pytest tests -q --durations=15 --hypothesis-seed="${HYPOTHESIS_SEED:-0}" "$@"
 "${VENV:-.venv}/bin/python" -m pytest bench --quick -q -p no:cacheprovider --benchmark-disable-gc
