@@ -2,7 +2,7 @@
 
 Needs the real data and weights in ``../shared`` (skips cleanly without them). ``--quick``: a
 smoke run of ``scripts/transfer_benchmark.py --tiny`` into a temporary folder (a minute or two);
-full run: the whole benchmark (~30 min on 2 idle cores), which rewrites the Transfer section of
+full run: the whole benchmark (16 min on 2 idle cores), which rewrites the Transfer section of
 BENCHMARKS.md, ``bench/results/transfer.json`` and ``bench/plots/transfer.png``.
 """
 

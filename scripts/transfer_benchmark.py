@@ -12,7 +12,7 @@ Runs go two at a time (``--jobs``), one thread each. Results go to ``bench/resul
 the curves to ``bench/plots/transfer.png`` and a "Transfer" section to BENCHMARKS.md (replaced if
 present; ``scripts/bench_report.py`` keeps it when it regenerates the file).
 
-    .venv/bin/python scripts/transfer_benchmark.py            # the full benchmark (~30 min on 2 cores)
+    .venv/bin/python scripts/transfer_benchmark.py            # the full benchmark (16 min on 2 idle cores)
     .venv/bin/python scripts/transfer_benchmark.py --tiny --output /tmp/t   # smoke run, a minute or two
 """
 
