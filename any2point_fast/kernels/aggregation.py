@@ -49,7 +49,15 @@ import triton
 import triton.language as tl
 
 from any2point_fast.torch_ops._common import without_autocast
-from any2point_fast.torch_ops.aggregation import _moments, _slices, chunk_centres, normalisation, output_statistics
+from any2point_fast.torch_ops.aggregation import (
+    _moments,
+    _slices,
+    chunk_centres,
+    gradient_dtypes,
+    input_gradients,
+    normalisation,
+    output_statistics,
+)
 
 from ._common import channel_block, check_float, device_function, pow2_at_least, tsum
 from .buckets import group_by_key
@@ -405,8 +413,8 @@ class _Aggregate(torch.autograd.Function):
                               a_spread, out, arg, yhat, divisors, slopes)
         ctx.config = (training, beta, freqs, batch * points)
         ctx.shapes = (feat.shape, offsets.shape)
-        ctx.dtypes = (feat.dtype, offsets.dtype, None, None, weight1.dtype, norm1_weight.dtype, norm1_bias.dtype, None,
-                      None, weight2.dtype, norm2_weight.dtype, norm2_bias.dtype)
+        ctx.dtypes = gradient_dtypes(feat, offsets, weight1, norm1_weight, norm1_bias, weight2, norm2_weight,
+                                     norm2_bias)
         ctx.mark_non_differentiable(mean1, var1, mean2, var2)
         return out.view(batch, samples, dim).to(feat.dtype), mean1, var1, mean2, var2
 
@@ -475,11 +483,8 @@ class _Aggregate(torch.autograd.Function):
                                                                    rows, k, dim, hidden, freqs, beta,
                                                                    BLOCK_R=_BLOCK_ROWS, **tiles)
 
-        grads = (grad_feat.view(ctx.shapes[0]), None if grad_off is None else grad_off.view(ctx.shapes[1]),
-                 None, None, grad_w1, grad_weight1, grad_bias1, None, None, grad_w2, grad_weight2, grad_bias2)
-        return (*(g.to(dtype) if g is not None and need and dtype is not None else None
-                  for g, need, dtype in zip(grads, ctx.needs_input_grad, ctx.dtypes)),
-                None, None, None, None, None, None, None)
+        return input_gradients(ctx, grad_feat, grad_off, grad_w1, grad_weight1, grad_bias1, grad_w2, grad_weight2,
+                               grad_bias2)
 
 
 def neighborhood_aggregate(feat: torch.Tensor, offsets: torch.Tensor, centre_index: torch.Tensor,

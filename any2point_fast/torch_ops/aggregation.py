@@ -102,6 +102,27 @@ def _position_code_backward(grad: torch.Tensor, offsets: torch.Tensor, alpha: fl
     return (d_angle * slopes).sum(dim=-1).to(offsets.dtype)
 
 
+def gradient_dtypes(feat, offsets, weight1, norm1_weight, norm1_bias, weight2, norm2_weight,
+                    norm2_bias) -> tuple[torch.dtype | None, ...]:
+    """The dtypes of the op's first 12 inputs' gradients (``None``: an input without one), for
+    :func:`input_gradients`."""
+    return (feat.dtype, offsets.dtype, None, None, weight1.dtype, norm1_weight.dtype, norm1_bias.dtype, None, None,
+            weight2.dtype, norm2_weight.dtype, norm2_bias.dtype)
+
+
+def input_gradients(ctx, grad_feat, grad_off, grad_w1, grad_weight1, grad_bias1, grad_w2, grad_weight2,
+                    grad_bias2) -> tuple[torch.Tensor | None, ...]:
+    """An autograd Function's ``backward`` result: the gradients of the op's first 12 inputs in their
+    dtypes (``ctx.dtypes`` from :func:`gradient_dtypes`, ``ctx.shapes`` those of ``feat`` and
+    ``offsets``), ``None`` where not needed, then ``None`` for every further input."""
+    grads = (grad_feat.view(ctx.shapes[0]), None if grad_off is None else grad_off.view(ctx.shapes[1]),
+             None, None, grad_w1, grad_weight1, grad_bias1, None, None, grad_w2, grad_weight2, grad_bias2)
+    needs = ctx.needs_input_grad
+    return (*(g.to(dtype) if g is not None and need and dtype is not None else None
+              for g, need, dtype in zip(grads, needs, ctx.dtypes)),
+            *([None] * (len(needs) - len(grads))))
+
+
 def _slices(count: int, step: int):
     return [slice(first, min(first + step, count)) for first in range(0, count, step)]
 
@@ -239,8 +260,8 @@ class _Aggregate(torch.autograd.Function):
         ctx.save_for_backward(f, off, nbr, ctr, w1, w2, h, mean1, rstd1, scale1, shift1, mean2, rstd2, scale2, a_sum,
                               a_spread, out, arg, yhat)
         ctx.config, ctx.shapes = (training, alpha, beta, chunk, compiled), (feat.shape, offsets.shape)
-        ctx.dtypes = (feat.dtype, offsets.dtype, None, None, weight1.dtype, norm1_weight.dtype, norm1_bias.dtype, None,
-                      None, weight2.dtype, norm2_weight.dtype, norm2_bias.dtype)
+        ctx.dtypes = gradient_dtypes(feat, offsets, weight1, norm1_weight, norm1_bias, weight2, norm2_weight,
+                                     norm2_bias)
         ctx.mark_non_differentiable(mean1, var1, mean2, var2)
         return out.view(batch, samples, dim).to(feat.dtype), mean1, var1, mean2, var2
 
@@ -312,11 +333,8 @@ class _Aggregate(torch.autograd.Function):
                     dx = torch.matmul(dh[part], w1).scatter_add_(1, arg[part].unsqueeze(1), du[part].unsqueeze(1))
                     grad_off[part] = _position_code_backward(dx, off[part], alpha, beta)
 
-        grads = (grad_feat.view(ctx.shapes[0]), None if grad_off is None else grad_off.view(ctx.shapes[1]),
-                 None, None, grad_w1, grad_weight1, grad_bias1, None, None, grad_w2, grad_weight2, grad_bias2)
-        return (*(g.to(dtype) if g is not None and need and dtype is not None else None
-                  for g, need, dtype in zip(grads, ctx.needs_input_grad, ctx.dtypes)),
-                None, None, None, None, None, None, None, None)
+        return input_gradients(ctx, grad_feat, grad_off, grad_w1, grad_weight1, grad_bias1, grad_w2, grad_weight2,
+                               grad_bias2)
 
 
 def neighborhood_aggregate(feat: torch.Tensor, offsets: torch.Tensor, centre_index: torch.Tensor,
