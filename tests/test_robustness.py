@@ -3,6 +3,8 @@ every backend, the backends agreeing, and fp16/bf16 autocast staying finite."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -129,8 +131,10 @@ def test_resolved_clouds_get_the_reference_gradients_at_any_scale(preset, points
 @pytest.mark.parametrize("preset, shape, scale, offset", [
     ("language", "identical", 1e6, 1e6), ("vision", "collinear", 1e-6, 1.0), ("vision", "two_points", 1.0, 1e3)])
 def test_adversarial_clouds_on_triton(preset, shape, scale, offset):
-    """The interpreter runs a whole model in seconds, not milliseconds: a few fixed degenerate clouds."""
-    net = StandInModel(CONFIGS[preset], num_layers=1, num_heads=2)
+    """The interpreter runs a whole model in seconds, not milliseconds: a few fixed degenerate clouds
+    through one tokenizer stage and two view-attention heads (it pays per kernel launch, program and head)."""
+    config = dataclasses.replace(CONFIGS[preset], tokenizer_stages=1, attn_heads=2)
+    net = StandInModel(config, num_layers=1, num_heads=2)
     points = torch.stack([adversarial_cloud(shape, 0, scale, offset), adversarial_cloud("random", 1, 1.0, 0.0)])
     check_backend_agrees(net, points, "triton")
 
