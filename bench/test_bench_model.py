@@ -91,7 +91,7 @@ def test_recipe_training_step(measure, backend, quick):
 
     config = model.config
     slow = backend == "reference"
-    loss = measure(step, rounds=1 if slow else 2, warmup=not slow, memory=False, group="model:recipe-step",
+    loss = measure(step, rounds=1 if slow else 3, warmup=not slow, memory=False, group="model:recipe-step",
                    case=f"minilm-size B={batch} P={config.num_points} N={config.num_tokens} k={config.knn_k}",
                    backend=backend, mode="forward+backward", samples=batch)
     assert torch.isfinite(loss)
