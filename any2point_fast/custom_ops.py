@@ -16,10 +16,15 @@ through :func:`call` instead, which calls the custom op ``any2point::<op>``:
   lengths) stay outside the graph;
 - a fake implementation gives the outputs' shapes and dtypes (a data-dependent count, the
   number of non-empty buckets, is a new unbacked size);
-- its autograd formula is the custom op ``any2point::<op>_backward``: it runs the chosen
-  implementation forward again with autograd recording and returns the gradients of its own
-  backward, so compiled gradients are the eager ones (the forward runs twice in a compiled
-  training step; eager steps are unchanged).
+- its autograd formula is the custom op ``any2point::<op>_backward``, which returns the gradients
+  of the implementation's own backward, so compiled gradients are the eager ones. Where an input
+  needs a gradient (``needs``, fixed when the graph is traced), the forward body runs the
+  implementation with autograd recording and keeps that graph (:data:`_RECORDED`) under a handle,
+  a one-element tensor it returns last and that the autograd context saves; the backward op runs
+  the kept graph's backward, as eager code would. A graph goes when its handle does (a forward
+  whose backward never runs). Where no graph is found (a second backward; a handle copied
+  by autograd, which saves an output as a new tensor: the custom op called eagerly, whose caller
+  drops the handle), the backward op runs the forward again, with autograd recording.
 
 The CUDA route is this same mechanism with ``triton`` chosen inside the body, so what holds for
 the graph on the CPU holds there by construction.
@@ -256,12 +261,52 @@ def _fresh(outputs: Sequence[torch.Tensor], inputs: Sequence[Any]) -> list[torch
     return fresh
 
 
+@dataclass
+class _Recorded:
+    """A forward's autograd graph, kept for its backward: the inputs it differentiates with respect
+    to, its outputs (attached to the graph), and what identifies the call's tensor arguments."""
+
+    wrt: list[torch.Tensor]
+    outputs: tuple[torch.Tensor, ...]
+    arguments: list[tuple]
+
+
+#: The graphs recorded by forward bodies, by the address of their handle's storage.
+_RECORDED: dict[int, _Recorded] = {}
+
+
+def _identity(flat: Sequence[Any]) -> list[tuple]:
+    """What identifies a call's tensor arguments for :data:`_RECORDED`: their storage, offset, shape and strides."""
+    return [(arg.untyped_storage().data_ptr(), arg.storage_offset(), tuple(arg.shape), arg.stride())
+            for arg in flat if isinstance(arg, torch.Tensor)]
+
+
+def _handle(like: torch.Tensor) -> torch.Tensor:
+    """A forward's handle: one int64 zero on the device of ``like`` (the key is its storage's address,
+    so that the value, which compiled code may compare, is always the same)."""
+    return like.new_zeros(1, dtype=torch.int64)
+
+
+def _recording_inputs(flat: Sequence[Any], needs: Sequence[bool]) -> list[Any]:
+    return [arg.detach().requires_grad_() if need else arg for arg, need in zip(flat, needs)]
+
+
 def _forward(name: str):
     boundary = BOUNDARIES[name]
 
-    def forward(backend: str, *flat: Any):
-        outputs = _fresh(boundary.pack(_implementation(name, backend, flat)(*boundary.unflatten(*flat))), flat)
-        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+    def forward(backend: str, needs: list[bool], *flat: Any):
+        implementation = _implementation(name, backend, flat)
+        handle = _handle(flat[boundary.main])
+        if not any(needs):
+            return (*_fresh(boundary.pack(implementation(*boundary.unflatten(*flat))), flat), handle)
+        inputs = _recording_inputs(flat, needs)
+        with _autograd_recording():
+            outputs = boundary.pack(implementation(*boundary.unflatten(*inputs)))
+        key = handle.untyped_storage().data_ptr()
+        _RECORDED[key] = _Recorded([arg for arg, need in zip(inputs, needs) if need], tuple(outputs), _identity(flat))
+        weakref.finalize(handle, _RECORDED.pop, key, None)
+        # copies: compiled code may reuse an output's memory once it is dead, and the graph may have saved it
+        return (*(out.detach().clone(memory_format=torch.contiguous_format) for out in outputs), handle)
 
     return forward
 
@@ -279,49 +324,67 @@ def _autograd_recording() -> Iterator[None]:
 def _backward(name: str):
     boundary = BOUNDARIES[name]
 
-    def backward(backend: str, grads: list[torch.Tensor | None], needs: list[bool], *flat: Any) -> list[torch.Tensor]:
-        inputs = [arg.detach().requires_grad_() if need else arg for arg, need in zip(flat, needs)]
-        wrt = [arg for arg, need in zip(inputs, needs) if need]
+    def backward(backend: str, handle: torch.Tensor, grads: list[torch.Tensor | None], needs: list[bool],
+                 *flat: Any) -> list[torch.Tensor]:
+        recorded = _RECORDED.pop(handle.untyped_storage().data_ptr(), None)
+        if recorded is not None and (len(recorded.wrt) != sum(needs) or recorded.arguments != _identity(flat)):
+            recorded = None
         with _autograd_recording():
-            outputs = boundary.pack(_implementation(name, backend, inputs)(*boundary.unflatten(*inputs)))
-            pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
-            found = torch.autograd.grad([out for out, _ in pairs], wrt, [grad for _, grad in pairs],
-                                        allow_unused=True) if pairs else [None] * len(wrt)
-        return _fresh([torch.zeros_like(arg) if grad is None else grad for arg, grad in zip(wrt, found)],
+            if recorded is None:  # the forward again, recording
+                inputs = _recording_inputs(flat, needs)
+                outputs = boundary.pack(_implementation(name, backend, inputs)(*boundary.unflatten(*inputs)))
+                recorded = _Recorded([arg for arg, need in zip(inputs, needs) if need], tuple(outputs), [])
+            pairs = [(out, grad) for out, grad in zip(recorded.outputs, grads)
+                     if grad is not None and out.requires_grad]
+            found = torch.autograd.grad([out for out, _ in pairs], recorded.wrt, [grad for _, grad in pairs],
+                                        allow_unused=True) if pairs else [None] * len(recorded.wrt)
+        return _fresh([torch.zeros_like(arg) if grad is None else grad for arg, grad in zip(recorded.wrt, found)],
                       [*grads, *flat])
 
     return backward
 
 
-def _fake_backward(backend, grads, needs, *flat):
+def _fake_backward(backend, handle, grads, needs, *flat):
     return [arg.new_empty(arg.shape) for arg, need in zip(flat, needs) if need]
+
+
+def _with_handle(returns: str) -> str:
+    """A forward's return schema with the handle last: ``Tensor`` → ``(Tensor, Tensor)``."""
+    inner = returns[1:-1] if returns.startswith("(") else returns
+    return f"({inner}, Tensor)"
 
 
 def _define(name: str) -> torch.library.CustomOpDef:
     """``any2point::<name>`` and its backward ``any2point::<name>_backward``."""
     boundary = BOUNDARIES[name]
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", _forward(name), mutates_args=(),
-                                 schema=f"(str backend, {boundary.arguments}) -> {boundary.returns}")
-    op.register_fake(lambda backend, *flat: boundary.fake(*flat))
+    op = torch.library.custom_op(
+        f"{NAMESPACE}::{name}", _forward(name), mutates_args=(),
+        schema=f"(str backend, bool[] needs, {boundary.arguments}) -> {_with_handle(boundary.returns)}")
+    def fake(backend, needs, *flat):
+        outputs = boundary.fake(*flat)
+        return (*(outputs if isinstance(outputs, tuple) else (outputs,)), _handle(flat[boundary.main]))
+
+    op.register_fake(fake)
     backward_op = torch.library.custom_op(
         f"{NAMESPACE}::{name}_backward", _backward(name), mutates_args=(),
-        schema=f"(str backend, Tensor?[] grads, bool[] needs, {boundary.arguments}) -> Tensor[]")
+        schema=f"(str backend, Tensor handle, Tensor?[] grads, bool[] needs, {boundary.arguments}) -> Tensor[]")
     backward_op.register_fake(_fake_backward)
 
     def setup_context(ctx, inputs, output):
-        backend, *flat = inputs
+        backend, _, *flat = inputs
         tensors = [i for i, arg in enumerate(flat) if isinstance(arg, torch.Tensor)]
-        ctx.save_for_backward(*(flat[i] for i in tensors))
+        ctx.save_for_backward(*(flat[i] for i in tensors), output[-1])
         ctx.backend, ctx.tensors = backend, tensors
         ctx.others = {i: arg for i, arg in enumerate(flat) if not isinstance(arg, torch.Tensor)}
 
     def differentiate(ctx, *grads):
+        *saved, handle = ctx.saved_tensors
         flat = [ctx.others.get(i) for i in range(len(ctx.tensors) + len(ctx.others))]
-        for i, tensor in zip(ctx.tensors, ctx.saved_tensors):
+        for i, tensor in zip(ctx.tensors, saved):
             flat[i] = tensor
-        needs = [bool(need) for need in ctx.needs_input_grad[1:]]
-        found = iter(backward_op(ctx.backend, list(grads), needs, *flat) if any(needs) else ())
-        return (None, *(next(found) if need else None for need in needs))
+        needs = [bool(need) for need in ctx.needs_input_grad[2:]]
+        found = iter(backward_op(ctx.backend, handle, list(grads[:-1]), needs, *flat) if any(needs) else ())
+        return (None, None, *(next(found) if need else None for need in needs))
 
     op.register_autograd(differentiate, setup_context=setup_context)
     return op
@@ -331,16 +394,24 @@ _OPS: dict[str, torch.library.CustomOpDef] = {name: _define(name) for name in BO
 
 
 def custom_op(name: str) -> torch.library.CustomOpDef:
-    """The custom op ``any2point::<name>`` of a registered op (called with the backend, then the flat arguments)."""
+    """The custom op ``any2point::<name>`` of a registered op (called with :func:`arguments`); it returns
+    the flat outputs, then the handle of its recorded graph."""
     return _OPS[name]
+
+
+def arguments(name: str, backend: str, *args: Any) -> tuple:
+    """The custom op's arguments for ``args`` as :mod:`any2point_fast.ops` takes them: the backend, which
+    flat arguments need a gradient (none where autograd is off), and the flat arguments."""
+    flat = BOUNDARIES[name].flatten(*args)
+    grad = torch.is_grad_enabled()
+    return (backend, [grad and isinstance(arg, torch.Tensor) and arg.requires_grad for arg in flat], *flat)
 
 
 def call(name: str, backend: str, *args: Any) -> Any:
     """Op ``name`` on ``backend`` as its custom op: ``args`` as :mod:`any2point_fast.ops` takes them, the
     result as it returns it."""
-    boundary = BOUNDARIES[name]
-    outputs = _OPS[name](backend, *boundary.flatten(*args))
-    return boundary.unpack(outputs if isinstance(outputs, tuple) else (outputs,))
+    *outputs, _ = _OPS[name](*arguments(name, backend, *args))
+    return BOUNDARIES[name].unpack(outputs)
 
 
-__all__ = ["BOUNDARIES", "NAMESPACE", "Boundary", "call", "custom_op"]
+__all__ = ["BOUNDARIES", "NAMESPACE", "Boundary", "arguments", "call", "custom_op"]

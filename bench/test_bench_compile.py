@@ -5,7 +5,7 @@ enter the graph as custom ops (:mod:`any2point_fast.custom_ops`) and the whole f
 one graph (``fullgraph=True``); backward and the optimiser step run as usual. The full run compiles
 with inductor (a C++ compiler on the CPU); ``--quick`` with ``aot_eager``, which only proves that the
 suite still traces. Compilation happens before timing. The compiled step runs every fused op's
-forward twice (its backward custom op recomputes it), which the ratio to eager includes.
+forward once (its backward custom op runs the graph the forward recorded) and copies its outputs once.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_compiled_training_step(measure, backend, quick, compiled):
 
     step()  # compiles
     loss = measure(step, rounds=3, memory=False, group="compile:train-step", case=f"small-vit B={points.shape[0]}",
-                   backend=backend, mode="forward+backward", compiled=compiled,
+                   backend=backend, mode=f"forward+backward, {compiled}", compiled=compiled,
                    compiler=_compiler(quick) if compiled == "compiled" else None, samples=points.shape[0])
     assert torch.isfinite(loss)
 
@@ -63,6 +63,6 @@ def test_compiled_inference(measure, backend, quick, compiled):
 
     infer()  # compiles
     logits = measure(infer, rounds=3, memory=False, group="compile:inference", case=f"small-vit B={points.shape[0]}",
-                     backend=backend, mode="forward", compiled=compiled,
+                     backend=backend, mode=f"forward, {compiled}", compiled=compiled,
                      compiler=_compiler(quick) if compiled == "compiled" else None, samples=points.shape[0])
     assert logits.shape == (points.shape[0], 15) and torch.isfinite(logits).all()

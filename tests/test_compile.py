@@ -9,6 +9,7 @@ buffers are compared with the same model run eagerly.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from any2point_fast import Any2PointConfig, custom_ops, ops, reference, registry
 from any2point_fast.geometry import ProjectionSpec, line_directions, view_rotations
 from any2point_fast.model import StandInModel
+from any2point_fast.torch_ops import native
 from tests.ops.cases import bucket_ids, view_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,14 +70,13 @@ def _op_inputs() -> dict[str, tuple]:
 @pytest.mark.parametrize("name", registry.OPS)
 def test_opcheck(name):
     """Schema, fake tensors, autograd registration and AOT dispatch (values and gradients) of each custom op."""
-    flat = custom_ops.BOUNDARIES[name].flatten(*_op_inputs()[name])
-    torch.library.opcheck(custom_ops.custom_op(name), ("torch", *flat))
+    torch.library.opcheck(custom_ops.custom_op(name), custom_ops.arguments(name, "torch", *_op_inputs()[name]))
 
 
 def test_two_dimensional_projection_opcheck():
     spec = ProjectionSpec("2d", view_rotations(2), canvas_size=(32, 48), patch_size=8, camera_distance=1.6)
-    flat = custom_ops.BOUNDARIES["project_pe"].flatten(torch.randn(2, 10, 3), torch.randn(4, 6, 8), spec)
-    torch.library.opcheck(custom_ops.custom_op("project_pe"), ("torch", *flat))
+    args = custom_ops.arguments("project_pe", "torch", torch.randn(2, 10, 3), torch.randn(4, 6, 8), spec)
+    torch.library.opcheck(custom_ops.custom_op("project_pe"), args)
 
 
 @pytest.mark.parametrize("name", ["neighborhood_attention_pool", "batch_norm_gelu", "ensemble_propagate"])
@@ -95,6 +96,22 @@ def test_custom_op_matches_the_eager_op(name):
     for a, b in zip(eager_grads, custom_grads):
         assert torch.equal(a, b)
         assert b.is_contiguous(), "a compiled graph takes the fake's strides: contiguous"
+
+
+def test_a_second_backward_recomputes_what_the_first_used_up():
+    """A custom op's backward uses up the graph its forward recorded; a second backward through
+    ``retain_graph`` runs the forward again and gives the same gradients."""
+    args = _op_inputs()["neighborhood_aggregate"]
+    floats = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    outputs = custom_ops.custom_op("neighborhood_aggregate")(*custom_ops.arguments("neighborhood_aggregate", "torch",
+                                                                                  *args))
+    assert len(custom_ops._RECORDED) == 1, "the forward recorded its graph, under the handle it returned last"
+    upstream = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(1))
+    first = torch.autograd.grad(outputs[0], floats, upstream, retain_graph=True)
+    assert not custom_ops._RECORDED
+    second = torch.autograd.grad(outputs[0], floats, upstream)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 def _step(model, run, points, labels):
@@ -133,6 +150,28 @@ def test_compiled_stand_in_training_step_equals_eager(preset):
     for (name, buffer), twin_buffer in zip(eager.named_buffers(), twin.buffers()):
         torch.testing.assert_close(twin_buffer, buffer, rtol=1e-6, atol=1e-7, msg=name)
     assert any(b.num_batches_tracked > 0 for b in twin.modules() if isinstance(b, torch.nn.BatchNorm1d))
+
+
+@pytest.mark.skipif(not native.available(torch.device("cpu")), reason="the compiled CPU kernels did not build")
+def test_a_compiled_training_step_runs_each_forward_once_and_keeps_no_graph():
+    """The backward ops run the graphs their forwards recorded (the tokenizer's aggregation runs once per
+    stage in a step, as eagerly), and no recorded graph outlives its step, whether backward ran or not."""
+    torch.manual_seed(0)
+    model = StandInModel(Any2PointConfig.preset("vision", **TINY), num_layers=2, num_heads=2)
+    points, labels = torch.randn(3, 64, 3), torch.tensor([0, 3, 1])
+    with ops.use_backend("torch"):
+        compiled = torch.compile(lambda p, y: F.cross_entropy(model(p), y), backend="aot_eager", fullgraph=True)
+        compiled(points, labels).backward()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            compiled(points, labels).backward()
+        assert not custom_ops._RECORDED
+        loss = compiled(points, labels)
+        assert custom_ops._RECORDED, "a training forward records its graphs"
+        del loss
+        gc.collect()
+        assert not custom_ops._RECORDED, "the graphs of a forward without backward are freed with it"
+    runs = sum(event.count for event in profile.key_averages() if event.key == "any2point_native::aggregate_hidden")
+    assert runs == model.config.tokenizer_stages
 
 
 def test_hugging_face_model_traces_without_graph_breaks():
