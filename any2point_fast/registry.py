@@ -187,7 +187,7 @@ def _register_catalogue() -> None:
                     "neighborhood_aggregate")
     for op in OPS:
         ids = op == "bucket_sort"
-        floats, triton_floats = ((torch.int64, torch.int32), (torch.int64,)) if ids else (FLOATS, TRITON_FLOATS)
+        floats, triton_floats = ((torch.int64, torch.int32),) * 2 if ids else (FLOATS, TRITON_FLOATS)
         if op in ("farthest_point_sample", "knn"):
             triton_floats = FLOATS  # coordinates are read as float32
         if op in triton_ops:
