@@ -360,6 +360,7 @@ def _define(name: str) -> torch.library.CustomOpDef:
     op = torch.library.custom_op(
         f"{NAMESPACE}::{name}", _forward(name), mutates_args=(),
         schema=f"(str backend, bool[] needs, {boundary.arguments}) -> {_with_handle(boundary.returns)}")
+
     def fake(backend, needs, *flat):
         outputs = boundary.fake(*flat)
         return (*(outputs if isinstance(outputs, tuple) else (outputs,)), _handle(flat[boundary.main]))
