@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from . import workloads
 from .test_bench_model import build
 
 
@@ -40,7 +41,8 @@ def test_compiled_training_step(measure, backend, quick, compiled):
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = forward(points, labels)
+        with workloads.autocast(points.device):  # compiled under the autocast state it runs in
+            loss = forward(points, labels)
         loss.backward()
         optimizer.step()
         return loss.detach()

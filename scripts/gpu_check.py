@@ -1,7 +1,7 @@
 """One prepared GPU check (issue 19): correctness of the compiled Triton path in fp32/fp16/bf16,
-benchmarks in fp32 and bf16 autocast, a whole training step, and the main job in bf16, written
-as one JSON file that ``scripts/bench_report.py --gpu FILE`` turns into the GPU section of
-BENCHMARKS.md.
+benchmarks in fp32 and bf16 autocast, a whole training step eager and under ``torch.compile``, and
+the main job in bf16, written as one JSON file that ``scripts/bench_report.py --gpu FILE`` turns
+into the GPU section of BENCHMARKS.md.
 
 Usage (from the repository root; on the GPU machine only its image's packages are needed, the
 checkout is used through ``PYTHONPATH``): ``bash scripts/gpu_check.sh RESULTS.json [--dry-run]``.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Per-step limits in seconds, sized to end within 8 minutes on an H100 (first compilation included).
-LIMITS = {"op_tests": 150, "bench_fp32": 90, "bench_bf16": 90, "train_step": 60, "main_job": 60}
+LIMITS = {"op_tests": 120, "bench_fp32": 75, "bench_bf16": 75, "train_step": 60, "compile": 75, "main_job": 60}
 #: The tests the GPU run compiles on CUDA: every op in fp32, fp16 and bf16, degenerate clouds, autocast.
 GPU_TESTS = ["tests/ops", "tests/test_robustness.py", "tests/test_autocast.py"]
 BENCH_FILES = ["bench/test_bench_ops.py", "bench/test_bench_adapter.py", "bench/test_bench_scaling.py",
@@ -146,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
                                                       "--precision", "bf16", f"--benchmark-json={out}"],
                                        LIMITS["train_step"] * scale, env)
         results["bench"] = results.get("bench", []) + bench_rows(out)
+        # torch.compile of the whole model on the Triton path (fullgraph: a graph break fails), against eager
+        out = tmp / "compile.json"
+        selection = "training and torch" if args.dry_run else "training"
+        steps["compile"] = run_step("compile", [python, "-m", "pytest", "bench/test_bench_compile.py", *quick, "-q",
+                                                "-p", "no:cacheprovider", "-k", selection, "--precision", "bf16",
+                                                f"--benchmark-json={out}"],
+                                    LIMITS["compile"] * scale, env)
+        results["bench"] += bench_rows(out)
         job = ["--set", "train.epochs=1", "data.train_options.num_samples=64", "data.test_options.num_samples=32"] \
             if args.dry_run else ["--set", "train.device=cuda"]
         steps["main_job"] = run_step("main_job", [python, "-m", "any2point_fast", "train", "--output",

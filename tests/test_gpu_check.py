@@ -33,11 +33,11 @@ def dry_run(tmp_path_factory) -> dict:
 def test_every_step_runs_and_records_its_results(dry_run):
     assert dry_run["dry_run"] is True and dry_run["device"] == "cpu"
     assert {name: step["status"] for name, step in dry_run["steps"].items()} == dict.fromkeys(
-        ("op_tests", "bench_fp32", "bench_bf16", "train_step", "main_job"), "ok")
+        ("op_tests", "bench_fp32", "bench_bf16", "train_step", "compile", "main_job"), "ok")
     assert dry_run["steps"]["op_tests"]["counts"]["passed"] >= 1
     precisions = {(row["group"], row["precision"]) for row in dry_run["bench"]}
     assert {("tokenizer:farthest_point_sample", "fp32"), ("tokenizer:farthest_point_sample", "bf16"),
-            ("model:train-step", "bf16")} <= precisions
+            ("model:train-step", "bf16"), ("compile:train-step", "bf16")} <= precisions
     assert 0.0 <= dry_run["main_job_accuracy"] <= 100.0 and dry_run["copy_bandwidth_bytes_per_s"] > 0
     assert dry_run["attention"] in ("sdpa", "xformers") and dry_run["versions"]["torch"]
 
