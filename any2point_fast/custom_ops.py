@@ -287,26 +287,29 @@ def _handle(like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(1, dtype=torch.int64)
 
 
-def _recording_inputs(flat: Sequence[Any], needs: Sequence[bool]) -> list[Any]:
-    return [arg.detach().requires_grad_() if need else arg for arg, need in zip(flat, needs)]
+def _record(name: str, backend: str, flat: Sequence[Any], needs: Sequence[bool]) -> _Recorded:
+    """Op ``name``'s implementation run on ``flat`` with autograd recording, differentiable in the
+    arguments that ``needs`` marks."""
+    boundary = BOUNDARIES[name]
+    inputs = [arg.detach().requires_grad_() if need else arg for arg, need in zip(flat, needs)]
+    with _autograd_recording():
+        outputs = boundary.pack(_implementation(name, backend, inputs)(*boundary.unflatten(*inputs)))
+    return _Recorded([arg for arg, need in zip(inputs, needs) if need], tuple(outputs), _identity(flat))
 
 
 def _forward(name: str):
     boundary = BOUNDARIES[name]
 
     def forward(backend: str, needs: list[bool], *flat: Any):
-        implementation = _implementation(name, backend, flat)
         handle = _handle(flat[boundary.main])
         if not any(needs):
-            return (*_fresh(boundary.pack(implementation(*boundary.unflatten(*flat))), flat), handle)
-        inputs = _recording_inputs(flat, needs)
-        with _autograd_recording():
-            outputs = boundary.pack(implementation(*boundary.unflatten(*inputs)))
+            outputs = _implementation(name, backend, flat)(*boundary.unflatten(*flat))
+            return (*_fresh(boundary.pack(outputs), flat), handle)
         key = handle.untyped_storage().data_ptr()
-        _RECORDED[key] = _Recorded([arg for arg, need in zip(inputs, needs) if need], tuple(outputs), _identity(flat))
+        recorded = _RECORDED[key] = _record(name, backend, flat, needs)
         weakref.finalize(handle, _RECORDED.pop, key, None)
         # copies: compiled code may reuse an output's memory once it is dead, and the graph may have saved it
-        return (*(out.detach().clone(memory_format=torch.contiguous_format) for out in outputs), handle)
+        return (*(out.detach().clone(memory_format=torch.contiguous_format) for out in recorded.outputs), handle)
 
     return forward
 
@@ -322,18 +325,14 @@ def _autograd_recording() -> Iterator[None]:
 
 
 def _backward(name: str):
-    boundary = BOUNDARIES[name]
-
     def backward(backend: str, handle: torch.Tensor, grads: list[torch.Tensor | None], needs: list[bool],
                  *flat: Any) -> list[torch.Tensor]:
         recorded = _RECORDED.pop(handle.untyped_storage().data_ptr(), None)
         if recorded is not None and (len(recorded.wrt) != sum(needs) or recorded.arguments != _identity(flat)):
             recorded = None
+        if recorded is None:  # the forward again, recording
+            recorded = _record(name, backend, flat, needs)
         with _autograd_recording():
-            if recorded is None:  # the forward again, recording
-                inputs = _recording_inputs(flat, needs)
-                outputs = boundary.pack(_implementation(name, backend, inputs)(*boundary.unflatten(*inputs)))
-                recorded = _Recorded([arg for arg, need in zip(inputs, needs) if need], tuple(outputs), [])
             pairs = [(out, grad) for out, grad in zip(recorded.outputs, grads)
                      if grad is not None and out.requires_grad]
             found = torch.autograd.grad([out for out, _ in pairs], recorded.wrt, [grad for _, grad in pairs],
